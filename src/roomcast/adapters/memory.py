@@ -1,0 +1,225 @@
+"""In-memory Broker, History and Presence: the embedded default and the reference
+implementations of the ports.
+
+They behave like the real engines within one process: frames go only to subscribed nodes,
+``seq`` is gapless per room, presence entries expire with their node's heartbeat. Nodes in
+one process that open the same ``memory://NAME`` URL share one bus, which is how the
+contract tests run a cluster without a network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import secrets
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ..core.models import ConnId, Draft, Member, Message, NodeId, Room, RoomId, UserId
+from ..core.ports import FrameHandler
+from ..exceptions import ChatError, ErrorCode, UnavailableError
+
+
+@dataclass
+class _Bus:
+    """What every MemoryBroker opened on the same name shares."""
+
+    rooms: defaultdict[RoomId, dict[NodeId, FrameHandler]] = field(
+        default_factory=lambda: defaultdict(dict)
+    )
+    inboxes: dict[NodeId, FrameHandler] = field(default_factory=dict)
+
+
+_buses: dict[str, _Bus] = {}
+
+
+class MemoryBroker:
+    """A broker inside one process. Publishing awaits delivery on every subscribed node,
+    so frames of one room arrive in publish order."""
+
+    def __init__(self, name: str = "") -> None:
+        self._bus = _buses.setdefault(name, _Bus()) if name else _Bus()
+        self._node: NodeId | None = None
+        self._on_room: FrameHandler | None = None
+        self.received = 0
+        """Room frames this node received (the per-node counter the metrics export)."""
+
+    async def start(self, node: NodeId, on_room: FrameHandler, on_inbox: FrameHandler) -> None:
+        self._node = node
+        self._on_room = on_room
+        self._bus.inboxes[node] = on_inbox
+
+    def _require_node(self) -> NodeId:
+        if self._node is None:
+            raise UnavailableError("broker not started")
+        return self._node
+
+    async def subscribe(self, room: RoomId) -> None:
+        node = self._require_node()
+        assert self._on_room is not None
+        on_room = self._on_room
+
+        async def counted(frame: bytes) -> None:
+            self.received += 1
+            await on_room(frame)
+
+        self._bus.rooms[room][node] = counted
+
+    async def unsubscribe(self, room: RoomId) -> None:
+        subscribers = self._bus.rooms.get(room)
+        if subscribers is not None:
+            subscribers.pop(self._require_node(), None)
+            if not subscribers:
+                del self._bus.rooms[room]
+
+    async def publish(self, room: RoomId, frame: bytes) -> None:
+        self._require_node()
+        for handler in list(self._bus.rooms.get(room, {}).values()):
+            await handler(frame)
+
+    async def send(self, node: NodeId, frame: bytes) -> None:
+        handler = self._bus.inboxes.get(node)
+        if handler is not None:
+            await handler(frame)
+
+    @property
+    def healthy(self) -> bool:
+        return self._node is not None
+
+    async def close(self) -> None:
+        if self._node is None:
+            return
+        for room in [r for r, subs in self._bus.rooms.items() if self._node in subs]:
+            await self.unsubscribe(room)
+        self._bus.inboxes.pop(self._node, None)
+        self._node = None
+
+
+class MemoryHistory:
+    """History kept in dictionaries; lost when the process ends."""
+
+    def __init__(self) -> None:
+        self._rooms: dict[RoomId, Room] = {}
+        self._by_name: dict[str, RoomId] = {}
+        self._messages: defaultdict[RoomId, list[Message]] = defaultdict(list)
+        self._room_ids = itertools.count(1)
+        self._user_ids = itertools.count(1)
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def room_by_name(self, name: str, *, create: bool = False) -> Room | None:
+        room_id = self._by_name.get(name)
+        if room_id is not None:
+            return self._rooms[room_id]
+        if not create:
+            return None
+        room = Room(RoomId(next(self._room_ids)), name, secrets.token_hex(4))
+        self._rooms[room.id] = room
+        self._by_name[name] = room.id
+        return room
+
+    async def room_by_id(self, room: RoomId) -> Room | None:
+        return self._rooms.get(room)
+
+    async def rooms(self) -> list[Room]:
+        return sorted(self._rooms.values(), key=lambda r: r.id)
+
+    async def latest(self, room: RoomId) -> int:
+        messages = self._messages.get(room)
+        return messages[-1].seq if messages else 0
+
+    async def append(self, drafts: Sequence[Draft]) -> list[Message]:
+        # Check every room first so a bad batch stores nothing.
+        for draft in drafts:
+            if draft.room not in self._rooms:
+                raise ChatError(ErrorCode.NOT_FOUND, f"room {draft.room} does not exist")
+        out = []
+        for draft in drafts:
+            log = self._messages[draft.room]
+            seq = log[-1].seq + 1 if log else 1
+            message = Message.from_draft(draft, seq, self._rooms[draft.room].epoch)
+            log.append(message)
+            out.append(message)
+        return out
+
+    async def after(self, room: RoomId, seq: int, limit: int) -> list[Message]:
+        log = self._messages.get(room, [])
+        # seq n is at index n - 1: the log is gapless from 1.
+        start = max(seq, 0)
+        return log[start : start + limit]
+
+    async def before(self, room: RoomId, seq: int | None, limit: int) -> list[Message]:
+        log = self._messages.get(room, [])
+        end = len(log) if seq is None else max(min(seq - 1, len(log)), 0)
+        return log[max(end - limit, 0) : end]
+
+    async def reset(self, room: RoomId) -> Room:
+        old = self._rooms.get(room)
+        if old is None:
+            raise ChatError(ErrorCode.NOT_FOUND, f"room {room} does not exist")
+        new = Room(old.id, old.name, secrets.token_hex(4))
+        self._rooms[room] = new
+        self._messages.pop(room, None)
+        return new
+
+    async def next_user_id(self) -> UserId:
+        return UserId(next(self._user_ids))
+
+
+class MemoryPresence:
+    """Presence kept in dictionaries, with node heartbeats on the monotonic clock."""
+
+    def __init__(self) -> None:
+        self._rooms: defaultdict[RoomId, dict[ConnId, Member]] = defaultdict(dict)
+        self._expiry: dict[NodeId, float] = {}
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def add(self, room: RoomId, member: Member) -> None:
+        self._rooms[room][member.conn] = member
+
+    async def remove(self, room: RoomId, conn: ConnId) -> None:
+        members = self._rooms.get(room)
+        if members is not None:
+            members.pop(conn, None)
+            if not members:
+                del self._rooms[room]
+
+    async def members(self, room: RoomId) -> list[Member]:
+        return list(self._rooms.get(room, {}).values())
+
+    async def counts(self, rooms: Sequence[RoomId]) -> dict[RoomId, int]:
+        return {room: len(self._rooms.get(room, {})) for room in rooms}
+
+    async def heartbeat(self, node: NodeId, ttl: float) -> None:
+        self._expiry[node] = time.monotonic() + ttl
+
+    async def reap(self) -> list[tuple[RoomId, Member]]:
+        now = time.monotonic()
+        dead = [node for node, until in self._expiry.items() if until < now]
+        removed: list[tuple[RoomId, Member]] = []
+        for node in dead:
+            removed += await self.drop_node(node)
+        return removed
+
+    async def drop_node(self, node: NodeId) -> list[tuple[RoomId, Member]]:
+        async with self._lock:
+            self._expiry.pop(node, None)
+            removed = []
+            for room, members in list(self._rooms.items()):
+                for conn, member in list(members.items()):
+                    if member.node == node:
+                        removed.append((room, member))
+                        await self.remove(room, conn)
+            return removed

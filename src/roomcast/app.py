@@ -1,0 +1,107 @@
+"""The ASGI application: Socket.IO and HTTP of one node, with the node's lifespan.
+
+``create_app(settings)`` is the embedding API: mount the result into an existing
+FastAPI/Starlette application, and either pass its :attr:`RoomcastApp.lifespan` to the host
+application or let it start on its first request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import socketio
+
+from .config import Settings
+from .node import Node
+from .transports.http import create_http_app
+from .transports.socketio import SocketIOTransport
+
+log = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+
+
+class RoomcastApp:
+    """An ASGI application serving one roomcast node."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.node = Node(settings)
+        self.sio = socketio.AsyncServer(
+            async_mode="asgi",
+            cors_allowed_origins=settings.allowed_origins(),
+            logger=False,
+            engineio_logger=False,
+        )
+        self.socketio = SocketIOTransport(self.node.service, self.sio)
+        self.http = create_http_app(self.node)
+        self._asgi = socketio.ASGIApp(
+            self.sio, other_asgi_app=self.http, socketio_path=settings.socketio_path
+        )
+        self._start_lock = asyncio.Lock()
+
+    async def startup(self) -> None:
+        """Start the node (idempotent)."""
+        async with self._start_lock:
+            if not self.node.started:
+                await self.node.start()
+
+    async def shutdown(self) -> None:
+        """Disconnect every client and stop the node."""
+        if self.node.started:
+            for sid in list(self.socketio.sids()):
+                with contextlib.suppress(Exception):
+                    await self.sio.disconnect(sid)
+            await self.node.stop()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Any = None) -> AsyncIterator[None]:
+        """A lifespan context for a host application: ``FastAPI(lifespan=chat.lifespan)``."""
+        await self.startup()
+        try:
+            yield
+        finally:
+            await self.shutdown()
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if not self.node.started:
+            # Mounted in a host app whose lifespan does not reach us: start on first use.
+            await self.startup()
+        root = scope.get("root_path", "")
+        if root and scope["path"].startswith(root):
+            # Starlette's Mount keeps the full path; the Socket.IO path is relative to us.
+            scope = {**scope, "path": scope["path"][len(root) :] or "/"}
+        await self._asgi(scope, receive, send)
+
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    log.exception("startup failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def create_app(settings: Settings | None = None, **overrides: Any) -> RoomcastApp:
+    """The ASGI app of a roomcast node: ``create_app(Settings(store_url=...))`` or
+    ``create_app(store_url=...)``."""
+    if settings is None:
+        settings = Settings(**overrides)
+    elif overrides:
+        settings = settings.model_copy(update=overrides)
+    return RoomcastApp(settings)

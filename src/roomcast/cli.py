@@ -1,0 +1,102 @@
+"""The ``roomcast`` command.
+
+``roomcast serve`` takes one flag per :class:`~roomcast.config.Settings` field
+(``--broker-url`` sets ``broker_url``); every flag can also be given as a ``ROOMCAST_*``
+environment variable, and a flag wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any, get_args
+
+from pydantic import ValidationError
+
+from . import __version__
+from .config import Settings
+from .exceptions import ConfigError
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per Settings field; unset flags leave the field to the environment."""
+    for name, field in Settings.model_fields.items():
+        choices = None
+        annotation = field.annotation
+        args = get_args(annotation)
+        if args and all(isinstance(a, str) for a in args):
+            choices = list(args)
+        default = field.default
+        env = f"ROOMCAST_{name.upper()}"
+        parser.add_argument(
+            _flag(name),
+            dest=name,
+            default=None,
+            choices=choices,
+            metavar=None if choices else name.split("_")[-1].upper(),
+            help=f"{field.description} (default: {default}; env {env})",
+        )
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    return Settings(**given)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+
+    settings = settings_from(args)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        lifespan="on",
+        ws_max_size=1 << 20,
+    )
+    uvicorn.Server(config).run()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="roomcast", description="A real-time chat server that keeps working scaled out."
+    )
+    parser.add_argument("--version", action="version", version=f"roomcast {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser("serve", help="run a roomcast node")
+    add_settings_flags(serve)
+    serve.set_defaults(run=_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result: Any = args.run(args)
+    except ValidationError as exc:
+        for error in exc.errors():
+            where = _flag(str(error["loc"][0])) if error["loc"] else "settings"
+            print(f"roomcast: {where}: {error['msg']}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        print(f"roomcast: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return int(result)

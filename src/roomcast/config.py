@@ -1,0 +1,61 @@
+"""Settings: one object, one field per ``roomcast serve`` flag, ``ROOMCAST_*`` variables.
+
+``roomcast serve --broker-url redis://...`` and ``ROOMCAST_BROKER_URL=redis://...`` set the
+same field; a flag wins over the environment.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+
+
+class Settings(BaseSettings):
+    """Everything a roomcast node can be told. Every field is a ``roomcast serve`` flag."""
+
+    model_config = SettingsConfigDict(env_prefix="ROOMCAST_", extra="forbid", frozen=True)
+
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP / Socket.IO port (0: any free)")
+    socketio_path: str = Field("/ws/socket.io", description="path of the Socket.IO endpoint")
+    broker_url: str = Field(
+        "memory://", description="broker: memory://, redis://, amqp:// or nats://"
+    )
+    store_url: str = Field(
+        "sqlite:///./roomcast.db",
+        description="durable history: sqlite:///PATH or postgresql://...",
+    )
+    presence_url: str | None = Field(
+        None, description="presence engine; default: the broker's (memory or redis)"
+    )
+    log_level: LogLevel = Field("info", description="log level")
+    cors_origins: str = Field(
+        "", description="comma-separated origins allowed to connect; empty: same origin, *: any"
+    )
+    node_id: str | None = Field(None, description="this node's id in the cluster; default: random")
+    heartbeat_interval: float = Field(
+        1.0, gt=0, le=60, description="seconds between node heartbeats into the registry"
+    )
+    node_ttl: float = Field(
+        5.0, gt=0, le=600, description="seconds after its last heartbeat that a node is dead"
+    )
+    unsubscribe_grace: float = Field(
+        2.0, ge=0, le=600, description="seconds a room stays subscribed after its last local member"
+    )
+
+    @field_validator("socketio_path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        value = "/" + value.strip("/")
+        if value == "/":
+            raise ValueError("the Socket.IO path must not be /")
+        return value
+
+    def allowed_origins(self) -> list[str] | str:
+        if self.cors_origins.strip() == "*":
+            return "*"
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]

@@ -1,0 +1,109 @@
+"""The objects of the chat: users, rooms, messages, and positions in a room's history."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NewType
+
+UserId = NewType("UserId", int)
+RoomId = NewType("RoomId", int)
+NodeId = NewType("NodeId", str)
+ConnId = NewType("ConnId", str)
+"""A connection, unique across the cluster (node id + local id)."""
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    """A person behind one connection: a cluster-wide numeric id and a nickname."""
+
+    id: UserId
+    name: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name}
+
+
+@dataclass(frozen=True, slots=True)
+class Room:
+    """A room: a stable numeric id, its name, and the epoch of its history.
+
+    ``epoch`` changes whenever the room's history is reset; positions from another epoch
+    cannot be recovered.
+    """
+
+    id: RoomId
+    name: str
+    epoch: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name}
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """A point in a room's history: the last ``seq`` seen in ``epoch``."""
+
+    epoch: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """A message accepted by the service but not yet sequenced."""
+
+    room: RoomId
+    id: str
+    user: User
+    text: str
+    ts: int
+    """Milliseconds since the Unix epoch, set by the server."""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A sequenced message: ``seq`` is 1, 2, 3, ... per room with no gaps."""
+
+    room: RoomId
+    seq: int
+    epoch: str
+    id: str
+    user: User
+    text: str
+    ts: int
+
+    @classmethod
+    def from_draft(cls, draft: Draft, seq: int, epoch: str) -> Message:
+        return cls(draft.room, seq, epoch, draft.id, draft.user, draft.text, draft.ts)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "room": self.room,
+            "seq": self.seq,
+            "epoch": self.epoch,
+            "id": self.id,
+            "user": self.user.to_wire(),
+            "text": self.text,
+            "ts": self.ts,
+        }
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> Message:
+        user = data["user"]
+        return cls(
+            RoomId(data["room"]),
+            data["seq"],
+            data["epoch"],
+            data["id"],
+            User(UserId(user["id"]), user["name"]),
+            data["text"],
+            data["ts"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One connection's presence in a room, as the cluster sees it."""
+
+    user: User
+    conn: ConnId
+    node: NodeId

@@ -1,0 +1,150 @@
+"""The narrow interfaces the core calls: Broker, History and Presence.
+
+Each has an in-memory implementation in :mod:`roomcast.adapters.memory` that behaves
+correctly and is the reference for the contract tests in ``tests/contract``; the engines
+(Redis, RabbitMQ, NATS, SQLite, PostgreSQL) implement the same protocols and are chosen by
+URL scheme in :mod:`roomcast.adapters`.
+
+Broker payloads are opaque ``bytes`` (a :class:`roomcast.core.events.Frame` encoded once by
+the publishing node); a broker never looks inside them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol, runtime_checkable
+
+from .models import ConnId, Draft, Member, Message, NodeId, Room, RoomId, UserId
+
+FrameHandler = Callable[[bytes], Awaitable[None]]
+"""Called by a broker for every payload it receives, one at a time, in arrival order."""
+
+
+@runtime_checkable
+class Broker(Protocol):
+    """Moves encoded frames between nodes.
+
+    A node subscribes to a room's channel only while it has local members of the room (the
+    :class:`~roomcast.core.hub.Hub` does the ref-counting), so a node with no member of a
+    room receives none of its traffic. Every node also has an inbox for frames addressed to
+    it alone (direct messages, node-to-node requests).
+    """
+
+    async def start(self, node: NodeId, on_room: FrameHandler, on_inbox: FrameHandler) -> None:
+        """Connect, and deliver every received room frame to ``on_room`` and every inbox
+        frame to ``on_inbox``."""
+        ...
+
+    async def subscribe(self, room: RoomId) -> None:
+        """Start receiving the room's frames. Returns once the subscription is in effect."""
+        ...
+
+    async def unsubscribe(self, room: RoomId) -> None:
+        """Stop receiving the room's frames."""
+        ...
+
+    async def publish(self, room: RoomId, frame: bytes) -> None:
+        """Send a frame to every node subscribed to the room (this one included).
+
+        Raises :class:`~roomcast.exceptions.UnavailableError` when the broker cannot be
+        reached. Frames published by one node to one room arrive in publish order.
+        """
+        ...
+
+    async def send(self, node: NodeId, frame: bytes) -> None:
+        """Send a frame to one node's inbox."""
+        ...
+
+    @property
+    def healthy(self) -> bool:
+        """False while the broker is known to be unreachable."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class History(Protocol):
+    """The durable record: rooms, and each room's messages in one order.
+
+    ``append`` gives every message of a room the next ``seq`` (1, 2, 3, ... with no gaps)
+    atomically with storing it: once it returns, the messages survive a restart.
+    """
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def room_by_name(self, name: str, *, create: bool = False) -> Room | None:
+        """The room with this exact name; created (next numeric id, new epoch) if asked."""
+        ...
+
+    async def room_by_id(self, room: RoomId) -> Room | None: ...
+
+    async def rooms(self) -> list[Room]:
+        """Every room, by id."""
+        ...
+
+    async def latest(self, room: RoomId) -> int:
+        """The room's last ``seq`` (0 for a room with no message)."""
+        ...
+
+    async def append(self, drafts: Sequence[Draft]) -> list[Message]:
+        """Sequence and store the drafts in one step, in the order given."""
+        ...
+
+    async def after(self, room: RoomId, seq: int, limit: int) -> list[Message]:
+        """Up to ``limit`` messages with ``seq`` greater than the given one, ascending."""
+        ...
+
+    async def before(self, room: RoomId, seq: int | None, limit: int) -> list[Message]:
+        """The newest ``limit`` messages with ``seq`` below ``seq`` (all if None), ascending."""
+        ...
+
+    async def reset(self, room: RoomId) -> Room:
+        """Drop the room's messages and give it a new epoch; ``seq`` starts again at 1."""
+        ...
+
+    async def next_user_id(self) -> UserId:
+        """A user id never handed out before by this store (1, 2, 3, ...)."""
+        ...
+
+
+@runtime_checkable
+class Presence(Protocol):
+    """Who is in which room, across the cluster, and which nodes are alive.
+
+    Entries carry their node; a node that stops heartbeating is dead and ``reap`` removes
+    its entries so the survivors can announce the leaves.
+    """
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def add(self, room: RoomId, member: Member) -> None: ...
+
+    async def remove(self, room: RoomId, conn: ConnId) -> None: ...
+
+    async def members(self, room: RoomId) -> list[Member]:
+        """Every member of the room on every live node, in join order where known."""
+        ...
+
+    async def counts(self, rooms: Sequence[RoomId]) -> dict[RoomId, int]:
+        """How many members each room has across the cluster."""
+        ...
+
+    async def heartbeat(self, node: NodeId, ttl: float) -> None:
+        """Record that the node is alive for another ``ttl`` seconds."""
+        ...
+
+    async def reap(self) -> list[tuple[RoomId, Member]]:
+        """Remove the entries of nodes whose heartbeat lapsed; return what was removed.
+
+        Safe to call from every node at once: each removed entry is returned to one caller.
+        """
+        ...
+
+    async def drop_node(self, node: NodeId) -> list[tuple[RoomId, Member]]:
+        """Remove every entry of a node at once (a clean shutdown)."""
+        ...

@@ -1,0 +1,322 @@
+"""ChatService: the rules of the chat, independent of any transport or engine.
+
+Transports translate the wire into calls on this class and its results back into the wire;
+engines are reached only through the ports. The flow of a message::
+
+    send -> validate -> Sequencer (History.append: seq, durable) -> Broker.publish(frame)
+         -> every node with local members: Hub.on_frame -> Transport.deliver (encode once)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..exceptions import ChatError, ErrorCode, UnavailableError
+from . import validation
+from .events import Frame, message_frame, presence_frame, typing_frame
+from .hub import Connection, Hub
+from .models import ConnId, Draft, Member, Message, NodeId, Position, Room, RoomId, User
+from .ports import Broker, History, Presence
+
+log = logging.getLogger(__name__)
+
+RECOVERY_LIMIT = 1000
+"""The most missed messages a join with ``since`` returns; beyond it the client reloads."""
+
+
+@dataclass(eq=False)
+class Session:
+    """One connected client on this node."""
+
+    conn: Connection
+    user: User
+    rooms: set[RoomId] = field(default_factory=set)
+
+
+@dataclass(frozen=True, slots=True)
+class JoinResult:
+    room: Room
+    seq: int
+    members: list[User]
+    recovered: bool | None
+    """None when the join had no ``since``."""
+    missed: list[Message]
+
+
+@dataclass(frozen=True, slots=True)
+class RoomInfo:
+    room: Room
+    members: int
+
+
+class Sequencer:
+    """Batches concurrent appends into one History call, then publishes in seq order.
+
+    While one batch is being stored, new drafts queue up and form the next batch, so the
+    store sees one transaction per batch instead of one per message, and this node publishes
+    each room's messages in the order their seqs were given.
+    """
+
+    def __init__(self, history: History, broker: Broker, *, max_batch: int = 256) -> None:
+        self._history = history
+        self._broker = broker
+        self._max_batch = max_batch
+        self._queue: list[tuple[Draft, asyncio.Future[Message]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def append(self, draft: Draft) -> Message:
+        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._queue.append((draft, future))
+        if self._task is None:
+            self._task = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                batch = self._queue[: self._max_batch]
+                del self._queue[: self._max_batch]
+                await self._store_and_publish(batch)
+        finally:
+            self._task = None
+
+    async def _store_and_publish(self, batch: list[tuple[Draft, asyncio.Future[Message]]]) -> None:
+        try:
+            messages = await self._history.append([draft for draft, _ in batch])
+        except Exception as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(_as_chat_error(exc))
+            return
+        for message, (_, future) in zip(messages, batch, strict=True):
+            try:
+                await self._broker.publish(message.room, message_frame(message).encode())
+            except Exception:
+                # Stored, so acknowledged: members that missed it recover it by seq.
+                log.warning("publish of %s/%s failed", message.room, message.seq, exc_info=True)
+            if not future.done():
+                future.set_result(message)
+
+
+def _as_chat_error(exc: Exception) -> Exception:
+    if isinstance(exc, ChatError):
+        return exc
+    if isinstance(exc, UnavailableError):
+        return ChatError(ErrorCode.UNAVAILABLE, "the message store is unavailable, try again")
+    log.error("history append failed", exc_info=exc)
+    return ChatError(ErrorCode.UNAVAILABLE, "the message could not be stored, try again")
+
+
+class ChatService:
+    """Rooms, presence and history for the connections of one node."""
+
+    def __init__(
+        self,
+        *,
+        node: NodeId,
+        history: History,
+        broker: Broker,
+        presence: Presence,
+        hub: Hub,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.node = node
+        self.history = history
+        self.broker = broker
+        self.presence = presence
+        self.hub = hub
+        self._clock = clock
+        self._sequencer = Sequencer(history, broker)
+        self._sessions: dict[ConnId, Session] = {}
+        self._ids = itertools.count(1)
+
+    # -- connections -------------------------------------------------------------------
+
+    def new_conn_id(self) -> ConnId:
+        """A connection id unique across the cluster: this node's id and a counter."""
+        return ConnId(f"{self.node}.{next(self._ids)}")
+
+    async def connect(self, conn: Connection, name: object) -> Session:
+        """Register a connection under a nickname; the user gets a cluster-wide id."""
+        nickname = validation.nickname(name)
+        user = User(await self.history.next_user_id(), nickname)
+        session = Session(conn, user)
+        self._sessions[conn.id] = session
+        return session
+
+    def sessions(self) -> list[ConnId]:
+        """The connections of this node."""
+        return list(self._sessions)
+
+    def session(self, conn_id: ConnId) -> Session:
+        session = self._sessions.get(conn_id)
+        if session is None:
+            raise ChatError(ErrorCode.BAD_REQUEST, "not connected")
+        return session
+
+    async def disconnect(self, conn_id: ConnId) -> None:
+        """A disconnect is a leave of every room, for presence."""
+        session = self._sessions.pop(conn_id, None)
+        if session is None:
+            return
+        for room_id in list(session.rooms):
+            await self._leave(session, room_id)
+
+    # -- rooms -------------------------------------------------------------------------
+
+    async def resolve(self, ref: RoomId | str, *, create: bool = False) -> Room:
+        """The room a ``room`` field names: a numeric id, or a name (created on join)."""
+        try:
+            if isinstance(ref, str):
+                room = await self.history.room_by_name(ref, create=create)
+            else:
+                room = await self.history.room_by_id(ref)
+        except UnavailableError as exc:
+            raise ChatError(ErrorCode.UNAVAILABLE, "the room store is unavailable") from exc
+        if room is None:
+            raise ChatError(ErrorCode.NOT_FOUND, f"no room {ref!r}")
+        return room
+
+    async def join(
+        self, session: Session, ref: RoomId | str, since: Position | None = None
+    ) -> JoinResult:
+        room = await self.resolve(ref, create=True)
+        if room.id in session.rooms:
+            await self._leave(session, room.id, announce=False)
+        if not self.broker.healthy:
+            raise ChatError(ErrorCode.UNAVAILABLE, "the broker is unavailable, try again")
+        conn = session.conn
+        try:
+            await self.hub.begin_join(room.id, conn)
+        except UnavailableError as exc:
+            raise ChatError(ErrorCode.UNAVAILABLE, "the broker is unavailable") from exc
+        try:
+            member = Member(session.user, conn.id, self.node)
+            await self.presence.add(room.id, member)
+            seq = await self.history.latest(room.id)
+            recovered: bool | None = None
+            missed: list[Message] = []
+            if since is not None:
+                recovered, missed = await self._recover(room, since, seq)
+            members = await self._members(room.id)
+            # Announced while the joiner is still held, so its own copy of the event
+            # reaches it after the join reply, like every frame that follows.
+            await self._publish_presence(room.id, "join", session.user)
+        except BaseException:
+            self.hub.detach(room.id, conn)
+            await self._quiet(self.presence.remove(room.id, conn.id))
+            raise
+        session.rooms.add(room.id)
+        return JoinResult(room, seq, members, recovered, missed)
+
+    def activate(self, session: Session, join: JoinResult) -> list[Frame]:
+        """Make a joined connection a live member of the room.
+
+        Transports call this right after writing the join reply, and write the returned
+        frames (what arrived during the join and is newer than the reply) before anything
+        else, so the client sees the reply, then every later frame once, in order.
+        """
+        if join.room.id not in session.rooms:
+            return []
+        return self.hub.activate(join.room.id, session.conn, after=join.seq)
+
+    async def _recover(self, room: Room, since: Position, seq: int) -> tuple[bool, list[Message]]:
+        if since.epoch != room.epoch or since.seq > seq:
+            return False, []
+        if seq - since.seq > RECOVERY_LIMIT:
+            return False, []
+        missed = await self.history.after(room.id, since.seq, seq - since.seq)
+        # Recovered only if the store returned exactly the gapless range.
+        if len(missed) != seq - since.seq:
+            return False, []
+        return True, missed
+
+    async def leave(self, session: Session, ref: RoomId | str) -> Room:
+        room = await self.resolve(ref)
+        if room.id not in session.rooms:
+            raise ChatError(ErrorCode.NOT_MEMBER, f"not a member of room {room.name!r}")
+        await self._leave(session, room.id)
+        return room
+
+    async def _leave(self, session: Session, room_id: RoomId, *, announce: bool = True) -> None:
+        session.rooms.discard(room_id)
+        self.hub.detach(room_id, session.conn)
+        await self._quiet(self.presence.remove(room_id, session.conn.id))
+        if announce:
+            await self._publish_presence(room_id, "leave", session.user)
+
+    async def send(self, session: Session, ref: RoomId | str, text: object) -> Message:
+        body = validation.text({"text": text})
+        room = await self._member_room(session, ref)
+        if not self.broker.healthy:
+            raise ChatError(ErrorCode.UNAVAILABLE, "the broker is unavailable, try again")
+        draft = Draft(room.id, secrets.token_hex(8), session.user, body, self._now_ms())
+        return await self._sequencer.append(draft)
+
+    async def typing(self, session: Session, ref: RoomId | str) -> None:
+        room = await self._member_room(session, ref)
+        await self._publish(room.id, typing_frame(room.id, session.user))
+
+    async def history_page(
+        self, ref: RoomId | str, before: int | None, limit: int
+    ) -> list[Message]:
+        room = await self.resolve(ref)
+        try:
+            return await self.history.before(room.id, before, limit)
+        except UnavailableError as exc:
+            raise ChatError(ErrorCode.UNAVAILABLE, "the message store is unavailable") from exc
+
+    async def rooms(self) -> list[RoomInfo]:
+        rooms = await self.history.rooms()
+        counts = await self.presence.counts([r.id for r in rooms])
+        return [RoomInfo(room, counts.get(room.id, 0)) for room in rooms]
+
+    async def members(self, ref: RoomId | str) -> tuple[Room, list[User]]:
+        room = await self.resolve(ref)
+        return room, await self._members(room.id)
+
+    # -- cluster -----------------------------------------------------------------------
+
+    async def announce_departed(self, removed: list[tuple[RoomId, Member]]) -> None:
+        """Send leave events for members whose node died (found by the reaper)."""
+        for room_id, member in removed:
+            await self._publish_presence(room_id, "leave", member.user)
+
+    # -- helpers -----------------------------------------------------------------------
+
+    async def _member_room(self, session: Session, ref: RoomId | str) -> Room:
+        room = await self.resolve(ref)
+        if room.id not in session.rooms:
+            raise ChatError(ErrorCode.NOT_MEMBER, f"join room {room.name!r} first")
+        return room
+
+    async def _members(self, room_id: RoomId) -> list[User]:
+        seen: dict[int, User] = {}
+        for member in await self.presence.members(room_id):
+            seen.setdefault(member.user.id, member.user)
+        return list(seen.values())
+
+    async def _publish_presence(self, room_id: RoomId, event: str, user: User) -> None:
+        await self._publish(room_id, presence_frame(room_id, event, user))
+
+    async def _publish(self, room_id: RoomId, frame: Frame) -> None:
+        try:
+            await self.broker.publish(room_id, frame.encode())
+        except Exception:
+            log.warning("publish to room %s failed", room_id, exc_info=True)
+
+    @staticmethod
+    async def _quiet(awaitable: object) -> None:
+        try:
+            await awaitable  # type: ignore[misc]
+        except Exception:
+            log.warning("presence update failed", exc_info=True)
+
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)

@@ -1,0 +1,92 @@
+"""A node: one process's engines, hub and service, started and stopped together."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from urllib.parse import urlsplit
+
+from .adapters import open_broker, open_history, open_presence
+from .config import Settings
+from .core.hub import Hub
+from .core.models import NodeId
+from .core.service import ChatService
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+def _presence_url(settings: Settings) -> str:
+    if settings.presence_url:
+        return settings.presence_url
+    scheme = urlsplit(settings.broker_url).scheme
+    return settings.broker_url if scheme in ("memory", "redis", "rediss") else "memory://"
+
+
+class Node:
+    """Owns the engines of one roomcast process and the background heartbeat."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.id = NodeId(settings.node_id or secrets.token_hex(6))
+        self.broker = open_broker(settings.broker_url)
+        self.history = open_history(settings.store_url)
+        self.presence = open_presence(_presence_url(settings))
+        self.hub = Hub(self.broker, unsubscribe_grace=settings.unsubscribe_grace)
+        self.service = ChatService(
+            node=self.id,
+            history=self.history,
+            broker=self.broker,
+            presence=self.presence,
+            hub=self.hub,
+        )
+        self.metrics = Metrics(self)
+        self._stopping = asyncio.Event()
+        self._heartbeat: asyncio.Task[None] | None = None
+        self.started = False
+
+    async def start(self) -> None:
+        await self.history.start()
+        await self.presence.start()
+        await self.broker.start(self.id, self.hub.on_frame, self._on_inbox)
+        await self.presence.heartbeat(self.id, self.settings.node_ttl)
+        self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="roomcast-heartbeat")
+        self.started = True
+        log.info("node %s started (broker %s)", self.id, urlsplit(self.settings.broker_url).scheme)
+
+    async def _on_inbox(self, data: bytes) -> None:
+        log.debug("inbox frame of %d bytes", len(data))
+
+    async def _heartbeat_loop(self) -> None:
+        """Heartbeat into the registry and reap dead nodes, until stopped."""
+        interval = self.settings.heartbeat_interval
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), interval)
+                return
+            try:
+                await self.presence.heartbeat(self.id, self.settings.node_ttl)
+                removed = await self.presence.reap()
+                if removed:
+                    await self.service.announce_departed(removed)
+            except Exception:
+                log.warning("heartbeat failed", exc_info=True)
+
+    async def stop(self) -> None:
+        if not self.started:
+            return
+        self.started = False
+        self._stopping.set()
+        if self._heartbeat is not None:
+            await self._heartbeat
+        for conn_id in list(self.service.sessions()):
+            await self.service.disconnect(conn_id)
+        with contextlib.suppress(Exception):
+            await self.presence.drop_node(self.id)
+        await self.hub.close()
+        await self.broker.close()
+        await self.presence.close()
+        await self.history.close()
+        log.info("node %s stopped", self.id)

@@ -1,0 +1,96 @@
+"""The HTTP door (FastAPI): the REST API, health, metrics and the chat page.
+
+OpenAPI is served at ``/docs``. Errors have the same shape as Socket.IO acks:
+``{"ok": false, "error": {"code": ..., "message": ...}}``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ..core.models import RoomId
+from ..core.validation import HISTORY_LIMIT_MAX
+from ..exceptions import ChatError, ErrorCode
+from ..node import Node
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+
+_STATUS = {
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.UNAVAILABLE: 503,
+    ErrorCode.RATE_LIMITED: 429,
+}
+
+
+def _room_ref(room: str) -> RoomId | str:
+    return RoomId(int(room)) if room.isascii() and room.isdigit() else room
+
+
+def create_http_app(node: Node) -> FastAPI:
+    """The FastAPI application of one node."""
+    app = FastAPI(
+        title="roomcast",
+        summary="Rooms, presence and history for real-time chat",
+        version=_version(),
+    )
+    service = node.service
+
+    @app.exception_handler(ChatError)
+    async def chat_error(request: Request, exc: ChatError) -> JSONResponse:
+        return JSONResponse({"ok": False, "error": exc.to_dict()}, _STATUS.get(exc.code, 400))
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        where = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        error = ChatError(ErrorCode.BAD_REQUEST, where or "bad request")
+        return JSONResponse({"ok": False, "error": error.to_dict()}, 400)
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/healthz", summary="Liveness and engine health")
+    async def healthz() -> JSONResponse:
+        healthy = node.started and node.broker.healthy
+        body = {"ok": healthy, "node": node.id, "broker": node.broker.healthy}
+        return JSONResponse(body, 200 if healthy else 503)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(node.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/api/rooms", summary="Every room with its member count across the cluster")
+    async def rooms() -> dict[str, Any]:
+        infos = await service.rooms()
+        return {"ok": True, "rooms": [{**i.room.to_wire(), "members": i.members} for i in infos]}
+
+    @app.get("/api/rooms/{room}/messages", summary="A page of a room's history, ascending")
+    async def messages(
+        room: str,
+        before: int | None = Query(None, gt=0, description="only messages with a lower seq"),
+        limit: int = Query(50, ge=1, le=HISTORY_LIMIT_MAX),
+    ) -> dict[str, Any]:
+        page = await service.history_page(_room_ref(room), before, limit)
+        return {"ok": True, "messages": [m.to_wire() for m in page]}
+
+    @app.get("/api/rooms/{room}/members", summary="A room's members across the cluster")
+    async def members(room: str) -> dict[str, Any]:
+        found, users = await service.members(_room_ref(room))
+        return {"ok": True, "room": found.to_wire(), "members": [u.to_wire() for u in users]}
+
+    if WEB_DIR.is_dir():
+        app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
+    return app
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__

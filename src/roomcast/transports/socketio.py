@@ -1,0 +1,198 @@
+"""The Socket.IO door: python-socketio's AsyncServer on the ASGI app.
+
+Every client event is answered by an ack, ``{"ok": true, ...}`` or
+``{"ok": false, "error": {"code", "message"}}`` (see docs/protocol.md). Room frames are
+written by :meth:`SocketIOTransport.deliver`: the Socket.IO packet is built once per frame
+from the body bytes the publishing node encoded, and the same packet object goes to every
+local member's Engine.IO socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
+from typing import Any
+
+import socketio
+from engineio import packet as eio_packet
+
+from ..core import validation
+from ..core.events import Frame
+from ..core.hub import Connection
+from ..core.models import ConnId, Message
+from ..core.service import ChatService, JoinResult, Session
+from ..exceptions import ChatError, ErrorCode
+
+log = logging.getLogger(__name__)
+
+Reply = dict[str, Any]
+Handler = Callable[[Session, dict[str, Any]], Awaitable[Reply]]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class SocketIOConnection:
+    """A Socket.IO client on this node."""
+
+    id: ConnId
+    sid: str
+    eio_sid: str
+    transport: SocketIOTransport
+
+
+def _ok(**fields: Any) -> Reply:
+    return {"ok": True, **fields}
+
+
+def _error(error: ChatError) -> Reply:
+    return {"ok": False, "error": error.to_dict()}
+
+
+def _messages(messages: list[Message]) -> list[dict[str, Any]]:
+    return [m.to_wire() for m in messages]
+
+
+class SocketIOTransport:
+    """Binds a ChatService to a python-socketio AsyncServer."""
+
+    def __init__(self, service: ChatService, sio: socketio.AsyncServer) -> None:
+        self.service = service
+        self.sio = sio
+        self._by_sid: dict[str, Session] = {}
+        self._handlers: dict[str, Handler] = {
+            "join": self._join,
+            "leave": self._leave,
+            "send": self._send,
+            "history": self._history,
+            "rooms": self._rooms,
+            "members": self._members,
+            "typing": self._typing,
+        }
+        # Keep references to fire-and-forget tasks so they are not collected mid-flight.
+        self._tasks: set[asyncio.Task[None]] = set()
+        sio.on("connect", self._on_connect)
+        sio.on("disconnect", self._on_disconnect)
+        sio.on("*", self._on_event)
+
+    def sids(self) -> list[str]:
+        """Socket.IO session ids of the connected clients."""
+        return list(self._by_sid)
+
+    # -- delivery (the hot path) -------------------------------------------------------
+
+    @staticmethod
+    def _packet(frame: Frame) -> eio_packet.Packet:
+        # A Socket.IO EVENT on namespace "/" is '2["<event>",<data>]'; the body is the
+        # data already encoded as JSON by the publishing node.
+        text = f'2["{frame.kind.event}",{frame.body.decode()}]'
+        return eio_packet.Packet(eio_packet.MESSAGE, text)
+
+    async def deliver(self, frame: Frame, conns: Collection[Connection]) -> None:
+        pkt = self._packet(frame)
+        send = self.sio.eio.send_packet
+        for conn in conns:
+            await send(conn.eio_sid, pkt)  # type: ignore[attr-defined]
+
+    async def deliver_one(self, frame: Frame, conn: Connection) -> None:
+        await self.sio.eio.send_packet(conn.eio_sid, self._packet(frame))  # type: ignore[attr-defined]
+
+    # -- connection lifecycle ----------------------------------------------------------
+
+    async def _on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
+        name = auth.get("name") if isinstance(auth, dict) else None
+        conn = SocketIOConnection(
+            self.service.new_conn_id(), sid, self.sio.manager.eio_sid_from_sid(sid, "/"), self
+        )
+        try:
+            session = await self.service.connect(conn, name)
+        except ChatError as exc:
+            raise socketio.exceptions.ConnectionRefusedError(exc.message, exc.to_dict()) from None
+        self._by_sid[sid] = session
+        # After the handler returns python-socketio confirms the connection; the welcome
+        # goes out right after that confirmation.
+        self._spawn(self.sio.emit("welcome", {"user": session.user.to_wire()}, to=sid))
+
+    async def _on_disconnect(self, sid: str, reason: Any = None) -> None:
+        session = self._by_sid.pop(sid, None)
+        if session is not None:
+            await self.service.disconnect(session.conn.id)
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        async def run() -> None:
+            try:
+                await coro
+            except Exception:
+                log.warning("background write failed", exc_info=True)
+
+        task = asyncio.create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- events ------------------------------------------------------------------------
+
+    async def _on_event(self, event: str, sid: str, *args: Any) -> Reply:
+        session = self._by_sid.get(sid)
+        handler = self._handlers.get(event)
+        try:
+            if session is None:
+                raise ChatError(ErrorCode.BAD_REQUEST, "not connected")
+            if handler is None:
+                raise ChatError(ErrorCode.UNKNOWN_EVENT, f"unknown event {event!r}")
+            if len(args) > 1:
+                raise ChatError(ErrorCode.BAD_REQUEST, "an event takes one argument")
+            data = validation.payload(args[0] if args else None)
+            return await handler(session, data)
+        except ChatError as exc:
+            return _error(exc)
+        except Exception:
+            log.exception("event %r failed", event)
+            return _error(ChatError(ErrorCode.UNAVAILABLE, "internal error, try again"))
+
+    async def _join(self, session: Session, data: dict[str, Any]) -> Reply:
+        ref = validation.room_ref(data)
+        since = validation.since(data)
+        result = await self.service.join(session, ref, since)
+        self._spawn(self._activate(session, result))
+        reply = _ok(
+            room=result.room.to_wire(),
+            epoch=result.room.epoch,
+            seq=result.seq,
+            members=[u.to_wire() for u in result.members],
+        )
+        if result.recovered is not None:
+            reply["recovered"] = result.recovered
+            reply["missed"] = _messages(result.missed)
+        return reply
+
+    async def _activate(self, session: Session, result: JoinResult) -> None:
+        # Runs after python-socketio has queued the join ack: held frames follow the reply.
+        for frame in self.service.activate(session, result):
+            await self.deliver_one(frame, session.conn)
+
+    async def _leave(self, session: Session, data: dict[str, Any]) -> Reply:
+        room = await self.service.leave(session, validation.room_ref(data))
+        return _ok(room=room.to_wire())
+
+    async def _send(self, session: Session, data: dict[str, Any]) -> Reply:
+        ref = validation.room_ref(data)
+        text = validation.text(data)
+        message = await self.service.send(session, ref, text)
+        return _ok(message=message.to_wire())
+
+    async def _history(self, session: Session, data: dict[str, Any]) -> Reply:
+        ref = validation.room_ref(data)
+        before, limit = validation.history_args(data)
+        return _ok(messages=_messages(await self.service.history_page(ref, before, limit)))
+
+    async def _rooms(self, session: Session, data: dict[str, Any]) -> Reply:
+        rooms = await self.service.rooms()
+        return _ok(rooms=[{**info.room.to_wire(), "members": info.members} for info in rooms])
+
+    async def _members(self, session: Session, data: dict[str, Any]) -> Reply:
+        room, members = await self.service.members(validation.room_ref(data))
+        return _ok(room=room.to_wire(), members=[u.to_wire() for u in members])
+
+    async def _typing(self, session: Session, data: dict[str, Any]) -> Reply:
+        await self.service.typing(session, validation.room_ref(data))
+        return _ok()

@@ -1,0 +1,218 @@
+"""ChatService and Hub over the in-memory engines: the rules, without a network."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass, field
+
+import pytest
+
+from roomcast.adapters.memory import MemoryBroker, MemoryHistory, MemoryPresence
+from roomcast.core.events import Frame, Kind
+from roomcast.core.hub import Hub
+from roomcast.core.models import ConnId, NodeId, Position
+from roomcast.core.service import ChatService
+from roomcast.exceptions import ChatError, ErrorCode
+
+_names = itertools.count()
+
+
+@dataclass(eq=False)
+class Conn:
+    id: ConnId
+    transport: Recorder
+    frames: list[Frame] = field(default_factory=list)
+
+    def messages(self):
+        return [f.data() for f in self.frames if f.kind is Kind.MESSAGE]
+
+
+class Recorder:
+    """A transport that keeps what it was asked to write, per connection."""
+
+    def __init__(self):
+        self.encodes = 0
+
+    async def deliver(self, frame, conns):
+        self.encodes += 1
+        for conn in conns:
+            conn.frames.append(frame)
+
+    async def deliver_one(self, frame, conn):
+        conn.frames.append(frame)
+
+
+class Cluster:
+    """Nodes sharing one in-memory bus, presence and history."""
+
+    def __init__(self):
+        self.bus = f"bus{next(_names)}"
+        self.history = MemoryHistory()
+        self.presence = MemoryPresence()
+        self.nodes: list[tuple[ChatService, MemoryBroker, Recorder]] = []
+
+    async def node(self):
+        broker = MemoryBroker(self.bus)
+        hub = Hub(broker, unsubscribe_grace=0)
+        node_id = NodeId(f"n{len(self.nodes)}")
+        service = ChatService(
+            node=node_id, history=self.history, broker=broker, presence=self.presence, hub=hub
+        )
+        await broker.start(node_id, hub.on_frame, _ignore)
+        recorder = Recorder()
+        self.nodes.append((service, broker, recorder))
+        return service, broker, recorder
+
+
+async def _ignore(data: bytes) -> None:
+    return None
+
+
+async def connect(service, recorder, name):
+    conn = Conn(service.new_conn_id(), recorder)
+    return await service.connect(conn, name)
+
+
+async def join(service, session, room, since=None):
+    result = await service.join(session, room, since)
+    session.conn.frames.extend(service.activate(session, result))
+    return result
+
+
+@pytest.fixture
+async def one():
+    cluster = Cluster()
+    service, _, recorder = await cluster.node()
+    return service, recorder
+
+
+async def test_members_see_one_order_and_the_sender_gets_its_own(one):
+    service, rec = one
+    alice, bob = await connect(service, rec, "alice"), await connect(service, rec, "bob")
+    await join(service, alice, "lobby")
+    await join(service, bob, "lobby")
+    await asyncio.gather(
+        *(service.send(s, "lobby", f"m{i}") for i in range(20) for s in (alice, bob))
+    )
+    a = [m["seq"] for m in alice.conn.messages()]
+    b = [m["seq"] for m in bob.conn.messages()]
+    assert a == b == list(range(1, 41))
+
+
+async def test_one_encode_per_frame_not_per_recipient(one):
+    service, rec = one
+    sessions = [await connect(service, rec, f"u{i}") for i in range(10)]
+    for s in sessions:
+        await join(service, s, "big")
+    before = rec.encodes
+    await service.send(sessions[0], "big", "hello")
+    assert rec.encodes - before == 1
+    assert all(s.conn.messages()[-1]["text"] == "hello" for s in sessions)
+
+
+async def test_send_without_join_is_not_member_and_stores_nothing(one):
+    service, rec = one
+    alice, bob = await connect(service, rec, "alice"), await connect(service, rec, "bob")
+    await join(service, alice, "lobby")
+    with pytest.raises(ChatError) as info:
+        await service.send(bob, "lobby", "sneaky")
+    assert info.value.code is ErrorCode.NOT_MEMBER
+    assert await service.history_page("lobby", None, 50) == []
+
+
+async def test_leave_stops_delivery_and_announces(one):
+    service, rec = one
+    alice, bob = await connect(service, rec, "alice"), await connect(service, rec, "bob")
+    await join(service, alice, "lobby")
+    await join(service, bob, "lobby")
+    await service.leave(bob, "lobby")
+    await service.send(alice, "lobby", "after")
+    assert [m["text"] for m in bob.conn.messages()] == []
+    presence = [f.data() for f in alice.conn.frames if f.kind is Kind.PRESENCE]
+    assert {"event": "leave", "user": bob.user.to_wire(), "room": 1} in presence
+
+
+async def test_join_with_since_returns_exactly_what_was_missed(one):
+    service, rec = one
+    alice, bob = await connect(service, rec, "alice"), await connect(service, rec, "bob")
+    first = await join(service, alice, "lobby")
+    await join(service, bob, "lobby")
+    await service.send(alice, "lobby", "seen")
+    await service.disconnect(bob.conn.id)
+    for i in range(5):
+        await service.send(alice, "lobby", f"missed {i}")
+    bob2 = await connect(service, rec, "bob")
+    result = await join(service, bob2, "lobby", Position(first.room.epoch, 1))
+    assert result.recovered is True
+    assert [m.text for m in result.missed] == [f"missed {i}" for i in range(5)]
+    assert bob2.conn.messages() == []  # not delivered live a second time
+    stale = await join(service, bob2, "lobby", Position("other-epoch", 1))
+    assert stale.recovered is False and stale.missed == []
+
+
+async def test_frames_during_a_join_are_held_and_filtered_by_seq(one):
+    service, rec = one
+    alice, bob = await connect(service, rec, "alice"), await connect(service, rec, "bob")
+    await join(service, alice, "lobby")
+    result = await service.join(bob, "lobby")
+    # Between the reply and activation, new messages are held for bob, not lost.
+    await service.send(alice, "lobby", "during")
+    bob.conn.frames.extend(service.activate(bob, result))
+    await service.send(alice, "lobby", "after")
+    assert [m["text"] for m in bob.conn.messages()] == ["during", "after"]
+
+
+async def test_a_node_without_members_receives_nothing_for_the_room():
+    cluster = Cluster()
+    s1, b1, r1 = await cluster.node()
+    s2, b2, r2 = await cluster.node()
+    alice = await connect(s1, r1, "alice")
+    await join(s1, alice, "x")
+    carol = await connect(s2, r2, "carol")
+    await join(s2, carol, "y")
+    for i in range(10):
+        await s1.send(alice, "x", f"m{i}")
+    assert b2.received == 1  # only carol's own join presence in room y
+    assert b1.received == 11  # alice's join + 10 messages
+
+
+async def test_presence_spans_nodes_and_dead_nodes_are_reaped():
+    cluster = Cluster()
+    s1, _, r1 = await cluster.node()
+    s2, _, r2 = await cluster.node()
+    alice = await connect(s1, r1, "alice")
+    bob = await connect(s2, r2, "bob")
+    await join(s1, alice, "lobby")
+    await join(s2, bob, "lobby")
+    _, members = await s1.members("lobby")
+    assert {u.name for u in members} == {"alice", "bob"}
+    assert [(i.room.name, i.members) for i in await s2.rooms()] == [("lobby", 2)]
+    await cluster.presence.heartbeat(s2.node, ttl=-1)  # node 2 has stopped heartbeating
+    removed = await cluster.presence.reap()
+    await s1.announce_departed(removed)
+    _, members = await s1.members("lobby")
+    assert [u.name for u in members] == ["alice"]
+    leaves = [f.data() for f in alice.conn.frames if f.kind is Kind.PRESENCE]
+    assert leaves[-1] == {"room": 1, "event": "leave", "user": bob.user.to_wire()}
+
+
+async def test_subscription_is_dropped_after_the_last_local_member_leaves(one):
+    service, rec = one
+    alice = await connect(service, rec, "alice")
+    await join(service, alice, "lobby")
+    assert service.hub.local_rooms() == [1]
+    await service.leave(alice, "lobby")
+    for _ in range(10):  # the grace is 0: the drop runs on the next loop turns
+        if not service.hub.local_rooms():
+            break
+        await asyncio.sleep(0)
+    assert service.hub.local_rooms() == []
+
+
+async def test_bad_nickname_is_refused(one):
+    service, rec = one
+    for name in (None, "", "x" * 33, "a\x07b", 5):
+        with pytest.raises(ChatError) as info:
+            await connect(service, rec, name)
+        assert info.value.code is ErrorCode.INVALID_NAME

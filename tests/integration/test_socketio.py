@@ -1,0 +1,255 @@
+"""The Socket.IO protocol against a real server, with the python-socketio client."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import pytest
+
+from .clients import ChatClient
+from .servers import run_server
+
+_rooms = itertools.count()
+
+
+def room_name(label: str) -> str:
+    """A room name of its own per test, so tests sharing a server never meet."""
+    return f"{label}-{next(_rooms)}"
+
+
+async def test_welcome_gives_a_user_id(connect):
+    alice = await connect("alice")
+    bob = await connect("bob")
+    assert alice.user["name"] == "alice" and isinstance(alice.user["id"], int)
+    assert alice.user["id"] != bob.user["id"]
+
+
+async def test_two_members_see_every_message_in_one_order(connect):
+    name = room_name("order")
+    alice, bob = await connect("alice"), await connect("bob")
+    joined = await alice.ok("join", {"room": name})
+    await bob.ok("join", {"room": name})
+    room = joined["room"]["id"]
+    assert joined["seq"] == 0 and joined["room"]["name"] == name
+
+    async def burst(client, n):
+        for i in range(n):
+            await client.ok("send", {"room": name, "text": f"{client.name} {i}"})
+
+    await asyncio.gather(burst(alice, 25), burst(bob, 25))
+    await alice.wait_messages(room, 50)
+    await bob.wait_messages(room, 50)
+    assert alice.messages(room) == bob.messages(room)
+    assert [m["seq"] for m in alice.messages(room)] == list(range(1, 51))
+    assert all(m["epoch"] == joined["epoch"] for m in alice.messages(room))
+    # Each sender sees its own messages too, in its own sending order.
+    assert [t for t in alice.texts(room) if t.startswith("alice")] == [
+        f"alice {i}" for i in range(25)
+    ]
+
+
+async def test_send_ack_carries_the_message(connect):
+    name = room_name("ack")
+    alice = await connect("alice")
+    await alice.ok("join", {"room": name})
+    reply = await alice.ok("send", {"room": name, "text": "héllo 👋"})
+    msg = reply["message"]
+    assert msg["text"] == "héllo 👋" and msg["seq"] == 1
+    assert msg["user"] == alice.user
+    assert isinstance(msg["id"], str) and isinstance(msg["ts"], int)
+
+
+async def test_other_rooms_and_left_rooms_receive_nothing(connect):
+    x, y, sentinel = room_name("x"), room_name("y"), room_name("sentinel")
+    alice, bob, carol = await connect("alice"), await connect("bob"), await connect("carol")
+    rx = (await alice.ok("join", {"room": x}))["room"]["id"]
+    await bob.ok("join", {"room": x})
+    await carol.ok("join", {"room": y})
+    rs = (await carol.ok("join", {"room": sentinel}))["room"]["id"]
+    await bob.ok("join", {"room": sentinel})
+    await bob.ok("leave", {"room": x})
+    await alice.ok("send", {"room": x, "text": "only for x"})
+    await alice.wait_messages(rx, 1)
+    # A later message in a room bob and carol share arrives after anything sent before it.
+    await alice.ok("join", {"room": sentinel})
+    await alice.ok("send", {"room": sentinel, "text": "barrier"})
+    await bob.wait_messages(rs, 1)
+    await carol.wait_messages(rs, 1)
+    assert bob.texts(rx) == [] and carol.texts(rx) == []
+    assert "only for x" not in bob.texts() + carol.texts()
+
+
+async def test_presence_join_and_leave_events(connect):
+    name = room_name("presence")
+    alice, bob = await connect("alice"), await connect("bob")
+    room = (await alice.ok("join", {"room": name}))["room"]["id"]
+    reply = await bob.ok("join", {"room": name})
+    assert {m["name"] for m in reply["members"]} == {"alice", "bob"}
+    await alice.wait_for(
+        lambda: {"room": room, "event": "join", "user": bob.user} in alice.of("presence")
+    )
+    members = await alice.ok("members", {"room": name})
+    assert {m["id"] for m in members["members"]} == {alice.user["id"], bob.user["id"]}
+    await bob.ok("leave", {"room": name})
+    await alice.wait_for(
+        lambda: {"room": room, "event": "leave", "user": bob.user} in alice.of("presence")
+    )
+    await bob.close()  # a disconnect is a leave too
+    carol = await connect("carol")
+    await carol.ok("join", {"room": name})
+    await alice.ok("leave", {"room": name})
+    await carol.wait_for(
+        lambda: {"room": room, "event": "leave", "user": alice.user} in carol.of("presence")
+    )
+    members = await carol.ok("members", {"room": room})
+    assert [m["name"] for m in members["members"]] == ["carol"]
+
+
+async def test_rooms_lists_member_counts(connect):
+    name = room_name("counted")
+    alice, bob = await connect("alice"), await connect("bob")
+    await alice.ok("join", {"room": name})
+    await bob.ok("join", {"room": name})
+    rooms = {r["name"]: r for r in (await alice.ok("rooms"))["rooms"]}
+    assert rooms[name]["members"] == 2 and isinstance(rooms[name]["id"], int)
+
+
+async def test_history_pages_backwards(connect):
+    name = room_name("history")
+    alice = await connect("alice")
+    await alice.ok("join", {"room": name})
+    for i in range(1, 26):
+        await alice.ok("send", {"room": name, "text": f"m{i}"})
+    newest = (await alice.ok("history", {"room": name, "limit": 10}))["messages"]
+    assert [m["seq"] for m in newest] == list(range(16, 26))
+    older = (await alice.ok("history", {"room": name, "before": 16, "limit": 10}))["messages"]
+    assert [m["seq"] for m in older] == list(range(6, 16))
+    oldest = (await alice.ok("history", {"room": name, "before": 6, "limit": 10}))["messages"]
+    assert [m["text"] for m in oldest] == ["m1", "m2", "m3", "m4", "m5"]
+    assert (await alice.ok("history", {"room": name, "before": 1}))["messages"] == []
+    default = (await alice.ok("history", {"room": name}))["messages"]
+    assert len(default) == 25
+
+
+async def test_reconnect_with_since_recovers_exactly_the_missed(connect, server):
+    name = room_name("recover")
+    alice, bob = await connect("alice"), await connect("bob")
+    room = (await alice.ok("join", {"room": name}))["room"]["id"]
+    joined = await bob.ok("join", {"room": name})
+    await alice.ok("send", {"room": name, "text": "before"})
+    await bob.wait_messages(room, 1)
+    last = bob.messages(room)[-1]
+    await bob.close()
+    for i in range(5):
+        await alice.ok("send", {"room": name, "text": f"missed {i}"})
+    bob2 = await connect("bob")
+    reply = await bob2.ok(
+        "join", {"room": name, "since": {"epoch": joined["epoch"], "seq": last["seq"]}}
+    )
+    assert reply["recovered"] is True
+    assert [m["text"] for m in reply["missed"]] == [f"missed {i}" for i in range(5)]
+    assert [m["seq"] for m in reply["missed"]] == [2, 3, 4, 5, 6]
+    assert reply["seq"] == 6
+    await alice.ok("send", {"room": name, "text": "live again"})
+    await bob2.wait_messages(room, 1)
+    assert bob2.texts(room) == ["live again"]  # the missed ones are not also sent live
+    stale = await bob2.ok("join", {"room": name, "since": {"epoch": "not-this-one", "seq": 1}})
+    assert stale["recovered"] is False and stale["missed"] == []
+
+
+async def test_history_survives_a_restart(tmp_path):
+    store = f"sqlite:///{tmp_path}/restart.db"
+    with run_server(store_url=store, log_dir=tmp_path) as server:
+        alice = await ChatClient(server.url, "alice").connect()
+        first = await alice.ok("join", {"room": "durable"})
+        for i in range(30):
+            await alice.ok("send", {"room": "durable", "text": f"kept {i}"})
+        await alice.close()
+    with run_server(store_url=store, log_dir=tmp_path) as server:
+        bob = await ChatClient(server.url, "bob").connect()
+        try:
+            again = await bob.ok("join", {"room": "durable"})
+            assert again["room"] == first["room"] and again["epoch"] == first["epoch"]
+            assert again["seq"] == 30
+            history = (await bob.ok("history", {"room": "durable", "limit": 100}))["messages"]
+            assert [m["text"] for m in history] == [f"kept {i}" for i in range(30)]
+            sent = await bob.ok("send", {"room": "durable", "text": "after restart"})
+            assert sent["message"]["seq"] == 31
+            assert bob.user["id"] != alice.user["id"]  # user ids are never handed out twice
+        finally:
+            await bob.close()
+
+
+@pytest.mark.parametrize(
+    ("event", "payload", "code"),
+    [
+        ("join", None, "bad_request"),
+        ("join", "lobby", "bad_request"),
+        ("join", {"room": 3.5}, "bad_request"),
+        ("join", {"room": ""}, "invalid_room"),
+        ("join", {"room": "x" * 65}, "invalid_room"),
+        ("join", {"room": "bad\x00name"}, "invalid_room"),
+        ("join", {"room": "new\nline"}, "invalid_room"),
+        ("join", {"room": 999999}, "not_found"),
+        ("join", {"room": "ok", "since": {"epoch": 5}}, "bad_request"),
+        ("send", {"room": "VALID", "text": "x" * 4001}, "invalid_text"),
+        ("send", {"room": "VALID", "text": ""}, "invalid_text"),
+        ("send", {"room": "VALID", "text": 42}, "invalid_text"),
+        ("send", {"room": "VALID"}, "bad_request"),
+        ("send", {"text": "no room"}, "bad_request"),
+        ("send", {"room": "NOT_JOINED", "text": "hi"}, "not_member"),
+        ("send", {"room": "never-created-room", "text": "hi"}, "not_found"),
+        ("history", {"room": "VALID", "limit": 101}, "bad_request"),
+        ("history", {"room": "VALID", "limit": 0}, "bad_request"),
+        ("history", {"room": "VALID", "before": "x"}, "bad_request"),
+        ("leave", {"room": "NOT_JOINED"}, "not_member"),
+        ("members", {"room": "never-created-room"}, "not_found"),
+        ("typing", {"room": "NOT_JOINED"}, "not_member"),
+        ("no_such_event", {"room": "VALID"}, "unknown_event"),
+        ("message", {"room": "VALID", "text": "events are not client events"}, "unknown_event"),
+    ],
+)
+async def test_bad_input_gets_an_error_ack_and_changes_nothing(connect, event, payload, code):
+    valid, not_joined = room_name("valid"), room_name("notjoined")
+    alice, bob = await connect("alice"), await connect("bob")
+    room = (await alice.ok("join", {"room": valid}))["room"]["id"]
+    await bob.ok("join", {"room": not_joined})
+    await alice.ok("send", {"room": valid, "text": "first"})
+    rooms_before = (await alice.ok("rooms"))["rooms"]
+
+    def fill(value):
+        if isinstance(value, dict):
+            return {k: fill(v) for k, v in value.items()}
+        return (
+            {"VALID": valid, "NOT_JOINED": not_joined}.get(value, value)
+            if isinstance(value, str)
+            else value
+        )
+
+    reply = await alice.call(event, fill(payload))
+    assert reply["ok"] is False
+    assert reply["error"]["code"] == code
+    assert isinstance(reply["error"]["message"], str) and reply["error"]["message"]
+    # Nothing changed: same rooms, same history, and the connection still works.
+    assert (await alice.ok("rooms"))["rooms"] == rooms_before
+    history = (await alice.ok("history", {"room": valid}))["messages"]
+    assert [m["text"] for m in history] == ["first"]
+    await alice.ok("send", {"room": valid, "text": "still works"})
+    await alice.wait_messages(room, 2)
+
+
+async def test_connect_without_a_valid_name_is_refused(server):
+    import socketio
+
+    for auth in (None, {}, {"name": ""}, {"name": "x" * 33}, {"name": 7}):
+        client = socketio.AsyncClient(reconnection=False)
+        errors = []
+        client.on("connect_error", errors.append)
+        with pytest.raises(socketio.exceptions.ConnectionError):
+            await client.connect(
+                server.url, socketio_path="/ws/socket.io", auth=auth, wait_timeout=5
+            )
+        # The Socket.IO connect_error: a message, and data with the error code.
+        assert errors and errors[0]["data"]["code"] == "invalid_name", errors
+        assert errors[0]["message"] == errors[0]["data"]["message"] != ""
