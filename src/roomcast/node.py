@@ -34,7 +34,7 @@ class Node:
         self.broker = open_broker(settings.broker_url)
         self.history = open_history(settings.store_url)
         self.presence = open_presence(_presence_url(settings))
-        self.hub = Hub(self.broker, unsubscribe_grace=settings.unsubscribe_grace)
+        self.hub = Hub(self.broker, self.history, unsubscribe_grace=settings.unsubscribe_grace)
         self.service = ChatService(
             node=self.id,
             history=self.history,
@@ -50,7 +50,7 @@ class Node:
     async def start(self) -> None:
         await self.history.start()
         await self.presence.start()
-        await self.broker.start(self.id, self.hub.on_frame, self._on_inbox)
+        await self.broker.start(self.id, self.hub.on_frame, self._on_inbox, self.hub.resync)
         await self.presence.heartbeat(self.id, self.settings.node_ttl)
         self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="roomcast-heartbeat")
         self.started = True

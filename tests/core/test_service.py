@@ -54,12 +54,12 @@ class Cluster:
 
     async def node(self):
         broker = MemoryBroker(self.bus)
-        hub = Hub(broker, unsubscribe_grace=0)
+        hub = Hub(broker, self.history, unsubscribe_grace=0)
         node_id = NodeId(f"n{len(self.nodes)}")
         service = ChatService(
             node=node_id, history=self.history, broker=broker, presence=self.presence, hub=hub
         )
-        await broker.start(node_id, hub.on_frame, _ignore)
+        await broker.start(node_id, hub.on_frame, _ignore, hub.resync)
         recorder = Recorder()
         self.nodes.append((service, broker, recorder))
         return service, broker, recorder

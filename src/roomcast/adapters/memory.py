@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..core.models import ConnId, Draft, Member, Message, NodeId, Room, RoomId, UserId
-from ..core.ports import FrameHandler
+from ..core.ports import FrameHandler, ReconnectHandler
 from ..exceptions import ChatError, ErrorCode, UnavailableError
 
 
@@ -46,7 +46,13 @@ class MemoryBroker:
         self.received = 0
         """Room frames this node received (the per-node counter the metrics export)."""
 
-    async def start(self, node: NodeId, on_room: FrameHandler, on_inbox: FrameHandler) -> None:
+    async def start(
+        self,
+        node: NodeId,
+        on_room: FrameHandler,
+        on_inbox: FrameHandler,
+        on_reconnect: ReconnectHandler,
+    ) -> None:
         self._node = node
         self._on_room = on_room
         self._bus.inboxes[node] = on_inbox
@@ -177,6 +183,7 @@ class MemoryPresence:
 
     def __init__(self) -> None:
         self._rooms: defaultdict[RoomId, dict[ConnId, Member]] = defaultdict(dict)
+        self._conns: dict[ConnId, Member] = {}
         self._expiry: dict[NodeId, float] = {}
         self._lock = asyncio.Lock()
 
@@ -202,6 +209,15 @@ class MemoryPresence:
     async def counts(self, rooms: Sequence[RoomId]) -> dict[RoomId, int]:
         return {room: len(self._rooms.get(room, {})) for room in rooms}
 
+    async def register(self, member: Member) -> None:
+        self._conns[member.conn] = member
+
+    async def unregister(self, conn: ConnId) -> None:
+        self._conns.pop(conn, None)
+
+    async def locate(self, user: UserId) -> list[Member]:
+        return [m for m in self._conns.values() if m.user.id == user]
+
     async def heartbeat(self, node: NodeId, ttl: float) -> None:
         self._expiry[node] = time.monotonic() + ttl
 
@@ -216,6 +232,8 @@ class MemoryPresence:
     async def drop_node(self, node: NodeId) -> list[tuple[RoomId, Member]]:
         async with self._lock:
             self._expiry.pop(node, None)
+            for conn in [c for c, m in self._conns.items() if m.node == node]:
+                del self._conns[conn]
             removed = []
             for room, members in list(self._rooms.items()):
                 for conn, member in list(members.items()):

@@ -19,6 +19,9 @@ from .models import ConnId, Draft, Member, Message, NodeId, Room, RoomId, UserId
 FrameHandler = Callable[[bytes], Awaitable[None]]
 """Called by a broker for every payload it receives, one at a time, in arrival order."""
 
+ReconnectHandler = Callable[[], Awaitable[None]]
+"""Called by a broker once its subscriptions are restored after a lost connection."""
+
 
 @runtime_checkable
 class Broker(Protocol):
@@ -30,9 +33,20 @@ class Broker(Protocol):
     it alone (direct messages, node-to-node requests).
     """
 
-    async def start(self, node: NodeId, on_room: FrameHandler, on_inbox: FrameHandler) -> None:
+    async def start(
+        self,
+        node: NodeId,
+        on_room: FrameHandler,
+        on_inbox: FrameHandler,
+        on_reconnect: ReconnectHandler,
+    ) -> None:
         """Connect, and deliver every received room frame to ``on_room`` and every inbox
-        frame to ``on_inbox``."""
+        frame to ``on_inbox``.
+
+        After a lost connection comes back, the broker restores every subscription itself
+        and then awaits ``on_reconnect()``, so the node can fetch from history what it
+        missed while the broker was away.
+        """
         ...
 
     async def subscribe(self, room: RoomId) -> None:
@@ -134,17 +148,29 @@ class Presence(Protocol):
         """How many members each room has across the cluster."""
         ...
 
+    async def register(self, member: Member) -> None:
+        """Record a connection of a user (for direct messages and liveness)."""
+        ...
+
+    async def unregister(self, conn: ConnId) -> None: ...
+
+    async def locate(self, user: UserId) -> list[Member]:
+        """The live connections of a user, each with its node."""
+        ...
+
     async def heartbeat(self, node: NodeId, ttl: float) -> None:
         """Record that the node is alive for another ``ttl`` seconds."""
         ...
 
     async def reap(self) -> list[tuple[RoomId, Member]]:
-        """Remove the entries of nodes whose heartbeat lapsed; return what was removed.
+        """Remove the entries (room memberships and registered connections) of nodes whose
+        heartbeat lapsed; return the room memberships that were removed.
 
         Safe to call from every node at once: each removed entry is returned to one caller.
         """
         ...
 
     async def drop_node(self, node: NodeId) -> list[tuple[RoomId, Member]]:
-        """Remove every entry of a node at once (a clean shutdown)."""
+        """Remove every entry of a node at once (a clean shutdown); return the room
+        memberships that were removed."""
         ...

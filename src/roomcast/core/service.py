@@ -148,6 +148,11 @@ class ChatService:
         user = User(await self.history.next_user_id(), nickname)
         session = Session(conn, user)
         self._sessions[conn.id] = session
+        try:
+            await self.presence.register(Member(user, conn.id, self.node))
+        except UnavailableError as exc:
+            del self._sessions[conn.id]
+            raise ChatError(ErrorCode.UNAVAILABLE, "presence is unavailable, try again") from exc
         return session
 
     def sessions(self) -> list[ConnId]:
@@ -167,6 +172,7 @@ class ChatService:
             return
         for room_id in list(session.rooms):
             await self._leave(session, room_id)
+        await self._quiet(self.presence.unregister(conn_id))
 
     # -- rooms -------------------------------------------------------------------------
 
