@@ -30,7 +30,8 @@ class Settings(BaseSettings):
         description="durable history: sqlite:///PATH or postgresql://...",
     )
     presence_url: str | None = Field(
-        None, description="presence engine; default: the broker's (memory or redis)"
+        None,
+        description="presence engine; default: the broker (memory, redis), else the store",
     )
     log_level: LogLevel = Field("info", description="log level")
     cors_origins: str = Field(

@@ -19,10 +19,13 @@ log = logging.getLogger(__name__)
 
 
 def _presence_url(settings: Settings) -> str:
+    """Presence lives in the broker where it can (memory, Redis), else in the store, so
+    RabbitMQ and NATS clusters share presence through PostgreSQL (or one SQLite file)."""
     if settings.presence_url:
         return settings.presence_url
-    scheme = urlsplit(settings.broker_url).scheme
-    return settings.broker_url if scheme in ("memory", "redis", "rediss") else "memory://"
+    if urlsplit(settings.broker_url).scheme in ("memory", "redis", "rediss"):
+        return settings.broker_url
+    return settings.store_url
 
 
 class Node:

@@ -6,7 +6,13 @@ URL                            what                                       extra
 ``memory://[NAME]``            in-process broker / presence / history     (none)
 ``sqlite:///PATH``             durable history in SQLite                  (none)
 ``postgresql://...``           durable history in PostgreSQL              ``postgres``
+``redis://HOST:PORT/DB``       broker (sharded pub/sub) and presence      ``redis``
+``amqp://USER:PASS@HOST/VH``   broker (RabbitMQ topic exchange)           ``rabbitmq``
+``nats://HOST:PORT``           broker (a subject per room)                ``nats``
 =============================  =========================================  ============
+
+Every network URL takes ``?prefix=NAME`` to namespace its keys, channels, exchanges or
+subjects, so several roomcast clusters (or test runs) can share one engine.
 
 Nodes in one process that open the same ``memory://NAME`` share one broker bus and one
 presence table, which is how tests run a cluster without a network; a plain ``memory://``
@@ -43,7 +49,27 @@ def open_broker(url: str) -> Broker:
         from .memory import MemoryBroker
 
         return MemoryBroker(urlsplit(url).netloc)
-    raise ConfigError(f"unknown broker URL scheme {scheme!r} (expected memory://)")
+    if scheme in ("redis", "rediss"):
+        try:
+            from .redis import RedisBroker
+        except ImportError as exc:  # pragma: no cover - depends on the installed extras
+            raise _missing("redis", exc) from exc
+        return RedisBroker(url)
+    if scheme in ("amqp", "amqps"):
+        try:
+            from .rabbitmq import RabbitBroker
+        except ImportError as exc:  # pragma: no cover
+            raise _missing("rabbitmq", exc) from exc
+        return RabbitBroker(url)
+    if scheme in ("nats", "tls"):
+        try:
+            from .nats import NatsBroker
+        except ImportError as exc:  # pragma: no cover
+            raise _missing("nats", exc) from exc
+        return NatsBroker(url)
+    raise ConfigError(
+        f"unknown broker URL scheme {scheme!r} (expected memory://, redis://, amqp:// or nats://)"
+    )
 
 
 def open_history(url: str) -> History:
@@ -76,4 +102,19 @@ def open_presence(url: str) -> Presence:
         if name not in _memory_presence:
             _memory_presence[name] = MemoryPresence()
         return _memory_presence[name]
-    raise ConfigError(f"unknown presence URL scheme {scheme!r} (expected memory://)")
+    if scheme in ("redis", "rediss"):
+        try:
+            from .redis import RedisPresence
+        except ImportError as exc:  # pragma: no cover
+            raise _missing("redis", exc) from exc
+        return RedisPresence(url)
+    if scheme in ("sqlite", "postgresql", "postgres"):
+        try:
+            from .sql import SqlPresence
+        except ImportError as exc:  # pragma: no cover
+            raise _missing("postgres", exc) from exc
+        return SqlPresence(url)
+    raise ConfigError(
+        f"unknown presence URL scheme {scheme!r} (expected memory://, redis://, sqlite:/// "
+        "or postgresql://)"
+    )

@@ -1,0 +1,65 @@
+"""URLs of every engine for the contract suites, each namespaced per test and cleaned up."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from tests import services
+
+BROKERS = ["memory", "redis", "amqp", "nats"]
+PRESENCES = ["memory", "redis", "sqlite", "postgresql"]
+
+
+def unique(label: str = "t") -> str:
+    return f"{label}{uuid.uuid4().hex[:12]}"
+
+
+@contextlib.asynccontextmanager
+async def engine_url(kind: str, tmp_path: Path) -> AsyncIterator[str]:
+    """A URL for ``kind`` that no other test uses; the engine's leftovers are removed after."""
+    prefix = unique()
+    if kind == "memory":
+        yield f"memory://{prefix}"
+    elif kind == "redis":
+        services.require("Redis", services.REDIS_HOST, services.REDIS_PORT)
+        yield f"{services.REDIS_URL}/0?prefix={prefix}"
+        await _redis_cleanup(prefix)
+    elif kind == "amqp":
+        services.require("RabbitMQ", services.RABBITMQ_HOST, services.RABBITMQ_PORT)
+        yield f"{services.RABBITMQ_URL}?prefix={prefix}"
+    elif kind == "nats":
+        services.require("NATS", services.NATS_HOST, services.NATS_PORT)
+        yield f"{services.NATS_URL}?prefix={prefix}"
+    elif kind == "sqlite":
+        yield f"sqlite:///{tmp_path}/{prefix}.db"
+    elif kind == "postgresql":
+        services.require("PostgreSQL", services.POSTGRES_HOST, services.POSTGRES_PORT)
+        yield f"{services.POSTGRES_URL}?schema={prefix}"
+        await _postgres_cleanup(prefix)
+    else:  # pragma: no cover
+        raise ValueError(kind)
+
+
+async def _redis_cleanup(prefix: str) -> None:
+    import redis.asyncio as redis
+
+    client = redis.Redis(host=services.REDIS_HOST, port=services.REDIS_PORT)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"*{prefix}*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+async def _postgres_cleanup(schema: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(services.POSTGRES_URL)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()

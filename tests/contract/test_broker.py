@@ -1,0 +1,151 @@
+"""One contract for every Broker: memory, Redis, RabbitMQ, NATS.
+
+Two broker instances on one URL are two nodes of one cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from roomcast.adapters import open_broker
+from roomcast.core.models import NodeId, RoomId
+from roomcast.exceptions import UnavailableError
+
+from .engines import BROKERS, engine_url, unique
+
+WAIT = 10.0
+
+
+class Node:
+    """A broker started as a node, recording what it receives."""
+
+    def __init__(self, url: str) -> None:
+        self.id = NodeId(unique("n"))
+        self.broker = open_broker(url)
+        self.room_frames: list[bytes] = []
+        self.inbox: list[bytes] = []
+        self.changed = asyncio.Event()
+
+    async def start(self) -> Node:
+        async def on_room(data: bytes) -> None:
+            self.room_frames.append(data)
+            self.changed.set()
+
+        async def on_inbox(data: bytes) -> None:
+            self.inbox.append(data)
+            self.changed.set()
+
+        async def on_reconnect() -> None:
+            return None
+
+        await self.broker.start(self.id, on_room, on_inbox, on_reconnect)
+        return self
+
+    async def wait(self, condition, timeout: float = WAIT) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"not met within {timeout}s: {self.room_frames[-3:]}")
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), remaining)
+            except TimeoutError:
+                pass
+
+
+@pytest.fixture(params=BROKERS)
+async def cluster(request, tmp_path):
+    async with engine_url(request.param, tmp_path) as url:
+        nodes: list[Node] = []
+
+        async def node() -> Node:
+            n = await Node(url).start()
+            nodes.append(n)
+            return n
+
+        yield node
+        for n in nodes:
+            await n.broker.close()
+
+
+def frame(room: int, i: int) -> bytes:
+    return b'M %d %d\n{"text":"%d"}' % (room, i, i)
+
+
+async def test_frames_reach_every_subscribed_node_in_publish_order(cluster):
+    a, b, c = await cluster(), await cluster(), await cluster()
+    await a.broker.subscribe(RoomId(1))
+    await b.broker.subscribe(RoomId(1))
+    sent = [frame(1, i) for i in range(200)]
+    for data in sent:
+        await c.broker.publish(RoomId(1), data)
+    await a.wait(lambda: len(a.room_frames) >= 200)
+    await b.wait(lambda: len(b.room_frames) >= 200)
+    assert a.room_frames == sent
+    assert b.room_frames == sent
+    assert c.room_frames == []
+    assert a.broker.healthy and b.broker.healthy and c.broker.healthy
+
+
+async def test_the_publisher_receives_its_own_frames_when_subscribed(cluster):
+    a = await cluster()
+    await a.broker.subscribe(RoomId(5))
+    await a.broker.publish(RoomId(5), frame(5, 1))
+    await a.wait(lambda: a.room_frames)
+    assert a.room_frames == [frame(5, 1)]
+
+
+async def test_a_node_receives_only_rooms_it_subscribed_to(cluster):
+    a, b = await cluster(), await cluster()
+    await a.broker.subscribe(RoomId(1))
+    await b.broker.subscribe(RoomId(2))
+    for i in range(20):
+        await a.broker.publish(RoomId(1), frame(1, i))
+    await b.broker.publish(RoomId(2), frame(2, 0))  # a barrier for b
+    await a.wait(lambda: len(a.room_frames) == 20)
+    await b.wait(lambda: b.room_frames)
+    assert b.room_frames == [frame(2, 0)]
+
+
+async def test_unsubscribe_stops_delivery(cluster):
+    a, b = await cluster(), await cluster()
+    await a.broker.subscribe(RoomId(1))
+    await a.broker.subscribe(RoomId(2))
+    await b.broker.publish(RoomId(1), frame(1, 1))
+    await a.wait(lambda: len(a.room_frames) == 1)
+    await a.broker.unsubscribe(RoomId(1))
+    await b.broker.publish(RoomId(1), frame(1, 2))
+    await b.broker.publish(RoomId(2), frame(2, 3))  # the barrier: a still has room 2
+    await a.wait(lambda: frame(2, 3) in a.room_frames)
+    assert a.room_frames == [frame(1, 1), frame(2, 3)]
+
+
+async def test_inbox_reaches_one_node_only(cluster):
+    a, b, c = await cluster(), await cluster(), await cluster()
+    await c.broker.send(a.id, b"hello a")
+    await c.broker.send(b.id, b"hello b")
+    await a.wait(lambda: a.inbox)
+    await b.wait(lambda: b.inbox)
+    assert a.inbox == [b"hello a"] and b.inbox == [b"hello b"] and c.inbox == []
+
+
+async def test_payloads_are_opaque_bytes(cluster):
+    a, b = await cluster(), await cluster()
+    await a.broker.subscribe(RoomId(9))
+    payloads = [b"\x00\xff\n\r binary", "한국어 😀".encode(), b"x" * 200_000, b""]
+    for data in payloads:
+        await b.broker.publish(RoomId(9), data)
+    await a.wait(lambda: len(a.room_frames) == len(payloads))
+    assert a.room_frames == payloads
+
+
+async def test_a_closed_broker_refuses_to_publish(cluster):
+    a = await cluster()
+    await a.broker.close()
+    assert not a.broker.healthy
+    with pytest.raises(UnavailableError):
+        await a.broker.publish(RoomId(1), frame(1, 1))

@@ -1,0 +1,104 @@
+"""One contract for every Presence engine: memory, Redis, SQLite, PostgreSQL.
+
+Two instances on one URL are two nodes' views of one cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from roomcast.adapters import open_presence
+from roomcast.core.models import ConnId, Member, NodeId, RoomId, User, UserId
+
+from .engines import PRESENCES, engine_url
+
+
+@pytest.fixture(params=PRESENCES)
+async def views(request, tmp_path):
+    async with engine_url(request.param, tmp_path) as url:
+        opened = []
+
+        async def view():
+            presence = open_presence(url)
+            await presence.start()
+            opened.append(presence)
+            return presence
+
+        yield view
+        for presence in opened:
+            await presence.close()
+
+
+def member(user: int, node: str, conn: int | None = None, name: str | None = None) -> Member:
+    return Member(
+        User(UserId(user), name or f"user{user}"), ConnId(f"{node}.{conn or user}"), NodeId(node)
+    )
+
+
+async def test_members_and_counts_span_nodes(views):
+    one, two = await views(), await views()
+    await one.heartbeat(NodeId("n1"), 30)
+    await two.heartbeat(NodeId("n2"), 30)
+    await one.add(RoomId(1), member(1, "n1", name="민지"))
+    await two.add(RoomId(1), member(2, "n2"))
+    await two.add(RoomId(2), member(2, "n2"))
+    assert {m.user.id for m in await one.members(RoomId(1))} == {1, 2}
+    assert {m.user.name for m in await two.members(RoomId(1))} == {"민지", "user2"}
+    assert await one.counts([RoomId(1), RoomId(2), RoomId(3)]) == {1: 2, 2: 1, 3: 0}
+    await one.remove(RoomId(1), ConnId("n2.2"))
+    assert [m.user.id for m in await two.members(RoomId(1))] == [1]
+    assert await two.members(RoomId(3)) == []
+
+
+async def test_members_keep_node_and_connection(views):
+    one = await views()
+    await one.heartbeat(NodeId("n1"), 30)
+    entry = member(7, "n1", conn=3)
+    await one.add(RoomId(4), entry)
+    assert await one.members(RoomId(4)) == [entry]
+
+
+async def test_register_and_locate_connections(views):
+    one, two = await views(), await views()
+    await one.heartbeat(NodeId("n1"), 30)
+    await two.heartbeat(NodeId("n2"), 30)
+    await one.register(member(5, "n1", conn=1))
+    await two.register(member(5, "n2", conn=2))
+    assert {m.node for m in await two.locate(UserId(5))} == {"n1", "n2"}
+    await one.unregister(ConnId("n1.1"))
+    assert [m.conn for m in await one.locate(UserId(5))] == ["n2.2"]
+    assert await one.locate(UserId(99)) == []
+
+
+async def test_a_dead_node_is_reaped_once_and_its_entries_reported(views):
+    one, two, three = await views(), await views(), await views()
+    await one.heartbeat(NodeId("n1"), 30)
+    await two.heartbeat(NodeId("n2"), 0.2)
+    await one.add(RoomId(1), member(1, "n1"))
+    await two.add(RoomId(1), member(2, "n2"))
+    await two.add(RoomId(2), member(2, "n2"))
+    await two.register(member(2, "n2"))
+    # Within its ttl nothing is reaped.
+    assert await one.reap() == []
+    await asyncio.sleep(0.4)  # the ttl lapses: n2 has stopped heartbeating
+    results = await asyncio.gather(one.reap(), three.reap())
+    removed = sorted(results[0] + results[1], key=lambda rm: rm[0])
+    assert removed == [(RoomId(1), member(2, "n2")), (RoomId(2), member(2, "n2"))]
+    assert [m.user.id for m in await one.members(RoomId(1))] == [1]
+    assert await one.locate(UserId(2)) == []
+    assert await one.reap() == []
+
+
+async def test_drop_node_removes_everything_of_that_node(views):
+    one = await views()
+    await one.heartbeat(NodeId("n1"), 30)
+    await one.heartbeat(NodeId("n2"), 30)
+    await one.add(RoomId(1), member(1, "n1"))
+    await one.add(RoomId(1), member(2, "n2"))
+    await one.register(member(1, "n1"))
+    removed = await one.drop_node(NodeId("n1"))
+    assert removed == [(RoomId(1), member(1, "n1"))]
+    assert [m.user.id for m in await one.members(RoomId(1))] == [2]
+    assert await one.locate(UserId(1)) == []
