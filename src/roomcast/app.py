@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import socketio
 
@@ -19,6 +19,9 @@ from .config import Settings
 from .node import Node
 from .transports.http import create_http_app
 from .transports.socketio import SocketIOTransport
+
+if TYPE_CHECKING:
+    from .transports.grpc import GrpcDoor
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +46,24 @@ class RoomcastApp:
             self.sio, other_asgi_app=self.http, socketio_path=settings.socketio_path
         )
         self._start_lock = asyncio.Lock()
+        self.grpc: GrpcDoor | None = None
 
     async def startup(self) -> None:
-        """Start the node (idempotent)."""
+        """Start the node and the gRPC door (idempotent)."""
         async with self._start_lock:
             if not self.node.started:
                 await self.node.start()
+                if self.settings.grpc_port:
+                    from .transports.grpc import GrpcDoor
+
+                    self.grpc = GrpcDoor(self.node)
+                    await self.grpc.start()
 
     async def shutdown(self) -> None:
         """Disconnect every client and stop the node."""
+        if self.grpc is not None:
+            await self.grpc.stop()
+            self.grpc = None
         if self.node.started:
             for sid in list(self.socketio.sids()):
                 with contextlib.suppress(Exception):

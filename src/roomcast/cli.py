@@ -81,7 +81,26 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run a roomcast node")
     add_settings_flags(serve)
     serve.set_defaults(run=_serve)
+    chat = commands.add_parser("chat", help="chat from a terminal (Socket.IO, or --grpc)")
+    try:
+        from .chat import add_arguments
+    except ImportError:  # the terminal client's optional dependencies are missing
+        chat.set_defaults(run=_chat_unavailable)
+    else:
+        add_arguments(chat)
+        chat.set_defaults(run=_chat)
     return parser
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from .chat import run
+
+    return run(args)
+
+
+def _chat_unavailable(args: argparse.Namespace) -> int:
+    print("roomcast chat needs: pip install 'roomcast[chat,grpc]'", file=sys.stderr)
+    return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:

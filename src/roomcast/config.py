@@ -48,6 +48,20 @@ class Settings(BaseSettings):
         2.0, ge=0, le=600, description="seconds a room stays subscribed after its last local member"
     )
 
+    grpc_port: int = Field(
+        50050,
+        ge=0,
+        le=65535,
+        description="port of the gRPC door (Agent/Heartbeat/Lobby/Channel); 0: off",
+    )
+    grpc_public_address: str | None = Field(
+        None,
+        description="host:port clients dial for gRPC services (behind NAT); default: host:grpc-port",
+    )
+    liveness_timeout: float = Field(
+        10.0, gt=0, le=3600, description="seconds after which a silent gRPC user is removed"
+    )
+
     @field_validator("socketio_path")
     @classmethod
     def _path(cls, value: str) -> str:

@@ -93,7 +93,7 @@ def start_server(
     command = [
         sys.executable, "-m", "roomcast", "serve",
         "--host", "127.0.0.1", "--port", str(port), "--store-url", store_url,
-        "--log-level", "warning", *args,
+        "--log-level", "warning", "--grpc-port", "0", *args,
     ]  # fmt: skip
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with log.open("wb") as out:
