@@ -53,14 +53,11 @@ class Node:
     async def start(self) -> None:
         await self.history.start()
         await self.presence.start()
-        await self.broker.start(self.id, self.hub.on_frame, self._on_inbox, self.hub.resync)
+        await self.broker.start(self.id, self.hub.on_frame, self.service.on_inbox, self.hub.resync)
         await self.presence.heartbeat(self.id, self.settings.node_ttl)
         self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="roomcast-heartbeat")
         self.started = True
         log.info("node %s started (broker %s)", self.id, urlsplit(self.settings.broker_url).scheme)
-
-    async def _on_inbox(self, data: bytes) -> None:
-        log.debug("inbox frame of %d bytes", len(data))
 
     async def _heartbeat_loop(self) -> None:
         """Heartbeat into the registry and reap dead nodes, until stopped."""

@@ -59,7 +59,7 @@ class Cluster:
         service = ChatService(
             node=node_id, history=self.history, broker=broker, presence=self.presence, hub=hub
         )
-        await broker.start(node_id, hub.on_frame, _ignore, hub.resync)
+        await broker.start(node_id, hub.on_frame, service.on_inbox, hub.resync)
         recorder = Recorder()
         self.nodes.append((service, broker, recorder))
         return service, broker, recorder
@@ -216,3 +216,27 @@ async def test_bad_nickname_is_refused(one):
         with pytest.raises(ChatError) as info:
             await connect(service, rec, name)
         assert info.value.code is ErrorCode.INVALID_NAME
+
+
+async def test_direct_message_reaches_a_user_on_another_node():
+    cluster = Cluster()
+    s1, _, r1 = await cluster.node()
+    s2, _, r2 = await cluster.node()
+    alice = await connect(s1, r1, "alice")
+    bob = await connect(s2, r2, "bob")
+    sent = await s1.dm(alice, bob.user.id, "psst")
+    dms = [f.data() for f in bob.conn.frames if f.kind is Kind.DM]
+    assert dms == [sent]
+    assert sent["from"] == alice.user.to_wire() and sent["text"] == "psst"
+    assert not [f for f in alice.conn.frames if f.kind is Kind.DM]
+
+
+async def test_direct_message_to_nobody_is_not_found_and_bad_text_is_refused(one):
+    service, rec = one
+    alice = await connect(service, rec, "alice")
+    with pytest.raises(ChatError) as info:
+        await service.dm(alice, 424242, "hello?")
+    assert info.value.code is ErrorCode.NOT_FOUND
+    with pytest.raises(ChatError) as info:
+        await service.dm(alice, alice.user.id, "")
+    assert info.value.code is ErrorCode.INVALID_TEXT

@@ -253,3 +253,15 @@ async def test_connect_without_a_valid_name_is_refused(server):
         # The Socket.IO connect_error: a message, and data with the error code.
         assert errors and errors[0]["data"]["code"] == "invalid_name", errors
         assert errors[0]["message"] == errors[0]["data"]["message"] != ""
+
+
+async def test_direct_message(connect):
+    alice, bob = await connect("alice"), await connect("bob")
+    reply = await alice.ok("dm", {"to": bob.user["id"], "text": "just you"})
+    got = await bob.wait_for(lambda: bob.of("dm"))
+    assert got == [reply["dm"]]
+    assert got[0]["from"] == alice.user and got[0]["text"] == "just you"
+    missing = await alice.call("dm", {"to": 10**9, "text": "anyone?"})
+    assert missing["ok"] is False and missing["error"]["code"] == "not_found"
+    bad = await alice.call("dm", {"to": "bob", "text": "x"})
+    assert bad["error"]["code"] == "bad_request"

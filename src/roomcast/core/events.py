@@ -79,3 +79,46 @@ def presence_frame(room: RoomId, event: str, user: User) -> Frame:
 
 def typing_frame(room: RoomId, user: User) -> Frame:
     return Frame(Kind.TYPING, room, 0, dumps({"room": room, "user": user.to_wire()}))
+
+
+def dm_frame(body: dict[str, Any]) -> Frame:
+    return Frame(Kind.DM, RoomId(0), 0, dumps(body))
+
+
+# -- node-to-node envelopes (a node's inbox) ---------------------------------------------
+#
+#   Q <request id> <reply node> <user id>\n<frame>   deliver the frame to a user's connections
+#   A <request id> <delivered count>\n                the answer, to the requesting node's inbox
+
+
+@dataclass(frozen=True, slots=True)
+class DeliverRequest:
+    request: int
+    reply_to: str
+    user: int
+    frame: bytes
+
+    def encode(self) -> bytes:
+        return b"Q %d %s %d\n%s" % (self.request, self.reply_to.encode(), self.user, self.frame)
+
+
+@dataclass(frozen=True, slots=True)
+class DeliverAnswer:
+    request: int
+    delivered: int
+
+    def encode(self) -> bytes:
+        return b"A %d %d\n" % (self.request, self.delivered)
+
+
+def decode_envelope(data: bytes) -> DeliverRequest | DeliverAnswer:
+    """Parse an inbox envelope. Raises ValueError on anything malformed."""
+    head, sep, rest = data.partition(b"\n")
+    if not sep:
+        raise ValueError("envelope without header")
+    parts = head.split(b" ")
+    if parts[0] == b"Q" and len(parts) == 4:
+        return DeliverRequest(int(parts[1]), parts[2].decode(), int(parts[3]), rest)
+    if parts[0] == b"A" and len(parts) == 3:
+        return DeliverAnswer(int(parts[1]), int(parts[2]))
+    raise ValueError("unknown envelope")

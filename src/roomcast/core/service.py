@@ -19,15 +19,38 @@ from dataclasses import dataclass, field
 
 from ..exceptions import ChatError, ErrorCode, UnavailableError
 from . import validation
-from .events import Frame, message_frame, presence_frame, typing_frame
+from .events import (
+    DeliverAnswer,
+    DeliverRequest,
+    Frame,
+    decode_envelope,
+    dm_frame,
+    message_frame,
+    presence_frame,
+    typing_frame,
+)
 from .hub import Connection, Hub
-from .models import ConnId, Draft, Member, Message, NodeId, Position, Room, RoomId, User
+from .models import (
+    ConnId,
+    Draft,
+    Member,
+    Message,
+    NodeId,
+    Position,
+    Room,
+    RoomId,
+    User,
+    UserId,
+)
 from .ports import Broker, History, Presence
 
 log = logging.getLogger(__name__)
 
 RECOVERY_LIMIT = 1000
 """The most missed messages a join with ``since`` returns; beyond it the client reloads."""
+
+DM_TIMEOUT = 5.0
+"""How long a direct message waits for the nodes of its recipient to confirm delivery."""
 
 
 @dataclass(eq=False)
@@ -134,7 +157,10 @@ class ChatService:
         self._clock = clock
         self._sequencer = Sequencer(history, broker)
         self._sessions: dict[ConnId, Session] = {}
+        self._by_user: dict[UserId, dict[ConnId, Session]] = {}
         self._ids = itertools.count(1)
+        self._requests = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[int]] = {}
 
     # -- connections -------------------------------------------------------------------
 
@@ -147,12 +173,12 @@ class ChatService:
         nickname = validation.nickname(name)
         user = User(await self.history.next_user_id(), nickname)
         session = Session(conn, user)
-        self._sessions[conn.id] = session
         try:
             await self.presence.register(Member(user, conn.id, self.node))
         except UnavailableError as exc:
-            del self._sessions[conn.id]
             raise ChatError(ErrorCode.UNAVAILABLE, "presence is unavailable, try again") from exc
+        self._sessions[conn.id] = session
+        self._by_user.setdefault(user.id, {})[conn.id] = session
         return session
 
     def sessions(self) -> list[ConnId]:
@@ -170,6 +196,10 @@ class ChatService:
         session = self._sessions.pop(conn_id, None)
         if session is None:
             return
+        same_user = self._by_user.get(session.user.id, {})
+        same_user.pop(conn_id, None)
+        if not same_user:
+            self._by_user.pop(session.user.id, None)
         for room_id in list(session.rooms):
             await self._leave(session, room_id)
         await self._quiet(self.presence.unregister(conn_id))
@@ -286,6 +316,92 @@ class ChatService:
     async def members(self, ref: RoomId | str) -> tuple[Room, list[User]]:
         room = await self.resolve(ref)
         return room, await self._members(room.id)
+
+    # -- direct messages -------------------------------------------------------------
+
+    async def dm(self, session: Session, to: int, text: object) -> dict[str, object]:
+        """Send a direct message to a user on any node.
+
+        Acknowledged only once at least one live connection of the user has been handed
+        the message; otherwise a ``not_found`` (no such connected user) or ``unavailable``
+        error, and nothing was delivered.
+        """
+        body = validation.text({"text": text})
+        try:
+            targets = await self.presence.locate(UserId(to))
+        except UnavailableError as exc:
+            raise ChatError(ErrorCode.UNAVAILABLE, "presence is unavailable") from exc
+        if not targets:
+            raise ChatError(ErrorCode.NOT_FOUND, f"user {to} is not connected")
+        message = {
+            "id": secrets.token_hex(8),
+            "from": session.user.to_wire(),
+            "to": to,
+            "text": body,
+            "ts": self._now_ms(),
+        }
+        frame = dm_frame(message)
+        nodes = {m.node for m in targets}
+        delivered = 0
+        if self.node in nodes:
+            nodes.discard(self.node)
+            delivered += await self._deliver_to_user(UserId(to), frame)
+        if nodes:
+            delivered += await self._ask_nodes(nodes, UserId(to), frame)
+        if not delivered:
+            raise ChatError(ErrorCode.UNAVAILABLE, f"user {to} could not be reached, try again")
+        return message
+
+    async def _ask_nodes(self, nodes: set[NodeId], user: UserId, frame: Frame) -> int:
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[int]] = []
+        for node in nodes:
+            request = next(self._requests)
+            future: asyncio.Future[int] = loop.create_future()
+            self._waiting[request] = future
+            futures.append(future)
+            envelope = DeliverRequest(request, self.node, user, frame.encode())
+            try:
+                await self.broker.send(node, envelope.encode())
+            except Exception:
+                log.warning("direct message to node %s failed", node, exc_info=True)
+                future.set_result(0)
+        try:
+            done, _ = await asyncio.wait(futures, timeout=DM_TIMEOUT)
+            return sum(f.result() for f in done)
+        finally:
+            for request in [r for r, f in self._waiting.items() if f in futures]:
+                del self._waiting[request]
+
+    async def _deliver_to_user(self, user: UserId, frame: Frame) -> int:
+        sessions = list(self._by_user.get(user, {}).values())
+        for target in sessions:
+            await target.conn.transport.deliver_one(frame, target.conn)
+        return len(sessions)
+
+    async def on_inbox(self, data: bytes) -> None:
+        """The broker's inbox handler: requests from other nodes, and their answers."""
+        try:
+            envelope = decode_envelope(data)
+        except (ValueError, UnicodeDecodeError):
+            log.warning("dropped a malformed inbox frame (%d bytes)", len(data))
+            return
+        if isinstance(envelope, DeliverAnswer):
+            future = self._waiting.get(envelope.request)
+            if future is not None and not future.done():
+                future.set_result(envelope.delivered)
+            return
+        try:
+            frame = Frame.decode(envelope.frame)
+        except (ValueError, KeyError):
+            delivered = 0
+        else:
+            delivered = await self._deliver_to_user(UserId(envelope.user), frame)
+        answer = DeliverAnswer(envelope.request, delivered)
+        try:
+            await self.broker.send(NodeId(envelope.reply_to), answer.encode())
+        except Exception:
+            log.warning("answer to node %s failed", envelope.reply_to, exc_info=True)
 
     # -- cluster -----------------------------------------------------------------------
 

@@ -68,6 +68,7 @@ class SocketIOTransport:
             "rooms": self._rooms,
             "members": self._members,
             "typing": self._typing,
+            "dm": self._dm,
         }
         # Keep references to fire-and-forget tasks so they are not collected mid-flight.
         self._tasks: set[asyncio.Task[None]] = set()
@@ -192,6 +193,11 @@ class SocketIOTransport:
     async def _members(self, session: Session, data: dict[str, Any]) -> Reply:
         room, members = await self.service.members(validation.room_ref(data))
         return _ok(room=room.to_wire(), members=[u.to_wire() for u in members])
+
+    async def _dm(self, session: Session, data: dict[str, Any]) -> Reply:
+        to = validation.user_id(data, "to")
+        text = validation.text(data)
+        return _ok(dm=await self.service.dm(session, to, text))
 
     async def _typing(self, session: Session, data: dict[str, Any]) -> Reply:
         await self.service.typing(session, validation.room_ref(data))
