@@ -12,13 +12,16 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
 
 import socketio
 
 from .config import Settings
 from .node import Node
+from .transports.forward import Forwarder
 from .transports.http import create_http_app
 from .transports.socketio import SocketIOTransport
+from .workers import WorkerInfo
 
 if TYPE_CHECKING:
     from .transports.grpc import GrpcDoor
@@ -31,8 +34,9 @@ Scope = dict[str, Any]
 class RoomcastApp:
     """An ASGI application serving one roomcast node."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, worker: WorkerInfo | None = None) -> None:
         self.settings = settings
+        self.worker = worker
         self.node = Node(settings)
         self.sio = socketio.AsyncServer(
             async_mode="asgi",
@@ -45,6 +49,11 @@ class RoomcastApp:
         self._asgi = socketio.ASGIApp(
             self.sio, other_asgi_app=self.http, socketio_path=settings.socketio_path
         )
+        self._sio_prefix = settings.socketio_path.rstrip("/") + "/"
+        self._forwarder: Forwarder | None = None
+        if worker is not None:
+            self._forwarder = Forwarder()
+            _tag_session_ids(self.sio, worker.tag())
         self._start_lock = asyncio.Lock()
         self.grpc: GrpcDoor | None = None
 
@@ -64,6 +73,8 @@ class RoomcastApp:
         if self.grpc is not None:
             await self.grpc.stop()
             self.grpc = None
+        if self._forwarder is not None:
+            await self._forwarder.close()
         if self.node.started:
             for sid in list(self.socketio.sids()):
                 with contextlib.suppress(Exception):
@@ -90,7 +101,25 @@ class RoomcastApp:
         if root and scope["path"].startswith(root):
             # Starlette's Mount keeps the full path; the Socket.IO path is relative to us.
             scope = {**scope, "path": scope["path"][len(root) :] or "/"}
+        if self.worker is not None and await self._forwarded(scope, receive, send):
+            return
         await self._asgi(scope, receive, send)
+
+    async def _forwarded(self, scope: Scope, receive: Any, send: Any) -> bool:
+        """Hand an Engine.IO request to the sibling worker that owns its session."""
+        assert self.worker is not None and self._forwarder is not None
+        if not (scope["path"] + "/").startswith(self._sio_prefix):
+            return False
+        sid = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("sid")
+        owner = self.worker.owner(sid[0]) if sid else None
+        if owner is None or owner == self.worker.index:
+            return False
+        uds = self.worker.uds(owner)
+        if scope["type"] == "websocket":
+            await self._forwarder.websocket(scope, receive, send, uds)
+        else:
+            await self._forwarder.http(scope, receive, send, uds)
+        return True
 
     async def _lifespan(self, receive: Any, send: Any) -> None:
         while True:
@@ -107,6 +136,13 @@ class RoomcastApp:
                 await self.shutdown()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _tag_session_ids(sio: socketio.AsyncServer, tag: str) -> None:
+    """Prefix every Engine.IO session id with this worker's tag, so siblings can tell
+    which worker owns a session."""
+    generate = sio.eio.generate_id
+    sio.eio.generate_id = lambda: tag + generate()
 
 
 def create_app(settings: Settings | None = None, **overrides: Any) -> RoomcastApp:

@@ -59,6 +59,10 @@ def _serve(args: argparse.Namespace) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if settings.workers > 1:
+        from .workers import serve
+
+        return serve(settings, settings.workers)
     app = create_app(settings)
     config = uvicorn.Config(
         app,

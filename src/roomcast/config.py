@@ -33,6 +33,13 @@ class Settings(BaseSettings):
         None,
         description="presence engine; default: the broker (memory, redis), else the store",
     )
+    workers: int = Field(
+        1, ge=1, le=256, description="worker processes on the one port (>1 needs a shared broker)"
+    )
+    rate_limit: float = Field(
+        20.0, ge=0, description="send/typing/dm requests a second per connection; 0: no limit"
+    )
+    rate_burst: int = Field(40, ge=1, description="requests a connection may burst above the rate")
     log_level: LogLevel = Field("info", description="log level")
     cors_origins: str = Field(
         "", description="comma-separated origins allowed to connect; empty: same origin, *: any"
@@ -56,7 +63,7 @@ class Settings(BaseSettings):
     )
     grpc_public_address: str | None = Field(
         None,
-        description="host:port clients dial for gRPC services (behind NAT); default: host:grpc-port",
+        description="host:port that gRPC clients dial (behind NAT); default: host:grpc-port",
     )
     liveness_timeout: float = Field(
         10.0, gt=0, le=3600, description="seconds after which a silent gRPC user is removed"

@@ -44,6 +44,8 @@ class Node:
             broker=self.broker,
             presence=self.presence,
             hub=self.hub,
+            rate_limit=settings.rate_limit,
+            rate_burst=settings.rate_burst,
         )
         self.metrics = Metrics(self)
         self._stopping = asyncio.Event()

@@ -265,3 +265,18 @@ async def test_direct_message(connect):
     assert missing["ok"] is False and missing["error"]["code"] == "not_found"
     bad = await alice.call("dm", {"to": "bob", "text": "x"})
     assert bad["error"]["code"] == "bad_request"
+
+
+async def test_flooding_is_rate_limited_and_changes_nothing(tmp_path):
+    with run_server("--rate-limit", "1", "--rate-burst", "3", log_dir=tmp_path) as server:
+        alice = await ChatClient(server.url, "alice").connect()
+        try:
+            await alice.ok("join", {"room": "calm"})
+            replies = [await alice.call("send", {"room": "calm", "text": f"{i}"}) for i in range(6)]
+            assert [r["ok"] for r in replies[:3]] == [True, True, True]
+            refused = [r for r in replies[3:] if not r["ok"]]
+            assert refused and all(r["error"]["code"] == "rate_limited" for r in refused)
+            stored = (await alice.ok("history", {"room": "calm"}))["messages"]
+            assert len(stored) == sum(r["ok"] for r in replies)
+        finally:
+            await alice.close()

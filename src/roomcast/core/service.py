@@ -43,6 +43,7 @@ from .models import (
     UserId,
 )
 from .ports import Broker, History, Presence
+from .ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class Session:
     conn: Connection
     user: User
     rooms: set[RoomId] = field(default_factory=set)
+    bucket: TokenBucket | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +149,8 @@ class ChatService:
         broker: Broker,
         presence: Presence,
         hub: Hub,
+        rate_limit: float = 0.0,
+        rate_burst: int = 1,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.node = node
@@ -155,6 +159,8 @@ class ChatService:
         self.presence = presence
         self.hub = hub
         self._clock = clock
+        self._rate = rate_limit
+        self._burst = max(rate_burst, 1)
         self._sequencer = Sequencer(history, broker)
         self._sessions: dict[ConnId, Session] = {}
         self._by_user: dict[UserId, dict[ConnId, Session]] = {}
@@ -172,7 +178,8 @@ class ChatService:
         """Register a connection under a nickname; the user gets a cluster-wide id."""
         nickname = validation.nickname(name)
         user = User(await self.history.next_user_id(), nickname)
-        session = Session(conn, user)
+        bucket = TokenBucket(self._rate, self._burst) if self._rate > 0 else None
+        session = Session(conn, user, bucket=bucket)
         try:
             await self.presence.register(Member(user, conn.id, self.node))
         except UnavailableError as exc:
@@ -287,8 +294,14 @@ class ChatService:
         if announce:
             await self._publish_presence(room_id, "leave", session.user)
 
+    @staticmethod
+    def _spend(session: Session) -> None:
+        if session.bucket is not None and not session.bucket.take():
+            raise ChatError(ErrorCode.RATE_LIMITED, "too many requests, slow down")
+
     async def send(self, session: Session, ref: RoomId | str, text: object) -> Message:
         body = validation.text({"text": text})
+        self._spend(session)
         room = await self._member_room(session, ref)
         if not self.broker.healthy:
             raise ChatError(ErrorCode.UNAVAILABLE, "the broker is unavailable, try again")
@@ -297,6 +310,7 @@ class ChatService:
 
     async def typing(self, session: Session, ref: RoomId | str) -> None:
         room = await self._member_room(session, ref)
+        self._spend(session)
         await self._publish(room.id, typing_frame(room.id, session.user))
 
     async def history_page(
@@ -327,6 +341,7 @@ class ChatService:
         error, and nothing was delivered.
         """
         body = validation.text({"text": text})
+        self._spend(session)
         try:
             targets = await self.presence.locate(UserId(to))
         except UnavailableError as exc:

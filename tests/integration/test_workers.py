@@ -1,0 +1,84 @@
+"""``roomcast serve --workers N`` on one port, with no sticky load balancer in front."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import httpx
+import pytest
+
+from tests import services
+
+from .clients import ChatClient
+from .servers import run_server
+
+
+@pytest.fixture
+def redis_url():
+    services.require("Redis", services.REDIS_HOST, services.REDIS_PORT)
+    return f"{services.REDIS_URL}/0?prefix=w{uuid.uuid4().hex[:10]}"
+
+
+async def test_seed_000_five_workers_share_my_room(tmp_path, redis_url):
+    """Seed 000: behind gunicorn -w 5 the second client's message never reached the first."""
+    with run_server("--workers", "5", "--broker-url", redis_url, log_dir=tmp_path) as server:
+        first = await ChatClient(server.url, "first").connect()
+        second = await ChatClient(server.url, "second").connect()
+        try:
+            room = (await first.ok("join", {"room": "my_room"}))["room"]["id"]
+            await second.ok("join", {"room": "my_room"})
+            await second.ok("send", {"room": "my_room", "text": 'I\'m in "my_room"!'})
+            assert await first.wait_messages(room, 1) == ['I\'m in "my_room"!']
+            members = await first.ok("members", {"room": "my_room"})
+            assert {m["name"] for m in members["members"]} == {"first", "second"}
+        finally:
+            await first.close()
+            await second.close()
+
+
+async def test_polling_only_and_websocket_clients_chat_across_four_workers(tmp_path, redis_url):
+    with run_server("--workers", "4", "--broker-url", redis_url, log_dir=tmp_path) as server:
+        poller = ChatClient(server.url, "poller", transports=["polling"])
+        sockets = [ChatClient(server.url, f"ws{i}", transports=["websocket"]) for i in range(3)]
+        clients = [poller, *sockets]
+        try:
+            for client in clients:
+                await client.connect()
+                room = (await client.ok("join", {"room": "mixed"}))["room"]["id"]
+            for round_ in range(5):
+                for client in clients:
+                    await client.ok("send", {"room": "mixed", "text": f"{client.name} {round_}"})
+            for client in clients:
+                await client.wait_messages(room, 20)
+            views = [[(m["seq"], m["text"]) for m in c.messages(room)] for c in clients]
+            assert all(view == views[0] for view in views)
+            assert [seq for seq, _ in views[0]] == list(range(1, 21))
+        finally:
+            for client in clients:
+                await client.close()
+
+
+async def test_polling_requests_reach_the_owning_worker_on_any_connection(tmp_path, redis_url):
+    """Every request on a fresh TCP connection: the kernel spreads them over the workers, and
+    each must still reach the worker that owns the Engine.IO session."""
+    with run_server("--workers", "4", "--broker-url", redis_url, log_dir=tmp_path) as server:
+        base = f"{server.url}/ws/socket.io/?EIO=4&transport=polling"
+        limits = httpx.Limits(max_keepalive_connections=0)
+        async with httpx.AsyncClient(limits=limits, timeout=10) as http:
+            opened = await http.get(base)
+            assert opened.status_code == 200 and opened.text.startswith("0{")
+            sid = json.loads(opened.text[1:])["sid"]
+            url = f"{base}&sid={sid}"
+            connect = await http.post(url, content='40{"name":"raw"}')
+            assert connect.status_code == 200
+            got = (await http.get(url)).text
+            while '"welcome"' not in got:  # the namespace ack, then the welcome event
+                got += (await http.get(url)).text
+            for i in range(20):
+                answer = await http.post(url, content=f'42{i}["rooms"]')
+                assert answer.status_code == 200, answer.text
+                reply = ""
+                while f"43{i}[" not in reply:
+                    reply += (await http.get(url)).text
+                assert '"ok":true' in reply
