@@ -17,7 +17,12 @@ from fastapi import FastAPI
 
 from roomcast import Settings, create_app
 
-chat = create_app(Settings(store_url=os.environ.get("CHAT_STORE_URL", "sqlite:///./chat.db")))
+chat = create_app(
+    Settings(
+        store_url=os.environ.get("CHAT_STORE_URL", "sqlite:///./chat.db"),
+        grpc_port=0,  # this application serves HTTP only; set a port to add the gRPC door
+    )
+)
 
 # The host application runs roomcast's startup and shutdown with its own.
 app = FastAPI(title="my product", lifespan=chat.lifespan)

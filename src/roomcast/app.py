@@ -98,6 +98,10 @@ class RoomcastApp:
             # Mounted in a host app whose lifespan does not reach us: start on first use.
             await self.startup()
         root = scope.get("root_path", "")
+        if root and scope["type"] == "http" and scope["path"] in (root, ""):
+            # Mounted at /chat: the page's relative URLs need /chat/.
+            await _redirect(send, root + "/")
+            return
         if root and scope["path"].startswith(root):
             # Starlette's Mount keeps the full path; the Socket.IO path is relative to us.
             scope = {**scope, "path": scope["path"][len(root) :] or "/"}
@@ -136,6 +140,12 @@ class RoomcastApp:
                 await self.shutdown()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+async def _redirect(send: Any, location: str) -> None:
+    headers = [(b"location", location.encode()), (b"content-length", b"0")]
+    await send({"type": "http.response.start", "status": 308, "headers": headers})
+    await send({"type": "http.response.body", "body": b""})
 
 
 def _tag_session_ids(sio: socketio.AsyncServer, tag: str) -> None:

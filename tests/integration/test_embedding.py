@@ -67,3 +67,12 @@ async def test_mounted_roomcast_chats_beside_the_host_routes(host_app):
     finally:
         await alice.close()
         await bob.close()
+
+
+async def test_the_mount_point_without_slash_redirects_to_the_page(host_app):
+    import httpx
+
+    async with httpx.AsyncClient() as http:
+        response = await http.get(host_app + "/chat")
+        assert response.status_code in (307, 308)
+        assert response.headers["location"].endswith("/chat/")

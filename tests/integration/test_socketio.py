@@ -280,3 +280,17 @@ async def test_flooding_is_rate_limited_and_changes_nothing(tmp_path):
             assert len(stored) == sum(r["ok"] for r in replies)
         finally:
             await alice.close()
+
+
+async def test_one_connection_s_messages_keep_its_sending_order(connect):
+    """Events are handled concurrently; a connection's sends still get seqs in send order."""
+    name = room_name("pipelined")
+    alice = await connect("alice")
+    room = (await alice.ok("join", {"room": name}))["room"]["id"]
+    replies = await asyncio.gather(
+        *(alice.call("send", {"room": name, "text": f"{i}"}) for i in range(30))
+    )
+    assert [r["message"]["text"] for r in sorted(replies, key=lambda r: r["message"]["seq"])] == [
+        f"{i}" for i in range(30)
+    ]
+    assert await alice.wait_messages(room, 30) == [f"{i}" for i in range(30)]

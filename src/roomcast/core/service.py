@@ -62,6 +62,10 @@ class Session:
     user: User
     rooms: set[RoomId] = field(default_factory=set)
     bucket: TokenBucket | None = None
+    sending: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Held while one of the connection's messages is being sequenced: a connection's
+    messages get seqs in the order it sent them, even when its requests are handled
+    concurrently."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,13 +304,16 @@ class ChatService:
             raise ChatError(ErrorCode.RATE_LIMITED, "too many requests, slow down")
 
     async def send(self, session: Session, ref: RoomId | str, text: object) -> Message:
-        body = validation.text({"text": text})
-        self._spend(session)
-        room = await self._member_room(session, ref)
-        if not self.broker.healthy:
-            raise ChatError(ErrorCode.UNAVAILABLE, "the broker is unavailable, try again")
-        draft = Draft(room.id, secrets.token_hex(8), session.user, body, self._now_ms())
-        return await self._sequencer.append(draft)
+        # The lock is the first suspension point: requests handled in arrival order reach
+        # it in arrival order, and asyncio.Lock wakes its waiters first come, first served.
+        async with session.sending:
+            body = validation.text({"text": text})
+            self._spend(session)
+            room = await self._member_room(session, ref)
+            if not self.broker.healthy:
+                raise ChatError(ErrorCode.UNAVAILABLE, "the broker is unavailable, try again")
+            draft = Draft(room.id, secrets.token_hex(8), session.user, body, self._now_ms())
+            return await self._sequencer.append(draft)
 
     async def typing(self, session: Session, ref: RoomId | str) -> None:
         room = await self._member_room(session, ref)

@@ -1,0 +1,1228 @@
+/* roomcast chat page.
+ *
+ * Plain JavaScript, no framework. Talks to the roomcast Socket.IO endpoint; every client
+ * event is acknowledged with {ok: true, ...} or {ok: false, error: {code, message}}.
+ *
+ * Rules this file keeps:
+ *  - user data is only ever inserted with textContent / text nodes, never as HTML;
+ *  - messages of a room are kept sorted by seq and de-duplicated by seq, whatever the
+ *    order in which history, recovery (missed) and live events arrive;
+ *  - after a reconnect every joined room is re-joined with since = {epoch, seq}; the
+ *    missed messages are merged, or the room is reloaded when recovery is refused.
+ */
+(() => {
+  "use strict";
+
+  const HISTORY_PAGE = 50;
+  const ROOMS_REFRESH_MS = 5000;
+  const TYPING_SEND_MS = 2000;
+  const TYPING_SHOW_MS = 4000;
+  const ACK_TIMEOUT_MS = 10000;
+  const MAX_TEXT = 4000;
+  const MAX_ROOM_NAME = 64;
+  const NEAR_BOTTOM_PX = 80;
+  const NEAR_TOP_PX = 60;
+  const MAX_PENDING = 500;
+
+  const STORE_NAME = "roomcast.nickname";
+  const STORE_ROOMS = "roomcast.rooms";
+  const STORE_ACTIVE = "roomcast.active";
+
+  // The page may be mounted under a prefix (/chat/): everything is relative to it.
+  const BASE_PATH = location.pathname.replace(/[^/]*$/, "") || "/";
+  const SOCKET_PATH = BASE_PATH + "ws/socket.io";
+
+  const $ = (id) => document.getElementById(id);
+  const ui = {
+    app: $("app"),
+    loginForm: $("login-form"),
+    nickname: $("nickname"),
+    connect: $("connect"),
+    status: $("status"),
+    sidebar: $("sidebar"),
+    joinForm: $("join-form"),
+    roomName: $("room-name"),
+    join: $("join"),
+    joined: $("joined"),
+    joinedEmpty: $("joined-empty"),
+    rooms: $("rooms"),
+    refreshRooms: $("refresh-rooms"),
+    roomTitle: $("room-title"),
+    memberCount: $("member-count"),
+    messages: $("messages"),
+    jump: $("jump"),
+    typing: $("typing"),
+    composer: $("composer"),
+    text: $("text"),
+    send: $("send"),
+    members: $("members"),
+    toggleRooms: $("toggle-rooms"),
+    toggleMembers: $("toggle-members"),
+    backdrop: $("backdrop"),
+    notice: $("notice"),
+  };
+
+  // ---------------------------------------------------------------- storage
+
+  const store = {
+    get(key, fallback) {
+      try {
+        const raw = localStorage.getItem(key);
+        return raw === null ? fallback : JSON.parse(raw);
+      } catch {
+        return fallback;
+      }
+    },
+    set(key, value) {
+      try {
+        localStorage.setItem(key, JSON.stringify(value));
+      } catch {
+        /* storage unavailable (private mode): the page works without it */
+      }
+    },
+  };
+
+  // ---------------------------------------------------------------- state
+
+  /** @type {import("socket.io-client").Socket | null} */
+  let socket = null;
+  let me = null; // {id, name} from the welcome event
+  let currentName = ""; // the nickname the current connection was opened with
+  const myIds = new Set(); // user ids of this page's connections (one per connection)
+  let restored = false; // remembered rooms re-joined once per page load
+  const rooms = new Map(); // room id -> Room
+  let order = []; // joined room ids, tab order
+  let activeId = null;
+  const pending = new Map(); // room id -> events that arrived before the join ack
+  let joinsInFlight = 0;
+  let roomsTimer = null;
+  let roomsSoon = null;
+  let noticeTimer = null;
+  let lastRoomList = [];
+
+  class ChatError extends Error {
+    constructor(code, message) {
+      super(message);
+      this.code = code;
+    }
+  }
+
+  function newRoom(info) {
+    return {
+      id: info.id,
+      name: String(info.name),
+      epoch: null,
+      seq: 0, // highest seq held
+      joinSeq: 0,
+      loaded: false, // initial history loaded for the current epoch
+      messages: [], // sorted by seq
+      bySeq: new Map(),
+      nodes: new Map(), // seq -> rendered element
+      members: new Map(), // user id -> {id, name}
+      typing: new Map(), // user id -> {name, timer}
+      lastTypingSent: 0,
+      hasMore: false,
+      loadingOlder: false,
+      syncing: false,
+      gapBusy: false,
+      holesTried: new Set(),
+      unread: 0,
+      atBottom: true,
+      scrollTop: 0,
+      error: null,
+    };
+  }
+
+  const activeRoom = () => (activeId === null ? null : rooms.get(activeId) || null);
+
+  function findRoomByName(name) {
+    for (const room of rooms.values()) if (room.name === name) return room;
+    return null;
+  }
+
+  function rememberRooms() {
+    store.set(STORE_ROOMS, order.map((id) => rooms.get(id)?.name).filter(Boolean));
+    const room = activeRoom();
+    store.set(STORE_ACTIVE, room ? room.name : null);
+  }
+
+  // ---------------------------------------------------------------- requests
+
+  async function request(event, payload) {
+    if (!socket) throw new ChatError("not_connected", "Not connected.");
+    let res;
+    try {
+      res = await socket.timeout(ACK_TIMEOUT_MS).emitWithAck(event, payload);
+    } catch {
+      throw new ChatError("timeout", `The server did not answer (${event}).`);
+    }
+    if (!res || res.ok !== true) {
+      const err = (res && res.error) || {};
+      throw new ChatError(err.code || "error", err.message || `${event} failed.`);
+    }
+    return res;
+  }
+
+  // ---------------------------------------------------------------- status and notices
+
+  function setStatus(state, text) {
+    ui.status.dataset.state = state;
+    ui.status.textContent = text || state;
+    ui.status.title = state === "connected" && me ? `Connected as ${me.name}` : text || state;
+    const connected = state === "connected";
+    ui.app.dataset.connected = String(connected);
+    updateComposer();
+    updateConnectButton();
+  }
+
+  /** "Connect" is only offered when it would change something: a new name, or no connection. */
+  function updateConnectButton() {
+    const name = ui.nickname.value.trim();
+    const live = socket !== null && socket.active;
+    ui.connect.disabled = name === "" || (live && name === currentName);
+    ui.connect.textContent = live && name !== currentName ? "Switch" : "Connect";
+  }
+
+  function showNotice(message, kind = "error") {
+    ui.notice.textContent = message;
+    ui.notice.dataset.kind = kind;
+    ui.notice.classList.remove("hidden");
+    clearTimeout(noticeTimer);
+    noticeTimer = setTimeout(() => ui.notice.classList.add("hidden"), 6000);
+  }
+
+  // ---------------------------------------------------------------- connection
+
+  function connect(name) {
+    if (typeof io !== "function") {
+      setStatus("error", "client library missing");
+      showNotice("The Socket.IO client is missing: run scripts/build-web.sh.");
+      return;
+    }
+    if (socket) {
+      socket.removeAllListeners();
+      socket.io.removeAllListeners();
+      socket.disconnect();
+    }
+    me = null;
+    if (name !== currentName) myIds.clear();
+    currentName = name;
+    setStatus("connecting", "connecting…");
+    const s = io({
+      path: SOCKET_PATH,
+      auth: { name },
+      forceNew: true,
+      reconnectionDelay: 500,
+      reconnectionDelayMax: 5000,
+      timeout: ACK_TIMEOUT_MS,
+    });
+    socket = s;
+    updateConnectButton();
+
+    s.on("connect", () => {
+      setStatus("connected", "connected");
+      startRoomsTimer();
+      refreshRooms();
+      if (rooms.size > 0) {
+        resyncAll();
+      } else if (!restored) {
+        restored = true;
+        restoreRooms();
+      }
+    });
+
+    s.on("disconnect", (reason) => {
+      stopRoomsTimer();
+      for (const room of rooms.values()) clearTyping(room);
+      renderTyping();
+      if (s.active) {
+        setStatus("reconnecting", "reconnecting…");
+      } else if (reason === "io server disconnect") {
+        setStatus("offline", "disconnected by the server");
+      } else {
+        setStatus("offline", "offline");
+      }
+    });
+
+    s.on("connect_error", (err) => {
+      if (s.active) {
+        setStatus("reconnecting", "reconnecting…");
+        return;
+      }
+      // Refused by the server (e.g. an invalid nickname): socket.io does not retry.
+      const data = err && err.data;
+      const message = (data && data.message) || err.message || "connection refused";
+      setStatus("refused", "refused");
+      showNotice(`Connection refused: ${message}`);
+      ui.nickname.focus();
+    });
+
+    s.io.on("reconnect_attempt", (attempt) => {
+      setStatus("reconnecting", `reconnecting… (${attempt})`);
+    });
+
+    s.on("welcome", (data) => {
+      const user = data && data.user;
+      if (!user) return;
+      const changed = !me || me.id !== user.id;
+      me = { id: user.id, name: String(user.name) };
+      myIds.add(user.id);
+      setStatus("connected", "connected");
+      if (changed) {
+        renderMessages();
+        renderMembers();
+      }
+    });
+
+    s.on("message", onMessage);
+    s.on("presence", onPresence);
+    s.on("typing", onTyping);
+  }
+
+  function queuePending(roomId, kind, data) {
+    if (joinsInFlight === 0) return;
+    let list = pending.get(roomId);
+    if (!list) pending.set(roomId, (list = []));
+    if (list.length < MAX_PENDING) list.push([kind, data]);
+  }
+
+  function drainPending(room) {
+    const list = pending.get(room.id);
+    if (!list) return;
+    pending.delete(room.id);
+    for (const [kind, data] of list) {
+      if (kind === "message") onMessage(data);
+      else if (kind === "presence") onPresence(data);
+    }
+  }
+
+  // ---------------------------------------------------------------- rooms: join / leave / resync
+
+  function validRoomName(name) {
+    const length = [...name].length;
+    return length >= 1 && length <= MAX_ROOM_NAME && !/[\u0000-\u001f\u007f]/.test(name);
+  }
+
+  async function joinRoom(name, { activate = true } = {}) {
+    const existing = findRoomByName(name);
+    if (existing) {
+      if (activate) setActive(existing.id);
+      return existing;
+    }
+    joinsInFlight += 1;
+    let res;
+    try {
+      res = await request("join", { room: name });
+    } finally {
+      joinsInFlight -= 1;
+    }
+    let room = rooms.get(res.room.id);
+    if (room) {
+      // Joined meanwhile (e.g. by a reconnect); just refresh the membership.
+      applyMembers(room, res.members);
+      if (activate) setActive(room.id);
+      return room;
+    }
+    room = newRoom(res.room);
+    room.epoch = res.epoch;
+    room.joinSeq = Number(res.seq) || 0;
+    applyMembers(room, res.members);
+    rooms.set(room.id, room);
+    order.push(room.id);
+    rememberRooms();
+    if (activate || activeId === null) setActive(room.id);
+    else renderJoined();
+    drainPending(room);
+    scheduleRoomsRefresh();
+    await loadInitialHistory(room);
+    return room;
+  }
+
+  async function restoreRooms() {
+    const names = store.get(STORE_ROOMS, []);
+    const active = store.get(STORE_ACTIVE, null);
+    if (!Array.isArray(names)) return;
+    for (const name of names) {
+      if (typeof name !== "string" || !validRoomName(name)) continue;
+      try {
+        await joinRoom(name, { activate: name === active });
+      } catch (err) {
+        showNotice(`Could not re-join ${name}: ${err.message}`);
+      }
+    }
+  }
+
+  async function leaveRoom(id) {
+    const room = rooms.get(id);
+    if (!room) return;
+    try {
+      if (socket && socket.connected) await request("leave", { room: room.id });
+    } catch (err) {
+      showNotice(`Could not leave ${room.name}: ${err.message}`);
+      return;
+    }
+    clearTyping(room);
+    rooms.delete(id);
+    const index = order.indexOf(id);
+    order = order.filter((x) => x !== id);
+    if (activeId === id) {
+      const next = order[Math.min(index, order.length - 1)];
+      setActive(next === undefined ? null : next);
+    } else {
+      renderJoined();
+    }
+    rememberRooms();
+    scheduleRoomsRefresh();
+  }
+
+  function applyMembers(room, members) {
+    room.members = new Map();
+    for (const user of members || []) {
+      if (user && user.id !== undefined) room.members.set(user.id, user);
+    }
+    if (room.id === activeId) renderMembers();
+  }
+
+  function resetRoom(room) {
+    room.messages = [];
+    room.bySeq = new Map();
+    room.nodes = new Map();
+    room.holesTried = new Set();
+    room.seq = 0;
+    room.loaded = false;
+    room.hasMore = false;
+    room.atBottom = true;
+    if (room.id === activeId) renderMessages();
+  }
+
+  function rekeyRoom(room, newId) {
+    const oldId = room.id;
+    rooms.delete(oldId);
+    room.id = newId;
+    rooms.set(newId, room);
+    order = order.map((x) => (x === oldId ? newId : x));
+    if (activeId === oldId) activeId = newId;
+  }
+
+  async function resyncAll() {
+    const list = order.map((id) => rooms.get(id)).filter(Boolean);
+    await Promise.all(list.map((room) => resync(room)));
+    renderJoined();
+    scheduleRoomsRefresh();
+  }
+
+  /** Re-join a room after a reconnect and recover exactly what was missed. */
+  async function resync(room) {
+    const payload = { room: room.name };
+    const canRecover = room.loaded && room.epoch !== null;
+    if (canRecover) payload.since = { epoch: room.epoch, seq: room.seq };
+    room.syncing = true;
+    joinsInFlight += 1;
+    let res;
+    try {
+      res = await request("join", payload);
+    } catch (err) {
+      room.error = err.message;
+      showNotice(`Could not re-join ${room.name}: ${err.message}`);
+      return;
+    } finally {
+      joinsInFlight -= 1;
+      room.syncing = false;
+    }
+    room.error = null;
+    if (res.room.id !== room.id) rekeyRoom(room, res.room.id);
+    room.name = String(res.room.name);
+    applyMembers(room, res.members);
+    const latest = Number(res.seq) || 0;
+    if (canRecover && res.recovered === true && res.epoch === room.epoch) {
+      addMessages(room, res.missed || [], { live: true });
+      drainPending(room);
+      checkGaps(room, latest);
+    } else {
+      // Recovery refused (history reset, epoch changed, too far behind): reload.
+      room.epoch = res.epoch;
+      room.joinSeq = latest;
+      resetRoom(room);
+      drainPending(room);
+      await loadInitialHistory(room);
+    }
+  }
+
+  // ---------------------------------------------------------------- history
+
+  async function loadInitialHistory(room) {
+    room.syncing = true;
+    let ok = false;
+    try {
+      const res = await request("history", { room: room.id, limit: HISTORY_PAGE });
+      const msgs = Array.isArray(res.messages) ? res.messages : [];
+      addMessages(room, msgs, { live: false });
+      room.hasMore = msgs.length >= HISTORY_PAGE && room.messages.length > 0 && room.messages[0].seq > 1;
+      room.loaded = true;
+      room.seq = Math.max(room.seq, room.joinSeq);
+      ok = true;
+    } catch (err) {
+      room.error = err.message;
+      showNotice(`Could not load the history of ${room.name}: ${err.message}`);
+    } finally {
+      room.syncing = false;
+    }
+    if (room.id === activeId) {
+      renderEdge();
+      scrollToBottom();
+      fillViewport(room);
+    }
+    if (ok) checkGaps(room, room.joinSeq);
+  }
+
+  async function loadOlder(room) {
+    if (!room || room.loadingOlder || !room.hasMore || room.messages.length === 0) return;
+    room.loadingOlder = true;
+    if (room.id === activeId) renderEdge();
+    const before = room.messages[0].seq;
+    try {
+      const res = await request("history", { room: room.id, before, limit: HISTORY_PAGE });
+      const msgs = Array.isArray(res.messages) ? res.messages : [];
+      addMessages(room, msgs, { live: false });
+      if (msgs.length < HISTORY_PAGE || room.messages[0].seq <= 1) room.hasMore = false;
+    } catch (err) {
+      showNotice(`Could not load older messages: ${err.message}`);
+    } finally {
+      room.loadingOlder = false;
+    }
+    if (room.id === activeId) {
+      renderEdge();
+      fillViewport(room);
+    }
+  }
+
+  /** Load more history while the pane is too short to scroll (so scrolling up can page). */
+  function fillViewport(room) {
+    if (room.id !== activeId || !room.hasMore || room.loadingOlder) return;
+    const pane = ui.messages;
+    if (pane.scrollHeight <= pane.clientHeight + NEAR_TOP_PX) loadOlder(room);
+  }
+
+  /** Fill holes in the seq sequence (and the tail up to `upTo`) from history. Bounded. */
+  async function checkGaps(room, upTo = 0) {
+    if (room.gapBusy || !room.loaded) return;
+    room.gapBusy = true;
+    try {
+      for (let round = 0; round < 10; round += 1) {
+        const hole = findHole(room, upTo);
+        if (!hole) break;
+        room.holesTried.add(hole.before);
+        const res = await request("history", {
+          room: room.id,
+          before: hole.before,
+          limit: Math.min(100, hole.count),
+        });
+        if (!rooms.has(room.id)) break;
+        addMessages(room, Array.isArray(res.messages) ? res.messages : [], { live: false });
+      }
+    } catch {
+      /* a later reconnect or live message retries */
+    } finally {
+      room.gapBusy = false;
+    }
+  }
+
+  function findHole(room, upTo) {
+    const list = room.messages;
+    if (list.length === 0) return null;
+    const last = list[list.length - 1].seq;
+    if (upTo > last && !room.holesTried.has(upTo + 1)) {
+      return { before: upTo + 1, count: upTo - last };
+    }
+    for (let i = list.length - 1; i > 0; i -= 1) {
+      const a = list[i - 1].seq;
+      const b = list[i].seq;
+      if (b - a > 1 && !room.holesTried.has(b)) return { before: b, count: b - a - 1 };
+    }
+    return null;
+  }
+
+  // ---------------------------------------------------------------- messages
+
+  function lowerBound(list, seq) {
+    let lo = 0;
+    let hi = list.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (list[mid].seq < seq) lo = mid + 1;
+      else hi = mid;
+    }
+    return lo;
+  }
+
+  /** Merge messages into a room: de-duplicated by seq, kept sorted by seq. */
+  function addMessages(room, msgs, { live }) {
+    const added = [];
+    for (const m of msgs) {
+      if (!m || typeof m.seq !== "number" || room.bySeq.has(m.seq)) continue;
+      if (room.epoch !== null && m.epoch !== undefined && m.epoch !== room.epoch) continue;
+      room.bySeq.set(m.seq, m);
+      const list = room.messages;
+      if (list.length === 0 || list[list.length - 1].seq < m.seq) list.push(m);
+      else list.splice(lowerBound(list, m.seq), 0, m);
+      if (m.seq > room.seq) room.seq = m.seq;
+      added.push(m);
+    }
+    if (added.length === 0) return added;
+    if (room.id === activeId) {
+      insertRendered(room, added, live);
+    } else if (live) {
+      room.unread += added.filter((m) => !isMine(m)).length;
+      renderJoined();
+    }
+    return added;
+  }
+
+  function onMessage(m) {
+    if (!m || m.room === undefined) return;
+    const room = rooms.get(m.room);
+    if (!room) {
+      queuePending(m.room, "message", m);
+      return;
+    }
+    if (room.epoch !== null && m.epoch !== undefined && m.epoch !== room.epoch) {
+      // The room's history was reset: start over from the new epoch.
+      if (!room.syncing) resync(room);
+      return;
+    }
+    const previous = room.seq;
+    const added = addMessages(room, [m], { live: true });
+    if (m.user && room.typing.has(m.user.id)) {
+      clearTimeout(room.typing.get(m.user.id).timer);
+      room.typing.delete(m.user.id);
+      if (room.id === activeId) renderTyping();
+    }
+    if (added.length && !room.syncing && room.loaded && m.seq > previous + 1) {
+      checkGaps(room);
+    }
+  }
+
+  const isMine = (m) => Boolean(m.user && myIds.has(m.user.id));
+
+  /**
+   * Messages are sent one at a time, each after the previous one was acknowledged, so the
+   * room receives them in the order they were typed whatever the server's concurrency.
+   */
+  let sendQueue = Promise.resolve();
+
+  function sendMessage() {
+    const room = activeRoom();
+    if (!room) return;
+    const raw = ui.text.value;
+    const text = raw.replace(/\s+$/, "");
+    if (text.trim() === "") return;
+    if ([...text].length > MAX_TEXT) {
+      showNotice(`A message is at most ${MAX_TEXT} characters.`);
+      return;
+    }
+    if (!socket || !socket.connected) {
+      showNotice("Not connected: the message was not sent.");
+      return;
+    }
+    ui.text.value = "";
+    autoGrow();
+    ui.text.focus();
+    room.lastTypingSent = 0;
+    sendQueue = sendQueue.then(() => deliver(room, text, raw));
+  }
+
+  async function deliver(room, text, raw) {
+    if (rooms.get(room.id) !== room) return; // left meanwhile
+    try {
+      const res = await request("send", { room: room.id, text });
+      if (res.message && rooms.get(room.id) === room) {
+        addMessages(room, [res.message], { live: true });
+      }
+      if (room.id === activeId) scrollToBottom();
+    } catch (err) {
+      showNotice(`Not sent: ${err.message}`);
+      if (ui.text.value === "" && room.id === activeId) {
+        ui.text.value = raw;
+        autoGrow();
+      }
+    }
+  }
+
+  // ---------------------------------------------------------------- presence and typing
+
+  function onPresence(ev) {
+    if (!ev || !ev.user) return;
+    const room = rooms.get(ev.room);
+    if (!room) {
+      queuePending(ev.room, "presence", ev);
+      scheduleRoomsRefresh();
+      return;
+    }
+    if (ev.event === "join") {
+      room.members.set(ev.user.id, ev.user);
+    } else if (ev.event === "leave") {
+      room.members.delete(ev.user.id);
+      const typing = room.typing.get(ev.user.id);
+      if (typing) {
+        clearTimeout(typing.timer);
+        room.typing.delete(ev.user.id);
+      }
+    }
+    if (room.id === activeId) {
+      renderMembers();
+      renderTyping();
+    }
+    scheduleRoomsRefresh();
+  }
+
+  function onTyping(ev) {
+    if (!ev || !ev.user) return;
+    if (me && ev.user.id === me.id) return;
+    const room = rooms.get(ev.room);
+    if (!room) return;
+    const previous = room.typing.get(ev.user.id);
+    if (previous) clearTimeout(previous.timer);
+    const timer = setTimeout(() => {
+      room.typing.delete(ev.user.id);
+      if (room.id === activeId) renderTyping();
+    }, TYPING_SHOW_MS);
+    room.typing.set(ev.user.id, { name: String(ev.user.name), timer });
+    if (room.id === activeId) renderTyping();
+  }
+
+  function clearTyping(room) {
+    for (const entry of room.typing.values()) clearTimeout(entry.timer);
+    room.typing.clear();
+  }
+
+  function sendTyping() {
+    const room = activeRoom();
+    if (!room || !socket || !socket.connected || ui.text.value.trim() === "") return;
+    const now = Date.now();
+    if (now - room.lastTypingSent < TYPING_SEND_MS) return;
+    room.lastTypingSent = now;
+    request("typing", { room: room.id }).catch(() => {});
+  }
+
+  // ---------------------------------------------------------------- room list
+
+  async function refreshRooms() {
+    if (!socket || !socket.connected) return;
+    try {
+      const res = await request("rooms", {});
+      lastRoomList = Array.isArray(res.rooms) ? res.rooms : [];
+      renderRooms();
+    } catch {
+      /* the next tick retries */
+    }
+  }
+
+  function scheduleRoomsRefresh() {
+    if (roomsSoon) return;
+    roomsSoon = setTimeout(() => {
+      roomsSoon = null;
+      refreshRooms();
+    }, 300);
+  }
+
+  function startRoomsTimer() {
+    stopRoomsTimer();
+    roomsTimer = setInterval(() => {
+      if (!document.hidden) refreshRooms();
+    }, ROOMS_REFRESH_MS);
+  }
+
+  function stopRoomsTimer() {
+    if (roomsTimer) clearInterval(roomsTimer);
+    roomsTimer = null;
+  }
+
+  // ---------------------------------------------------------------- rendering
+
+  function colorFor(id) {
+    const n = Math.abs(Number(id) || 0);
+    return `hsl(${(n * 137) % 360} 55% 36%)`;
+  }
+
+  function formatTime(ts) {
+    const date = new Date(Number(ts));
+    if (Number.isNaN(date.getTime())) return ["", ""];
+    const today = new Date();
+    const sameDay = date.toDateString() === today.toDateString();
+    const short = sameDay
+      ? date.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" })
+      : date.toLocaleString([], { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit" });
+    return [short, date.toLocaleString()];
+  }
+
+  /** Append text to a node, turning http(s) URLs into links. Text nodes only. */
+  function appendText(parent, text) {
+    const pattern = /https?:\/\/[^\s<>"']+/g;
+    let last = 0;
+    let match;
+    while ((match = pattern.exec(text)) !== null) {
+      let url = match[0];
+      const trailing = url.match(/[.,;:!?)\]}]+$/);
+      if (trailing) url = url.slice(0, -trailing[0].length);
+      const start = match.index;
+      if (start > last) parent.appendChild(document.createTextNode(text.slice(last, start)));
+      let safe = null;
+      try {
+        const parsed = new URL(url);
+        if (parsed.protocol === "http:" || parsed.protocol === "https:") safe = parsed.href;
+      } catch {
+        safe = null;
+      }
+      if (safe) {
+        const a = document.createElement("a");
+        a.href = safe;
+        a.target = "_blank";
+        a.rel = "noopener noreferrer nofollow";
+        a.textContent = url;
+        parent.appendChild(a);
+      } else {
+        parent.appendChild(document.createTextNode(url));
+      }
+      last = start + url.length;
+      pattern.lastIndex = last;
+    }
+    if (last < text.length) parent.appendChild(document.createTextNode(text.slice(last)));
+  }
+
+  function messageNode(m) {
+    const row = document.createElement("div");
+    row.className = "message";
+    if (isMine(m)) row.classList.add("mine");
+    row.dataset.seq = String(m.seq);
+    if (m.user && m.user.id !== undefined) row.dataset.userId = String(m.user.id);
+
+    const author = document.createElement("span");
+    author.className = "author";
+    author.textContent = m.user && m.user.name !== undefined ? String(m.user.name) : "?";
+    if (m.user) author.style.color = colorFor(m.user.id);
+
+    const time = document.createElement("time");
+    time.className = "time";
+    const [short, full] = formatTime(m.ts);
+    time.textContent = short;
+    if (full) {
+      time.title = full;
+      time.dateTime = new Date(Number(m.ts)).toISOString();
+    }
+
+    const text = document.createElement("div");
+    text.className = "text";
+    appendText(text, String(m.text ?? ""));
+
+    row.append(author, time, text);
+    return row;
+  }
+
+  const GROUP_MS = 5 * 60 * 1000;
+
+  /** A message directly after one of the same author (within minutes) shows no header. */
+  function markContinued(room, index) {
+    const m = room.messages[index];
+    if (!m) return;
+    const node = room.nodes.get(m.seq);
+    if (!node) return;
+    const prev = room.messages[index - 1];
+    const continued = Boolean(
+      prev &&
+        prev.seq === m.seq - 1 &&
+        prev.user &&
+        m.user &&
+        prev.user.id === m.user.id &&
+        Math.abs(Number(m.ts) - Number(prev.ts)) < GROUP_MS,
+    );
+    node.classList.toggle("continued", continued);
+  }
+
+  function nodeFor(room, m) {
+    let node = room.nodes.get(m.seq);
+    if (!node) {
+      node = messageNode(m);
+      room.nodes.set(m.seq, node);
+    }
+    return node;
+  }
+
+  function edgeNode() {
+    let edge = ui.messages.querySelector(".history-edge");
+    if (!edge) {
+      edge = document.createElement("div");
+      edge.className = "history-edge";
+    }
+    return edge;
+  }
+
+  function renderEdge() {
+    const room = activeRoom();
+    const edge = ui.messages.querySelector(".history-edge");
+    if (!room || !edge) return;
+    if (room.loadingOlder) edge.textContent = "Loading older messages…";
+    else if (room.hasMore) edge.textContent = "Scroll up for older messages";
+    else if (room.loaded && room.messages.length === 0) edge.textContent = `No messages in ${room.name} yet. Say hello!`;
+    else if (room.loaded) edge.textContent = `This is the beginning of ${room.name}.`;
+    else edge.textContent = "Loading…";
+  }
+
+  function renderMessages() {
+    const room = activeRoom();
+    const pane = ui.messages;
+    if (!room) {
+      const empty = document.createElement("div");
+      empty.className = "placeholder";
+      const line = document.createElement("p");
+      line.textContent = socket
+        ? "Create or join a room to start chatting."
+        : "Pick a nickname and connect to start chatting.";
+      empty.append(line);
+      if (socket) {
+        const open = document.createElement("button");
+        open.type = "button";
+        open.className = "button narrow-only";
+        open.textContent = "Choose a room";
+        open.addEventListener("click", () => toggleDrawer("rooms"));
+        empty.append(open);
+      }
+      pane.replaceChildren(empty);
+      ui.jump.classList.add("hidden");
+      return;
+    }
+    room.nodes = new Map(); // re-render: ownership (mine) may have changed
+    const nodes = room.messages.map((m) => nodeFor(room, m));
+    pane.replaceChildren(edgeNode(), ...nodes);
+    room.messages.forEach((_, index) => markContinued(room, index));
+    renderEdge();
+    if (room.atBottom) scrollToBottom();
+    else pane.scrollTop = room.scrollTop;
+    ui.jump.classList.add("hidden");
+  }
+
+  function isNearBottom() {
+    const pane = ui.messages;
+    return pane.scrollHeight - pane.scrollTop - pane.clientHeight < NEAR_BOTTOM_PX;
+  }
+
+  function scrollToBottom() {
+    ui.messages.scrollTop = ui.messages.scrollHeight;
+    ui.jump.classList.add("hidden");
+    const room = activeRoom();
+    if (room) room.atBottom = true;
+  }
+
+  function insertRendered(room, added, live) {
+    const pane = ui.messages;
+    const wasAtBottom = isNearBottom();
+    const prevHeight = pane.scrollHeight;
+    const prevTop = pane.scrollTop;
+    const firstShown = pane.querySelector(".message");
+    const firstSeq = firstShown ? Number(firstShown.dataset.seq) : Infinity;
+    let prepended = false;
+    let appendedOther = false;
+    // Highest seq first: the following message's node then always exists already.
+    const descending = [...added].sort((a, b) => b.seq - a.seq);
+    for (const m of descending) {
+      const index = lowerBound(room.messages, m.seq);
+      const next = room.messages[index + 1];
+      const nextNode = next ? room.nodes.get(next.seq) : null;
+      pane.insertBefore(nodeFor(room, m), nextNode && nextNode.parentNode === pane ? nextNode : null);
+      if (m.seq < firstSeq) prepended = true;
+      else if (!isMine(m)) appendedOther = true;
+    }
+    for (const m of added) {
+      const index = lowerBound(room.messages, m.seq);
+      markContinued(room, index);
+      markContinued(room, index + 1);
+    }
+    if (pane.querySelector(".history-edge") === null) pane.prepend(edgeNode());
+    renderEdge();
+    if (wasAtBottom) {
+      scrollToBottom();
+    } else if (prepended) {
+      pane.scrollTop = prevTop + (pane.scrollHeight - prevHeight);
+    } else if (live && appendedOther) {
+      ui.jump.classList.remove("hidden");
+    }
+  }
+
+  function renderJoined() {
+    const items = order.map((id) => {
+      const room = rooms.get(id);
+      const li = document.createElement("li");
+      li.className = "joined-room";
+      li.dataset.roomId = String(room.id);
+      li.dataset.roomName = room.name;
+      const active = room.id === activeId;
+      if (active) li.classList.add("active");
+      if (room.error) li.classList.add("error");
+
+      const tab = document.createElement("button");
+      tab.type = "button";
+      tab.className = "tab";
+      tab.setAttribute("role", "tab");
+      tab.setAttribute("aria-selected", String(active));
+      const name = document.createElement("span");
+      name.className = "room-name";
+      name.textContent = room.name;
+      tab.append(name);
+      if (room.unread > 0 && !active) {
+        const badge = document.createElement("span");
+        badge.className = "badge";
+        badge.textContent = room.unread > 99 ? "99+" : String(room.unread);
+        tab.append(badge);
+      }
+      tab.addEventListener("click", () => {
+        setActive(room.id);
+        closeDrawers();
+      });
+
+      const leave = document.createElement("button");
+      leave.type = "button";
+      leave.className = "leave";
+      leave.title = `Leave ${room.name}`;
+      leave.setAttribute("aria-label", `Leave ${room.name}`);
+      leave.textContent = "×";
+      leave.addEventListener("click", () => leaveRoom(room.id));
+
+      li.append(tab, leave);
+      return li;
+    });
+    ui.joined.replaceChildren(...items);
+    ui.joinedEmpty.hidden = items.length > 0;
+    const unread = [...rooms.values()].reduce((n, r) => n + r.unread, 0);
+    document.title = unread > 0 ? `(${unread}) roomcast` : "roomcast";
+    renderRooms();
+  }
+
+  function renderRooms() {
+    const list = [...lastRoomList].sort(
+      (a, b) => (b.members || 0) - (a.members || 0) || String(a.name).localeCompare(String(b.name)),
+    );
+    if (list.length === 0) {
+      const li = document.createElement("li");
+      li.className = "hint";
+      li.textContent = socket && socket.connected ? "No rooms yet: create one above." : "Not connected.";
+      ui.rooms.replaceChildren(li);
+      return;
+    }
+    const items = list.map((info) => {
+      const li = document.createElement("li");
+      li.className = "room";
+      li.dataset.roomId = String(info.id);
+      li.dataset.roomName = String(info.name);
+      li.dataset.members = String(info.members ?? 0);
+      if (rooms.has(info.id)) li.classList.add("joined");
+      if (info.id === activeId) li.classList.add("active");
+
+      const button = document.createElement("button");
+      button.type = "button";
+      const name = document.createElement("span");
+      name.className = "room-name";
+      name.textContent = String(info.name);
+      const count = document.createElement("span");
+      count.className = "count";
+      count.textContent = String(info.members ?? 0);
+      count.title = `${info.members ?? 0} online`;
+      button.append(name, count);
+      button.addEventListener("click", () => {
+        joinRoom(String(info.name)).catch((err) => showNotice(`Could not join: ${err.message}`));
+        closeDrawers();
+      });
+      li.append(button);
+      return li;
+    });
+    ui.rooms.replaceChildren(...items);
+  }
+
+  function renderMembers() {
+    const room = activeRoom();
+    if (!room) {
+      ui.members.replaceChildren();
+      ui.memberCount.textContent = "0";
+      return;
+    }
+    const list = [...room.members.values()].sort((a, b) =>
+      String(a.name).localeCompare(String(b.name)),
+    );
+    const items = list.map((user) => {
+      const li = document.createElement("li");
+      li.className = "member";
+      li.dataset.userId = String(user.id);
+      if (me && user.id === me.id) li.classList.add("me");
+      const dot = document.createElement("span");
+      dot.className = "dot";
+      dot.style.backgroundColor = colorFor(user.id);
+      const name = document.createElement("span");
+      name.className = "member-name";
+      name.textContent = String(user.name);
+      li.append(dot, name);
+      return li;
+    });
+    ui.members.replaceChildren(...items);
+    ui.memberCount.textContent = String(list.length);
+  }
+
+  function renderTyping() {
+    const room = activeRoom();
+    const names = room ? [...room.typing.values()].map((t) => t.name) : [];
+    let text = "";
+    if (names.length === 1) text = `${names[0]} is typing…`;
+    else if (names.length === 2) text = `${names[0]} and ${names[1]} are typing…`;
+    else if (names.length > 2) text = "Several people are typing…";
+    ui.typing.textContent = text;
+  }
+
+  function updateComposer() {
+    const room = activeRoom();
+    const enabled = Boolean(room);
+    ui.text.disabled = !enabled;
+    ui.send.disabled = !enabled || ui.status.dataset.state !== "connected";
+    ui.text.placeholder = room ? `Message ${room.name}` : "Join a room to chat";
+  }
+
+  function setActive(id) {
+    const previous = activeRoom();
+    if (previous) {
+      previous.atBottom = isNearBottom();
+      previous.scrollTop = ui.messages.scrollTop;
+    }
+    activeId = id;
+    const room = activeRoom();
+    if (room) room.unread = 0;
+    ui.roomTitle.textContent = room ? room.name : "No room selected";
+    renderMessages();
+    renderMembers();
+    renderTyping();
+    renderJoined();
+    updateComposer();
+    rememberRooms();
+    if (room) {
+      fillViewport(room);
+      ui.text.focus();
+    }
+  }
+
+  function autoGrow() {
+    ui.text.style.height = "auto";
+    ui.text.style.height = `${Math.min(ui.text.scrollHeight, 160)}px`;
+  }
+
+  // ---------------------------------------------------------------- drawers (narrow screens)
+
+  function closeDrawers() {
+    ui.app.classList.remove("show-rooms", "show-members");
+    ui.toggleRooms.setAttribute("aria-expanded", "false");
+    ui.toggleMembers.setAttribute("aria-expanded", "false");
+    ui.backdrop.hidden = true;
+  }
+
+  function toggleDrawer(which) {
+    const cls = which === "rooms" ? "show-rooms" : "show-members";
+    const open = !ui.app.classList.contains(cls);
+    closeDrawers();
+    if (open) {
+      ui.app.classList.add(cls);
+      (which === "rooms" ? ui.toggleRooms : ui.toggleMembers).setAttribute("aria-expanded", "true");
+      ui.backdrop.hidden = false;
+    }
+  }
+
+  // ---------------------------------------------------------------- wiring
+
+  ui.loginForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const name = ui.nickname.value.trim();
+    if (!name) {
+      ui.nickname.focus();
+      return;
+    }
+    store.set(STORE_NAME, name);
+    connect(name);
+    if (activeRoom()) ui.text.focus();
+    else ui.roomName.focus();
+  });
+
+  ui.joinForm.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const name = ui.roomName.value.trim();
+    if (!validRoomName(name)) {
+      showNotice(`A room name is 1 to ${MAX_ROOM_NAME} printable characters.`);
+      return;
+    }
+    if (!socket) {
+      showNotice("Pick a nickname and connect first.");
+      ui.nickname.focus();
+      return;
+    }
+    ui.join.disabled = true;
+    try {
+      await joinRoom(name);
+      ui.roomName.value = "";
+      closeDrawers();
+    } catch (err) {
+      showNotice(`Could not join ${name}: ${err.message}`);
+    } finally {
+      ui.join.disabled = false;
+    }
+  });
+
+  ui.nickname.addEventListener("input", updateConnectButton);
+
+  ui.composer.addEventListener("submit", (event) => {
+    event.preventDefault();
+    sendMessage();
+  });
+
+  ui.text.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing && event.keyCode !== 229) {
+      event.preventDefault();
+      sendMessage();
+    }
+  });
+
+  ui.text.addEventListener("input", () => {
+    autoGrow();
+    sendTyping();
+  });
+
+  ui.messages.addEventListener("scroll", () => {
+    const room = activeRoom();
+    if (!room) return;
+    room.atBottom = isNearBottom();
+    if (room.atBottom) ui.jump.classList.add("hidden");
+    if (ui.messages.scrollTop < NEAR_TOP_PX) loadOlder(room);
+  });
+
+  ui.jump.addEventListener("click", () => {
+    scrollToBottom();
+    ui.text.focus();
+  });
+
+  ui.refreshRooms.addEventListener("click", () => refreshRooms());
+  ui.toggleRooms.addEventListener("click", () => toggleDrawer("rooms"));
+  ui.toggleMembers.addEventListener("click", () => toggleDrawer("members"));
+  ui.backdrop.addEventListener("click", closeDrawers);
+  ui.notice.addEventListener("click", () => ui.notice.classList.add("hidden"));
+  document.addEventListener("keydown", (event) => {
+    if (event.key === "Escape") closeDrawers();
+  });
+  document.addEventListener("visibilitychange", () => {
+    if (!document.hidden) refreshRooms();
+  });
+
+  // ---------------------------------------------------------------- start
+
+  renderMessages();
+  renderJoined();
+  updateComposer();
+  updateConnectButton();
+  const remembered = store.get(STORE_NAME, "");
+  if (typeof remembered === "string" && remembered.trim()) {
+    ui.nickname.value = remembered;
+    connect(remembered.trim());
+  } else {
+    ui.nickname.focus();
+  }
+})();

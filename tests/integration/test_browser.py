@@ -1,0 +1,275 @@
+"""The chat page in headless Chromium against a real ``roomcast serve`` process.
+
+Uses the system Chromium (/usr/bin/chromium, Debian's package); no browser is downloaded.
+Without it the tests are skipped, except on CI (CI=true), where that is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from playwright.async_api import (
+    Browser,
+    Dialog,
+    Page,
+    Route,
+    WebSocketRoute,
+    async_playwright,
+    expect,
+)
+
+from .servers import Server, run_server
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+TIMEOUT_MS = 10_000
+ROOT = Path(__file__).resolve().parents[2]
+SCREENSHOT = ROOT / "docs" / "img" / "chat.png"
+VENDOR_JS = ROOT / "src" / "roomcast" / "web" / "vendor" / "socket.io.min.js"
+SOCKETIO_URL = re.compile(r".*/ws/socket\.io/.*")
+
+
+def _require_browser() -> None:
+    problems = []
+    if not CHROMIUM.exists():
+        problems.append(f"{CHROMIUM} is missing (apt-get install chromium)")
+    if not VENDOR_JS.exists():
+        problems.append(f"{VENDOR_JS.relative_to(ROOT)} is missing (bash scripts/build-web.sh)")
+    if problems:
+        reason = "browser test needs: " + "; ".join(problems)
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def chat_server(tmp_path: Path) -> Iterator[Server]:
+    """A fresh server per test, its history in tmp_path.
+
+    Its log is printed at teardown; pytest shows that output only when the test failed.
+    """
+    _require_browser()
+    with run_server(store_url=f"sqlite:///{tmp_path}/t.db", log_dir=tmp_path) as server:
+        yield server
+        print(f"---- roomcast server log ({server.log}) ----\n{server.output()}")
+
+
+@dataclass
+class Chat:
+    """One user's chat page, with everything it reported that a test must not ignore."""
+
+    page: Page
+    dialogs: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+@pytest.fixture
+async def browser(chat_server: Server) -> AsyncIterator[Browser]:
+    expect.set_options(timeout=TIMEOUT_MS)
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+async def open_chat(
+    browser: Browser,
+    url: str,
+    name: str,
+    *,
+    before_load: Callable[[Page], Awaitable[None]] | None = None,
+) -> Chat:
+    """A new browser context (own storage, own connection) with the page connected as name."""
+    context = await browser.new_context(viewport={"width": 1200, "height": 720})
+    context.set_default_timeout(TIMEOUT_MS)
+    page = await context.new_page()
+    chat = Chat(page)
+
+    async def on_dialog(dialog: Dialog) -> None:
+        chat.dialogs.append(f"{dialog.type}: {dialog.message}")
+        await dialog.dismiss()
+
+    page.on("dialog", on_dialog)
+    page.on("pageerror", lambda exc: chat.errors.append(str(exc)))
+    if before_load is not None:
+        await before_load(page)
+    await page.goto(url + "/")
+    await page.locator("#nickname").fill(name)
+    await page.locator("#connect").click()
+    await expect(page.locator("#status")).to_have_attribute("data-state", "connected")
+    return chat
+
+
+async def join(chat: Chat, room: str) -> None:
+    page = chat.page
+    await page.locator("#room-name").fill(room)
+    await page.locator("#room-name").press("Enter")
+    tab = page.locator(f'#joined .joined-room[data-room-name="{room}"]')
+    await expect(tab).to_have_class(re.compile(r"\bactive\b"))
+    await expect(page.locator("#room-title")).to_have_text(room)
+    await expect(page.locator("#text")).to_be_enabled()
+
+
+async def say(chat: Chat, text: str) -> None:
+    """Type text and press Enter; the input is cleared and keeps the focus."""
+    box = chat.page.locator("#text")
+    await box.fill(text)
+    await box.press("Enter")
+    await expect(box).to_have_value("")
+    await expect(box).to_be_focused()
+
+
+async def seqs(chat: Chat) -> list[int]:
+    values = await chat.page.locator("#messages .message").evaluate_all(
+        "nodes => nodes.map(n => Number(n.dataset.seq))"
+    )
+    return [int(v) for v in values]
+
+
+async def test_two_users_chat_in_a_room(browser: Browser, chat_server: Server) -> None:
+    url = chat_server.url
+    alice = await open_chat(browser, url, "alice")
+    bob = await open_chat(browser, url, "bob")
+
+    # alice is in two rooms, lobby active; bob joins lobby.
+    await join(alice, "random")
+    await join(alice, "lobby")
+    await join(bob, "lobby")
+
+    # Members: each sees the other (bob from the join reply, alice from a presence event).
+    await expect(bob.page.locator("#members .member", has_text="alice")).to_have_count(1)
+    await expect(bob.page.locator("#members .member")).to_have_count(2)
+    await expect(alice.page.locator("#members .member", has_text="bob")).to_have_count(1)
+
+    # Messages, in the same order on both pages.
+    await say(alice, "hello bob")
+    await expect(bob.page.locator("#messages .message .text")).to_have_text(["hello bob"])
+    await say(bob, "hi alice")
+    for chat in (alice, bob):
+        await expect(chat.page.locator("#messages .message .text")).to_have_text(
+            ["hello bob", "hi alice"]
+        )
+        await expect(chat.page.locator("#messages .message .author")).to_have_text(["alice", "bob"])
+    assert await seqs(alice) == await seqs(bob)
+    assert await seqs(bob) == sorted(set(await seqs(bob)))
+
+    # Shift+Enter is a newline, Enter sends.
+    box = bob.page.locator("#text")
+    await box.press_sequentially("two")
+    await box.press("Shift+Enter")
+    await box.press_sequentially("lines")
+    await expect(box).to_have_value("two\nlines")
+    await box.press("Enter")
+    await expect(alice.page.locator("#messages .message .text").last).to_have_text("two\nlines")
+
+    # Typing indicator: bob sees alice typing (and alice does not see herself).
+    await alice.page.locator("#text").press_sequentially("typ")
+    await expect(bob.page.locator("#typing")).to_have_text("alice is typing…")
+    await expect(alice.page.locator("#typing")).to_have_text("")
+    await alice.page.locator("#text").fill("")
+
+    # User text is text, never markup.
+    payload = "<img src=x onerror=alert(1)>"
+    await say(alice, payload)
+    last = bob.page.locator("#messages .message .text").last
+    await expect(last).to_have_text(payload)
+    assert await last.text_content() == payload
+    await expect(bob.page.locator("#messages img")).to_have_count(0)
+    await expect(alice.page.locator("#messages img")).to_have_count(0)
+    await expect(bob.page.locator("#typing")).to_have_text("")  # her message ended her typing
+
+    # The room list shows both rooms with their member counts (refreshed by itself).
+    lobby = bob.page.locator('#rooms .room[data-room-name="lobby"]')
+    await expect(lobby).to_have_attribute("data-members", "2")
+    await expect(lobby.locator(".count")).to_have_text("2")
+    await expect(bob.page.locator('#rooms .room[data-room-name="random"]')).to_have_attribute(
+        "data-members", "1"
+    )
+
+    await expect(bob.page.locator("#status")).to_have_text("connected")
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    await bob.page.screenshot(path=str(SCREENSHOT))
+
+    for chat in (alice, bob):
+        assert chat.dialogs == [], chat.dialogs
+        assert chat.errors == [], chat.errors
+
+
+async def test_reconnect_recovers_missed_messages(browser: Browser, chat_server: Server) -> None:
+    """bob's connection drops; alice talks meanwhile; bob reconnects and has every message once."""
+    url = chat_server.url
+    outage = {"on": False}
+    # bob's WebSocket connections: (page side, server side)
+    sockets: list[tuple[WebSocketRoute, WebSocketRoute]] = []
+
+    async def route_websocket(ws: WebSocketRoute) -> None:
+        if outage["on"]:
+            await ws.close()
+            return
+        sockets.append((ws, ws.connect_to_server()))
+
+    async def block_polling(route: Route) -> None:
+        if outage["on"]:
+            await route.abort()
+        else:
+            await route.continue_()
+
+    async def intercept(page: Page) -> None:
+        await page.route_web_socket(SOCKETIO_URL, route_websocket)
+        await page.route(SOCKETIO_URL, block_polling)
+
+    alice = await open_chat(browser, url, "alice")
+    bob = await open_chat(browser, url, "bob", before_load=intercept)
+    await join(alice, "lobby")
+    await join(bob, "lobby")
+    for i in range(3):
+        await say(alice, f"before {i}")
+    await expect(bob.page.locator("#messages .message")).to_have_count(3)
+
+    # The connection drops: both ends of bob's WebSocket close, new attempts fail.
+    outage["on"] = True
+    for page_side, server_side in sockets:
+        await server_side.close()
+        await page_side.close()
+    await expect(bob.page.locator("#status")).to_have_attribute("data-state", "reconnecting")
+    await expect(alice.page.locator("#members .member", has_text="bob")).to_have_count(0)
+
+    for i in range(4):
+        await say(alice, f"missed {i}")
+    await expect(alice.page.locator("#messages .message")).to_have_count(7)
+
+    # The network is back: bob re-joins with since={epoch, seq} and gets exactly what he missed.
+    outage["on"] = False
+    await expect(bob.page.locator("#status")).to_have_attribute(
+        "data-state", "connected", timeout=20_000
+    )
+    await expect(alice.page.locator("#members .member", has_text="bob")).to_have_count(1)
+    expected = [f"before {i}" for i in range(3)] + [f"missed {i}" for i in range(4)]
+    await expect(bob.page.locator("#messages .message .text")).to_have_text(expected)
+
+    await say(alice, "after")
+    await expect(bob.page.locator("#messages .message .text")).to_have_text([*expected, "after"])
+    bob_seqs = await seqs(bob)
+    assert bob_seqs == await seqs(alice)
+    assert bob_seqs == list(range(bob_seqs[0], bob_seqs[0] + len(bob_seqs))), bob_seqs
+
+    for chat in (alice, bob):
+        assert chat.dialogs == [], chat.dialogs
+        assert chat.errors == [], chat.errors
