@@ -6,6 +6,7 @@ same field; a flag wins over the environment.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -68,6 +69,14 @@ class Settings(BaseSettings):
     liveness_timeout: float = Field(
         10.0, gt=0, le=3600, description="seconds after which a silent gRPC user is removed"
     )
+
+    @field_validator("node_id")
+    @classmethod
+    def _node_id(cls, value: str | None) -> str | None:
+        # Node ids become parts of subjects, routing keys and channel names.
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
+            raise ValueError("a node id is 1-64 letters, digits, '_' or '-'")
+        return value
 
     @field_validator("socketio_path")
     @classmethod

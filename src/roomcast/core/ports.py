@@ -17,7 +17,8 @@ from typing import Protocol, runtime_checkable
 from .models import ConnId, Draft, Member, Message, NodeId, Room, RoomId, UserId
 
 FrameHandler = Callable[[bytes], Awaitable[None]]
-"""Called by a broker for every payload it receives, one at a time, in arrival order."""
+"""Called by a broker for every payload it receives, one at a time, in arrival order
+within each room (the order across rooms may differ between nodes)."""
 
 ReconnectHandler = Callable[[], Awaitable[None]]
 """Called by a broker once its subscriptions are restored after a lost connection."""

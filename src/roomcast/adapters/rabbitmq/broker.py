@@ -1,0 +1,389 @@
+"""The RabbitMQ broker: a topic exchange, one exclusive queue per node, a binding per room.
+
+Layout, for ``amqp://...?prefix=P`` (``P`` defaults to ``roomcast``)::
+
+    exchange  P                 topic, non-durable, auto-delete
+      |-- room.<room id>  -->  queue P.node.<node id>   one binding per subscribed room
+      '-- node.<node id>  -->  queue P.node.<node id>   the node's inbox
+
+    queue     P.node.<node id>  exclusive, auto-delete: it lives and dies with the node's
+                                connection
+
+Room frames and inbox frames go through the same exchange, told apart by routing key, so a
+node needs one queue and one consumer, and every live node holds at least one binding (its
+inbox). That keeps the auto-delete exchange alive exactly as long as some node of the
+cluster is: it never piles up across runs, and nothing has to decide who deletes it. The
+binding keys hold no wildcard, so the topic exchange routes like a direct one; it is a topic
+exchange so that an operator can bind ``room.#`` to watch a cluster's traffic.
+
+Receiving. One consumer on the node's queue hands each delivery to a local FIFO without
+awaiting anything, and a single task drains that FIFO, awaiting ``on_room`` or ``on_inbox``
+one frame at a time in delivery order. (aio-pika starts each consumer callback as a task of
+its own; tasks start in the order they were created, and the callback only enqueues, so they
+cannot reorder frames.) Deliveries are
+acknowledged, in batches with ``multiple=True``, only so that the prefetch window bounds what
+the node holds in memory: the queue is exclusive, so an ack never decides whether some other
+consumer gets a frame, and the unacknowledged frames of a lost connection vanish with the
+queue either way. What a node misses while disconnected it reads from history
+(``on_reconnect``), not from RabbitMQ.
+
+Publishing. A second channel, in publisher-confirm mode, publishes both room and inbox
+frames; ``publish`` returns once RabbitMQ has confirmed the frame, i.e. routed it to every
+bound queue. Consuming and publishing use separate channels, as RabbitMQ advises: when it
+throttles a publisher, or a publish fails and RabbitMQ closes the channel, the consumer goes
+on undisturbed. Frames are transient (delivery mode 1): durability is the history's job.
+
+Reconnection. aio-pika's robust connection reconnects (every ``reconnect_interval`` seconds,
+1 unless the URL says otherwise; heartbeats every 10 s unless ``heartbeat`` says otherwise)
+and re-declares the exchange, the queue and its consumer. The bindings are roomcast's own
+state: after a reconnect the broker binds the inbox and every room still subscribed, then
+turns healthy and awaits ``on_reconnect()``. A room unsubscribed while the connection was
+down is not restored. While the connection is down ``healthy`` is False and ``publish``,
+``send`` and ``subscribe`` raise ``UnavailableError`` at once; every call to RabbitMQ is
+bounded by a timeout, so none of them hangs.
+
+Any other query parameter of the URL goes to aio-pika unchanged (``heartbeat``,
+``reconnect_interval``, ``name``, TLS options for ``amqps://``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractIncomingMessage,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+    AbstractRobustExchange,
+    AbstractRobustQueue,
+)
+from aio_pika.connection import make_url
+from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, ChannelNotFoundEntity
+
+from ...core.models import NodeId, RoomId
+from ...core.ports import FrameHandler, ReconnectHandler
+from ...exceptions import ConfigError, UnavailableError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREFIX = "roomcast"
+CONNECT_TIMEOUT = 10.0
+"""Seconds for the first connection (and each reconnect attempt)."""
+OPERATION_TIMEOUT = 5.0
+"""Seconds for a declare, bind or unbind, including waiting for a reconnect in progress."""
+PUBLISH_TIMEOUT = 5.0
+"""Seconds for RabbitMQ to confirm a published frame."""
+CLOSE_TIMEOUT = 5.0
+RECOVERY_RETRY = 1.0
+"""Seconds between attempts to restore the bindings after a reconnect."""
+PREFETCH = 256
+"""Unacknowledged deliveries RabbitMQ may push to a node before it acknowledges."""
+ACK_EVERY = PREFETCH // 4
+
+URL_DEFAULTS = {"reconnect_interval": "1", "heartbeat": "10"}
+"""aio-pika settings used unless the URL gives its own. A short heartbeat makes both ends
+notice a dead peer within seconds; until RabbitMQ has dropped a node's old connection, the
+node cannot declare its exclusive queue again."""
+
+_ERRORS = (AMQPError, ChannelInvalidStateError, OSError, TimeoutError)
+"""What a call to RabbitMQ raises when RabbitMQ cannot be reached or the channel is gone."""
+_TOKEN = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def parse_url(url: str) -> tuple[str, str]:
+    """Split ``?prefix=`` off an AMQP URL; return the URL for aio-pika and the prefix."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    prefix = DEFAULT_PREFIX
+    rest: list[tuple[str, str]] = []
+    for key, value in query:
+        if key == "prefix":
+            prefix = value
+        else:
+            rest.append((key, value))
+    if not prefix:
+        raise ConfigError(f"empty prefix in broker URL {url!r}")
+    for key, default in URL_DEFAULTS.items():
+        if not any(k == key for k, _ in rest):
+            rest.append((key, default))
+    return urlunsplit(parts._replace(query=urlencode(rest))), prefix
+
+
+@contextmanager
+def _unavailable(what: str) -> Iterator[None]:
+    """Turn RabbitMQ's connection and channel errors into ``UnavailableError``."""
+    try:
+        yield
+    except TimeoutError as exc:
+        raise UnavailableError(f"RabbitMQ: {what} timed out") from exc
+    except _ERRORS as exc:
+        raise UnavailableError(f"RabbitMQ: {what} failed: {exc!r}") from exc
+
+
+class RabbitBroker:
+    """A :class:`~roomcast.core.ports.Broker` on RabbitMQ (see the module docstring)."""
+
+    def __init__(self, url: str) -> None:
+        self._url, self._prefix = parse_url(url)
+        self._node: NodeId | None = None
+        self._inbox_key = ""
+        self._on_room: FrameHandler | None = None
+        self._on_inbox: FrameHandler | None = None
+        self._on_reconnect: ReconnectHandler | None = None
+        self._connection: AbstractRobustConnection | None = None
+        self._publisher: AbstractRobustExchange | None = None
+        self._queue: AbstractRobustQueue | None = None
+        self._rooms: set[RoomId] = set()
+        """Rooms subscribed: the bindings a reconnect restores."""
+        self._bind_lock = asyncio.Lock()
+        self._deliveries: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self._drainer: asyncio.Task[None] | None = None
+        self._rebind: asyncio.Task[None] | None = None
+        self._resync: asyncio.Task[None] | None = None
+        self._resync_wanted = False
+        self._ready = False
+        self._closed = False
+        self.received = 0
+        """Room frames this node received (the per-node counter the metrics export)."""
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(
+        self,
+        node: NodeId,
+        on_room: FrameHandler,
+        on_inbox: FrameHandler,
+        on_reconnect: ReconnectHandler,
+    ) -> None:
+        if not _TOKEN.fullmatch(node):
+            raise ConfigError(f"node id {node!r} must be letters, digits, '_' or '-'")
+        if self._closed or self._node is not None:
+            raise UnavailableError("RabbitMQ broker already started or closed")
+        self._node = node
+        self._inbox_key = f"node.{node}"
+        self._on_room, self._on_inbox, self._on_reconnect = on_room, on_inbox, on_reconnect
+        # The exchange deletes itself when its last binding goes; a node that starts just as
+        # the last other node stops can see it vanish between declaring it and binding its
+        # inbox. Declaring everything again on a fresh connection settles that.
+        for attempt in range(2):
+            try:
+                with _unavailable("connect"):
+                    async with asyncio.timeout(CONNECT_TIMEOUT + OPERATION_TIMEOUT):
+                        await self._open(node)
+                break
+            except BaseException as exc:
+                await self._close_connection()
+                vanished = isinstance(exc.__cause__, ChannelNotFoundEntity)
+                if attempt == 0 and vanished:
+                    continue
+                self._node = None
+                raise
+        self._drainer = asyncio.get_running_loop().create_task(
+            self._drain(), name=f"roomcast-rabbitmq-{node}"
+        )
+        self._ready = True
+
+    async def _open(self, node: NodeId) -> None:
+        # What aio_pika.connect_robust does, in two steps, so that a first connection that
+        # fails can still be closed (and leaves no reconnect task behind).
+        connection = aio_pika.RobustConnection(
+            make_url(self._url),
+            client_properties={"connection_name": f"roomcast {self._prefix} {node}"},
+        )
+        self._connection = connection
+        await connection.connect(timeout=CONNECT_TIMEOUT)
+        consuming = await connection.channel(publisher_confirms=False)
+        await consuming.set_qos(prefetch_count=PREFETCH)
+        publishing: AbstractRobustChannel = await connection.channel(publisher_confirms=True)
+        self._publisher = await publishing.declare_exchange(
+            self._prefix, aio_pika.ExchangeType.TOPIC, durable=False, auto_delete=True
+        )
+        self._queue = await consuming.declare_queue(
+            f"{self._prefix}.node.{node}", exclusive=True, auto_delete=True
+        )
+        await self._queue.bind(self._prefix, self._inbox_key, robust=False)
+        await self._queue.consume(self._enqueue, no_ack=False)
+        connection.close_callbacks.add(self._on_connection_lost)
+        connection.reconnect_callbacks.add(self._on_connection_back)
+
+    @property
+    def healthy(self) -> bool:
+        return self._ready
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._ready = False
+        tasks = [t for t in (self._rebind, self._resync, self._drainer) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._rebind = self._resync = self._drainer = None
+        await self._close_connection()
+        while not self._deliveries.empty():
+            self._deliveries.get_nowait()
+        self._rooms.clear()
+
+    async def _close_connection(self) -> None:
+        connection, self._connection = self._connection, None
+        self._publisher = self._queue = None
+        if connection is None:
+            return
+        connection.close_callbacks.discard(self._on_connection_lost)
+        connection.reconnect_callbacks.discard(self._on_connection_back)
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await connection.close()
+        except _ERRORS:
+            # Best effort: the server drops the exclusive queue (and with its last binding
+            # the exchange) when the connection goes, however it goes.
+            log.warning("closing the RabbitMQ connection failed", exc_info=True)
+
+    # -- subscriptions -----------------------------------------------------------------
+
+    def _require_queue(self) -> AbstractRobustQueue:
+        if not self._ready or self._queue is None:
+            raise UnavailableError("RabbitMQ is not connected")
+        return self._queue
+
+    async def subscribe(self, room: RoomId) -> None:
+        queue = self._require_queue()
+        with _unavailable(f"subscribing to room {room}"):
+            async with asyncio.timeout(OPERATION_TIMEOUT), self._bind_lock:
+                await queue.bind(self._prefix, f"room.{room}", robust=False)
+                self._rooms.add(room)
+
+    async def unsubscribe(self, room: RoomId) -> None:
+        if room not in self._rooms:
+            return
+        # Forgotten first, so a reconnect in progress does not bind the room again.
+        self._rooms.discard(room)
+        queue = self._queue
+        if queue is None:
+            return
+        with _unavailable(f"unsubscribing from room {room}"):
+            async with asyncio.timeout(OPERATION_TIMEOUT), self._bind_lock:
+                # While disconnected the binding is gone with the queue; a room subscribed
+                # again meanwhile keeps its binding.
+                if self._ready and room not in self._rooms:
+                    await queue.unbind(self._prefix, f"room.{room}")
+
+    # -- sending -----------------------------------------------------------------------
+
+    async def publish(self, room: RoomId, frame: bytes) -> None:
+        await self._publish(f"room.{room}", frame)
+
+    async def send(self, node: NodeId, frame: bytes) -> None:
+        await self._publish(f"node.{node}", frame)
+
+    async def _publish(self, routing_key: str, body: bytes) -> None:
+        exchange = self._publisher
+        if not self._ready or exchange is None:
+            raise UnavailableError("RabbitMQ is not connected")
+        message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT)
+        try:
+            with _unavailable("publish"):
+                async with asyncio.timeout(PUBLISH_TIMEOUT):
+                    await exchange.publish(message, routing_key, mandatory=False)
+        except asyncio.CancelledError:
+            # aiormq cancels pending confirms when the connection closes under them; only a
+            # cancellation of the caller itself is passed on as one.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            raise UnavailableError("RabbitMQ: the connection closed before the confirm") from None
+
+    # -- receiving ---------------------------------------------------------------------
+
+    async def _enqueue(self, message: AbstractIncomingMessage) -> None:
+        # Nothing is awaited here, so deliveries enter the FIFO in the order RabbitMQ sent them.
+        self._deliveries.put_nowait(message)
+
+    async def _drain(self) -> None:
+        assert self._on_room is not None and self._on_inbox is not None
+        on_room, on_inbox, inbox_key = self._on_room, self._on_inbox, self._inbox_key
+        deliveries = self._deliveries
+        unacked = 0
+        while True:
+            message = await deliveries.get()
+            try:
+                if message.routing_key == inbox_key:
+                    await on_inbox(message.body)
+                else:
+                    self.received += 1
+                    await on_room(message.body)
+            except Exception:
+                log.exception("a frame handler failed (routing key %s)", message.routing_key)
+            unacked += 1
+            if unacked >= ACK_EVERY or deliveries.empty():
+                unacked = 0
+                try:
+                    await message.ack(multiple=True)
+                except _ERRORS:
+                    # Delivered on a channel that has since closed: nothing left to ack.
+                    pass
+
+    # -- reconnection ------------------------------------------------------------------
+
+    def _on_connection_lost(self, _sender: object, exc: BaseException | None = None) -> None:
+        if self._closed:
+            return
+        if self._ready:
+            log.warning("lost the RabbitMQ connection: %r", exc)
+        self._ready = False
+        if self._rebind is not None:
+            self._rebind.cancel()
+            self._rebind = None
+
+    def _on_connection_back(self, _sender: object) -> None:
+        if self._closed:
+            return
+        if self._rebind is not None:
+            self._rebind.cancel()
+        self._rebind = asyncio.get_running_loop().create_task(
+            self._restore_bindings(), name=f"roomcast-rabbitmq-rebind-{self._node}"
+        )
+
+    async def _restore_bindings(self) -> None:
+        """Bind the inbox and every subscribed room again, then resync the node.
+
+        Cancelled when the connection is lost again; retried until it succeeds otherwise.
+        """
+        queue = self._queue
+        assert queue is not None
+        while True:
+            try:
+                async with asyncio.timeout(OPERATION_TIMEOUT), self._bind_lock:
+                    await queue.bind(self._prefix, self._inbox_key, robust=False)
+                    for room in list(self._rooms):
+                        if room in self._rooms:
+                            await queue.bind(self._prefix, f"room.{room}", robust=False)
+                    self._ready = True
+                break
+            except _ERRORS:
+                log.warning("restoring RabbitMQ bindings failed; retrying", exc_info=True)
+                await asyncio.sleep(RECOVERY_RETRY)
+        log.info("RabbitMQ connection restored with %d room bindings", len(self._rooms))
+        # A resync still running from an earlier reconnect is not cancelled (that could cut
+        # a delivery in half); it runs once more when it is done.
+        self._resync_wanted = True
+        if self._resync is None or self._resync.done():
+            self._resync = asyncio.get_running_loop().create_task(
+                self._run_resync(), name=f"roomcast-rabbitmq-resync-{self._node}"
+            )
+
+    async def _run_resync(self) -> None:
+        assert self._on_reconnect is not None
+        while self._resync_wanted and not self._closed:
+            self._resync_wanted = False
+            try:
+                await self._on_reconnect()
+            except Exception:
+                log.exception("the reconnect handler failed")
