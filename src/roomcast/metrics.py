@@ -28,6 +28,14 @@ class NodeCollector(Collector):
         )
         frames.add_metric([node.id], hub.frames_received)
         yield frames
+        by_room = CounterMetricFamily(
+            "roomcast_broker_room_frames_received",
+            "Room frames this node received from the broker, per room",
+            labels=["node", "room"],
+        )
+        for room, count in sorted(hub.frames_by_room.items()):
+            by_room.add_metric([node.id, str(room)], count)
+        yield by_room
         deliveries = CounterMetricFamily(
             "roomcast_deliveries", "Frames written to local connections", labels=labels
         )

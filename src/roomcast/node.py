@@ -55,11 +55,18 @@ class Node:
     async def start(self) -> None:
         await self.history.start()
         await self.presence.start()
-        await self.broker.start(self.id, self.hub.on_frame, self.service.on_inbox, self.hub.resync)
+        await self.broker.start(self.id, self.hub.on_frame, self.service.on_inbox, self._on_reconnect)
         await self.presence.heartbeat(self.id, self.settings.node_ttl)
         self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="roomcast-heartbeat")
         self.started = True
         log.info("node %s started (broker %s)", self.id, urlsplit(self.settings.broker_url).scheme)
+
+    async def _on_reconnect(self) -> None:
+        """The broker is back: restore presence it may have lost, then deliver from history
+        whatever the local rooms missed meanwhile."""
+        await self.presence.heartbeat(self.id, self.settings.node_ttl)
+        await self.service.restore_presence()
+        await self.hub.resync()
 
     async def _heartbeat_loop(self) -> None:
         """Heartbeat into the registry and reap dead nodes, until stopped."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -87,6 +88,9 @@ class Hub:
         self._rooms: dict[RoomId, _LocalRoom] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.frames_received = 0
+        self.frames_by_room: Counter[RoomId] = Counter()
+        """Frames received per room: with ref-counted subscriptions, only rooms that have
+        (or just had) local members ever appear here."""
         self.deliveries = 0
         self.duplicates_dropped = 0
         self.gaps_filled = 0
@@ -105,6 +109,7 @@ class Hub:
             log.warning("dropped a malformed frame (%d bytes)", len(data))
             return
         self.frames_received += 1
+        self.frames_by_room[frame.room] += 1
         room = self._rooms.get(frame.room)
         if room is None:
             return

@@ -427,6 +427,15 @@ class ChatService:
 
     # -- cluster -----------------------------------------------------------------------
 
+    async def restore_presence(self) -> None:
+        """Write this node's entries again (after the presence engine lost them, e.g. a
+        Redis restart). Adding an entry that exists is harmless."""
+        for session in list(self._sessions.values()):
+            member = Member(session.user, session.conn.id, self.node)
+            await self._quiet(self.presence.register(member))
+            for room_id in list(session.rooms):
+                await self._quiet(self.presence.add(room_id, member))
+
     async def announce_departed(self, removed: list[tuple[RoomId, Member]]) -> None:
         """Send leave events for members whose node died (found by the reaper)."""
         for room_id, member in removed:

@@ -1,0 +1,93 @@
+"""Clusters of real roomcast nodes (separate processes, separate ports) for tests."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+from tests import services
+
+from .servers import Server, start_server
+
+BROKERS = ["redis", "amqp", "nats"]
+
+# Fast failure detection, so the tests of node death finish in seconds.
+FAST = ("--heartbeat-interval", "0.5", "--node-ttl", "3", "--rate-limit", "0")
+
+
+def broker_url(kind: str, prefix: str) -> str:
+    if kind == "redis":
+        services.require("Redis", services.REDIS_HOST, services.REDIS_PORT)
+        return f"{services.REDIS_URL}/0?prefix={prefix}"
+    if kind == "amqp":
+        services.require("RabbitMQ", services.RABBITMQ_HOST, services.RABBITMQ_PORT)
+        return f"{services.RABBITMQ_URL}?prefix={prefix}"
+    if kind == "nats":
+        services.require("NATS", services.NATS_HOST, services.NATS_PORT)
+        return f"{services.NATS_URL}?prefix={prefix}"
+    raise ValueError(kind)
+
+
+@contextlib.asynccontextmanager
+async def postgres_schema() -> AsyncIterator[str]:
+    """A store URL on the machine's PostgreSQL with a schema of its own, dropped after."""
+    import asyncpg
+
+    services.require("PostgreSQL", services.POSTGRES_HOST, services.POSTGRES_PORT)
+    schema = f"c{uuid.uuid4().hex[:12]}"
+    try:
+        yield f"{services.POSTGRES_URL}?schema={schema}"
+    finally:
+        conn = await asyncpg.connect(services.POSTGRES_URL)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await conn.close()
+
+
+class Cluster:
+    """Nodes sharing one broker and one store; stopped (or killed) in teardown."""
+
+    def __init__(self, broker: str, store: str, log_dir: Path, *extra: str) -> None:
+        self.broker = broker
+        self.store = store
+        self.log_dir = log_dir
+        self.extra = extra
+        self.nodes: list[Server] = []
+
+    def start(self, count: int = 1) -> list[Server]:
+        started = []
+        for _ in range(count):
+            name = f"node{len(self.nodes) + 1}"
+            node = start_server(
+                "--broker-url", self.broker, "--node-id", name, *FAST, *self.extra,
+                store_url=self.store, log_dir=self.log_dir,
+            )  # fmt: skip
+            self.nodes.append(node)
+            started.append(node)
+        return started
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+@contextlib.contextmanager
+def cluster(broker: str, store: str, log_dir: Path, *extra: str) -> Iterator[Cluster]:
+    c = Cluster(broker, store, log_dir, *extra)
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def room_frames(node: Server) -> dict[int, float]:
+    """Per room, the frames this node received from the broker (from /metrics)."""
+    with urllib.request.urlopen(node.url + "/metrics", timeout=5) as response:
+        text = response.read().decode()
+    pattern = r'^roomcast_broker_room_frames_received_total\{node="[^"]*",room="(\d+)"\} (\S+)$'
+    return {int(m[1]): float(m[2]) for m in re.finditer(pattern, text, re.MULTILINE)}

@@ -1,0 +1,132 @@
+"""Scale-out acceptance: several nodes (separate processes, separate ports) sharing rooms
+through Redis, RabbitMQ or NATS, with the durable history in PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+
+from .clients import ChatClient
+from .cluster import BROKERS, broker_url, cluster, postgres_schema, room_frames
+
+LONG = 60.0
+
+
+@pytest.fixture(params=BROKERS)
+async def engines(request):
+    url = broker_url(request.param, f"c{uuid.uuid4().hex[:10]}")
+    async with postgres_schema() as store:
+        yield url, store
+
+
+@pytest.fixture
+async def clients():
+    opened: list[ChatClient] = []
+
+    async def connect(node, name):
+        client = await ChatClient(node.url, name).connect()
+        opened.append(client)
+        return client
+
+    yield connect
+    for client in opened:
+        await client.close()
+
+
+async def test_600_messages_from_three_nodes_arrive_once_in_one_order(engines, clients, tmp_path):
+    broker, store = engines
+    with cluster(broker, store, tmp_path) as c:
+        nodes = c.start(3)
+        senders = [await clients(node, f"sender{i}") for i, node in enumerate(nodes)]
+        readers = [await clients(node, f"reader{i}") for i, node in enumerate(nodes)]
+        everyone = senders + readers
+        for client in everyone:
+            room = (await client.ok("join", {"room": "storm"}))["room"]["id"]
+
+        async def send_200(client):
+            for i in range(200):
+                await client.ok("send", {"room": "storm", "text": f"{client.name}:{i}"})
+
+        await asyncio.gather(*(send_200(s) for s in senders))
+        for client in everyone:
+            await client.wait_messages(room, 600, timeout=LONG)
+        views = [[(m["seq"], m["text"]) for m in client.messages(room)] for client in everyone]
+        assert [seq for seq, _ in views[0]] == list(range(1, 601))
+        for view in views[1:]:
+            assert view == views[0]
+        for sender in senders:
+            mine = [text for _, text in views[0] if text.startswith(f"{sender.name}:")]
+            assert mine == [f"{sender.name}:{i}" for i in range(200)]
+
+
+async def test_a_node_without_members_of_a_room_receives_none_of_its_traffic(
+    engines, clients, tmp_path
+):
+    broker, store = engines
+    with cluster(broker, store, tmp_path) as c:
+        busy, other, idle = c.start(3)
+        alice, bob = await clients(busy, "alice"), await clients(other, "bob")
+        carol = await clients(idle, "carol")
+        x = (await alice.ok("join", {"room": "x"}))["room"]["id"]
+        await bob.ok("join", {"room": "x"})
+        y = (await carol.ok("join", {"room": "y"}))["room"]["id"]
+        for i in range(50):
+            await alice.ok("send", {"room": "x", "text": f"x{i}"})
+        await bob.wait_messages(x, 50)
+        await carol.ok("send", {"room": "y", "text": "only y here"})
+        await carol.wait_messages(y, 1)
+        frames = room_frames(idle)
+        assert frames.get(x, 0) == 0
+        assert frames.get(y, 0) >= 1
+        assert room_frames(other).get(x, 0) >= 50
+
+
+async def test_kill_9_of_a_node_removes_its_members_and_its_clients_recover(
+    engines, clients, tmp_path
+):
+    broker, store = engines
+    with cluster(broker, store, tmp_path) as c:
+        one, two, doomed = c.start(3)
+        alice, bob = await clients(one, "alice"), await clients(two, "bob")
+        carol = await clients(doomed, "carol")
+        room = (await alice.ok("join", {"room": "fragile"}))["room"]["id"]
+        await bob.ok("join", {"room": "fragile"})
+        joined = await carol.ok("join", {"room": "fragile"})
+        await alice.ok("send", {"room": "fragile", "text": "before"})
+        await carol.wait_messages(room, 1)
+        seen = carol.messages(room)[-1]["seq"]
+
+        killed_at = time.monotonic()
+        doomed.kill()
+        for i in range(5):
+            await alice.ok("send", {"room": "fragile", "text": f"while away {i}"})
+        leave = {"room": room, "event": "leave", "user": carol.user}
+        await alice.wait_for(lambda: leave in alice.of("presence"), timeout=10)
+        await bob.wait_for(lambda: leave in bob.of("presence"), timeout=10)
+        assert time.monotonic() - killed_at < 10
+        members = await bob.ok("members", {"room": "fragile"})
+        assert {m["name"] for m in members["members"]} == {"alice", "bob"}
+
+        carol2 = await clients(one, "carol")  # reconnects to a surviving node
+        since = {"epoch": joined["epoch"], "seq": seen}
+        reply = await carol2.ok("join", {"room": "fragile", "since": since})
+        assert reply["recovered"] is True
+        assert [m["text"] for m in reply["missed"]] == [f"while away {i}" for i in range(5)]
+        assert [m["seq"] for m in reply["missed"]] == list(range(seen + 1, seen + 6))
+
+
+async def test_seed_001_direct_message_to_a_client_on_the_other_server(engines, clients, tmp_path):
+    """Seed 001: two servers on two ports; emit to a client connected to the other one."""
+    broker, store = engines
+    with cluster(broker, store, tmp_path) as c:
+        first, second = c.start(2)
+        a = await clients(first, "on-first")
+        b = await clients(second, "on-second")
+        reply = await a.ok("dm", {"to": b.user["id"], "text": "hello from the first server"})
+        got = await b.wait_for(lambda: b.of("dm"))
+        assert got == [reply["dm"]]
+        back = await b.ok("dm", {"to": a.user["id"], "text": "and back"})
+        assert await a.wait_for(lambda: a.of("dm")) == [back["dm"]]
