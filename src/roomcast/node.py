@@ -64,8 +64,11 @@ class Node:
     async def _on_reconnect(self) -> None:
         """The broker is back: restore presence it may have lost, then deliver from history
         whatever the local rooms missed meanwhile."""
-        await self.presence.heartbeat(self.id, self.settings.node_ttl)
-        await self.service.restore_presence()
+        try:
+            await self.presence.heartbeat(self.id, self.settings.node_ttl)
+            await self.service.restore_presence()
+        except Exception:
+            log.warning("restoring presence after a reconnect failed", exc_info=True)
         await self.hub.resync()
 
     async def _heartbeat_loop(self) -> None:
