@@ -1,0 +1,83 @@
+"""What the terminal needs from a connection to roomcast, whichever door it goes through.
+
+A :class:`Backend` carries out commands and writes what happens, its own results and
+everything the server pushes, to a :class:`Screen` as finished lines (see :mod:`.view`).
+Two implementations: :mod:`.socketio_backend` and :mod:`.grpc_backend`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from ..exceptions import RoomcastError
+
+LOBBY = "lobby"
+"""The room every client is in and ``/all`` speaks to."""
+
+TIMEOUT = 10.0
+"""Seconds to wait for any one answer from the server."""
+
+
+class Screen(Protocol):
+    """Where lines go: above the prompt, never through the line being typed."""
+
+    def show(self, text: str) -> None: ...
+
+
+class CommandFailed(RoomcastError):
+    """A command the server (or the client) refused: shown as ``! code: message``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class Backend(Protocol):
+    """A connected chat user: one method per command, output to its screen."""
+
+    @property
+    def nick(self) -> str:
+        """The nickname the server knows us by."""
+        ...
+
+    @property
+    def room(self) -> str:
+        """The name of the current room (the lobby when in no other)."""
+        ...
+
+    async def start(self) -> None:
+        """Connect and enter the lobby (and the starting room); raises CommandFailed."""
+
+    async def close(self) -> None:
+        """Leave and disconnect; never raises."""
+
+    async def say(self, text: str) -> None:
+        """Send ``text`` to the current room."""
+
+    async def say_all(self, text: str) -> None:
+        """Send ``text`` to the lobby."""
+
+    async def make(self, name: str) -> None:
+        """Create a room (named ``name`` if given) and go into it."""
+
+    async def list_rooms(self) -> None:
+        """Show the rooms that have members."""
+
+    async def rooms(self) -> None:
+        """Show every room."""
+
+    async def join(self, target: str) -> None:
+        """Go into room ``target``: an id from the list, or a name."""
+
+    async def leave(self) -> None:
+        """Leave the current room for the lobby."""
+
+    async def users(self) -> None:
+        """Show the members of the current room."""
+
+    async def history(self, count: int) -> None:
+        """Show up to ``count`` messages older than the oldest shown in the current room."""
+
+    async def rename(self, name: str) -> None:
+        """Reconnect under nickname ``name``, staying in the same rooms."""

@@ -1,0 +1,354 @@
+"""The terminal client over roomcast's gRPC door (``proto/client_to_agent.proto``).
+
+The session, as the protocol lays it out::
+
+    Agent.TryLogin                  -> our index, the Heartbeat and Lobby addresses
+    Heartbeat.TryHeartbeat          a stream kept open: we are logged in while it is
+    Lobby.TryChatReceive            the lobby's chat          (streams, kept open)
+    Lobby.TryStatusRequest          the lobby's joins, leaves and our QUIT
+    Lobby.TryChatSend               /all, and lines typed in the lobby
+    Lobby.TryCommand                /list /make /join /leave /user
+    Channel.TryChatReceive          on the address MAKE/JOIN_CHANNEL returned: its chat
+    Channel.TryStatusRequest        its joins and leaves; opening it announces us
+    Channel.TryChatSend             lines typed in the channel
+    Lobby.TryUserExit               on the way out
+
+Users are known by number (``user 7``) and channels too (``channel 3``): the protocol has
+no names, no history and does not echo one's own chat, so the client shows what it sends
+itself. When the session is lost (the heartbeat or a lobby stream ends, or the server says
+QUIT) the client logs in again, under a new number, and goes back into its channel;
+messages sent meanwhile are not recovered, the protocol having no positions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from ..grpc import client_to_agent_pb2 as pb2
+from ..grpc import client_to_agent_pb2_grpc as pb2_grpc
+from . import view
+from .backend import LOBBY, TIMEOUT, CommandFailed, Screen
+
+Command = pb2.CommandRequest
+SUCCESS = pb2.CommandReply.SUCCESS
+
+RELOGIN_DELAY = 0.5
+RELOGIN_DELAY_MAX = 5.0
+EXIT_TIMEOUT = 2.0
+"""Seconds the logout may take on the way out."""
+
+
+def user_name(index: int) -> str:
+    return f"user {index}"
+
+
+def channel_name(number: int) -> str:
+    return f"channel {number}"
+
+
+def _failed(exc: grpc.aio.AioRpcError) -> CommandFailed:
+    code = exc.code()
+    name = code.name.lower() if isinstance(code, grpc.StatusCode) else "error"
+    return CommandFailed(name, exc.details() or name)
+
+
+class GrpcBackend:
+    """A chat user logged in through the gRPC door's Agent at ``agent`` (host:port)."""
+
+    def __init__(self, screen: Screen, *, agent: str, name: str, room: str = LOBBY) -> None:
+        self._screen = screen
+        self._agent = agent
+        self._name = name
+        self._start_room = room
+        self._channels: dict[str, Any] = {}  # address -> grpc.aio.Channel
+        self._index = 0
+        self._lobby_address = ""
+        self._channel: int | None = None
+        self._channel_address = ""
+        self._joined = asyncio.Event()  # our own JOIN_USER came back on the channel
+        self._session: list[asyncio.Task[None]] = []  # heartbeat and lobby streams
+        self._in_channel: list[asyncio.Task[None]] = []
+        self._relogin: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # -- Backend ---------------------------------------------------------------------
+
+    @property
+    def nick(self) -> str:
+        return user_name(self._index) if self._index else self._name
+
+    @property
+    def room(self) -> str:
+        return channel_name(self._channel) if self._channel else LOBBY
+
+    async def start(self) -> None:
+        await self._login()
+        self._screen.show(
+            view.notice(f"logged in at {self._agent} as {self.nick} (gRPC users have numbers)")
+        )
+        if self._start_room != LOBBY:
+            await self.join(self._start_room)
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._relogin is not None:
+            await self._cancel([self._relogin])
+        await self._cancel(self._in_channel)
+        if self._index:
+            with contextlib.suppress(grpc.aio.AioRpcError, TimeoutError):
+                request = pb2.UserRequest(index=self._index)
+                await self._lobby().TryUserExit(request, timeout=EXIT_TIMEOUT)
+        await self._cancel(self._session)
+        for channel in self._channels.values():
+            with contextlib.suppress(Exception):
+                await channel.close()
+        self._channels.clear()
+
+    async def say(self, text: str) -> None:
+        if self._channel is None:
+            await self.say_all(text)
+            return
+        stub = _stub("Channel", self._dial(self._channel_address))
+        channel = self._channel
+        await self._call(stub.TryChatSend(pb2.Chat(index=self._index, text=text), timeout=TIMEOUT))
+        self._screen.show(view.message(channel_name(channel), self.nick, text))
+
+    async def say_all(self, text: str) -> None:
+        chat = pb2.Chat(index=self._index, text=text)
+        await self._call(self._lobby().TryChatSend(chat, timeout=TIMEOUT))
+        self._screen.show(view.message(LOBBY, self.nick, text))
+
+    async def make(self, name: str) -> None:
+        if name:
+            self._screen.show(view.notice("gRPC channels have numbers, not names"))
+        reply = await self._command(Command.MAKE_CHANNEL)
+        if reply.status != SUCCESS or not reply.channels:
+            raise CommandFailed("failure", "the server made no channel")
+        await self._enter(reply.channels[0], reply.address)
+
+    async def list_rooms(self) -> None:
+        rows = await self._rows()
+        self._screen.show(view.rooms("channels with members:", rows, "no channels; /make"))
+
+    async def rooms(self) -> None:
+        everyone = await self._command(Command.LIST_USERS)
+        lobby = view.RoomLine("-", LOBBY, len(set(everyone.users)), self._channel is None)
+        self._screen.show(view.rooms("rooms:", [lobby, *await self._rows()], "no rooms"))
+
+    async def join(self, target: str) -> None:
+        if target == LOBBY:
+            if self._channel is not None:
+                await self.leave()
+            return
+        digits = target.removeprefix("#")
+        if not digits.isdigit() or not 0 < int(digits) < 2**31:
+            raise CommandFailed("bad_request", "over gRPC a channel is a number from /list")
+        number = int(digits)
+        if number == self._channel:
+            self._screen.show(view.notice(f"already in [{channel_name(number)}]"))
+            return
+        reply = await self._command(Command.JOIN_CHANNEL, number)
+        if reply.status != SUCCESS:
+            raise CommandFailed("not_found", f"no channel {number} to join")
+        await self._enter(number, reply.address)
+
+    async def leave(self) -> None:
+        channel = self._channel
+        if channel is None:
+            raise CommandFailed("not_member", "already in the lobby; /quit leaves roomcast")
+        reply = await self._command(Command.LEAVE_CHANNEL, channel)
+        await self._cancel(self._in_channel)
+        self._channel = None
+        if reply.status != SUCCESS:
+            self._screen.show(view.notice(f"[{channel_name(channel)}] was left already"))
+        self._screen.show(view.notice(f"left [{channel_name(channel)}]"))
+
+    async def users(self) -> None:
+        reply = await self._command(Command.LIST_USERS, self._channel)
+        self._screen.show(view.members(self.room, [user_name(u) for u in reply.users]))
+
+    async def history(self, count: int) -> None:
+        raise CommandFailed("unsupported", "the gRPC protocol keeps no history")
+
+    async def rename(self, name: str) -> None:
+        raise CommandFailed("unsupported", "the gRPC protocol has no nicknames")
+
+    # -- session ---------------------------------------------------------------------
+
+    async def _login(self) -> None:
+        stub = _stub("Agent", self._dial(self._agent))
+        reply = await self._call(stub.TryLogin(pb2.LoginRequest(ip=""), timeout=TIMEOUT))
+        self._index = int(reply.index)
+        heartbeat = reply.heartbeat_ip or self._agent
+        self._lobby_address = reply.lobby_ip or self._agent
+        beats = _stub("Heartbeat", self._dial(heartbeat))
+        lobby = self._lobby()
+        me = pb2.UserRequest(index=self._index)
+        self._session = [
+            self._follow(beats.TryHeartbeat(pb2.HeartbeatRequest(index=self._index)), _ignore),
+            self._follow(lobby.TryChatReceive(pb2.Chat(index=self._index)), self._lobby_chat),
+            self._follow(lobby.TryStatusRequest(me), self._lobby_status),
+        ]
+
+    def _follow(
+        self, call: Any, handle: Callable[[Any], None], *, vital: bool = True
+    ) -> asyncio.Task[None]:
+        """Read a server stream in the background, handing each item to ``handle``.
+
+        When a ``vital`` stream ends or breaks the session is lost and logged in again.
+        """
+
+        async def read() -> None:
+            problem = "the server ended the session"
+            try:
+                async for item in call:
+                    handle(item)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.CANCELLED:
+                    return
+                problem = _failed(exc).message
+                if not vital and not self._closing:
+                    self._screen.show(view.error(_failed(exc).code, problem))
+            if vital:
+                self._lost(problem)
+
+        return asyncio.create_task(read())
+
+    def _lost(self, problem: str) -> None:
+        if self._closing or self._relogin is not None:
+            return
+        self._screen.show(view.notice(f"connection lost ({problem}); logging in again..."))
+        self._relogin = asyncio.create_task(self._login_again())
+
+    async def _login_again(self) -> None:
+        channel = self._channel
+        await self._cancel(self._in_channel)
+        await self._cancel(self._session)
+        self._channel = None
+        delay = RELOGIN_DELAY
+        while not self._closing:
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            try:
+                await self._login()
+            except CommandFailed:
+                delay = min(delay * 2, RELOGIN_DELAY_MAX)
+                continue
+            self._relogin = None
+            self._screen.show(view.notice(f"logged in again as {self.nick}"))
+            if channel is not None:
+                try:
+                    await self.join(str(channel))
+                except CommandFailed as exc:
+                    self._screen.show(view.error(exc.code, exc.message))
+            return
+
+    # -- channels --------------------------------------------------------------------
+
+    async def _enter(self, number: int, address: str) -> None:
+        """Open the streams of the channel the server has just put us in."""
+        await self._cancel(self._in_channel)
+        self._channel = number
+        self._channel_address = address or self._lobby_address
+        self._joined.clear()
+        stub = _stub("Channel", self._dial(self._channel_address))
+        me = pb2.UserRequest(index=self._index)
+        # The chat stream opens first: opening the status stream announces us, and our
+        # own JOIN_USER coming back on it means the channel is ours.
+        chats = stub.TryChatReceive(pb2.Chat(index=self._index))
+        self._in_channel = [self._follow(chats, self._channel_chat(number), vital=False)]
+        statuses = stub.TryStatusRequest(me)
+        self._in_channel.append(self._follow(statuses, self._channel_status(number), vital=False))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._joined.wait(), TIMEOUT)
+        members = await self._command(Command.LIST_USERS, number)
+        names = [user_name(u) for u in members.users]
+        self._screen.show(view.joined(channel_name(number), names))
+
+    async def _rows(self) -> list[view.RoomLine]:
+        listed = await self._command(Command.LIST_CHANNELS)
+        numbers = sorted(set(listed.channels))
+        replies = await asyncio.gather(*(self._command(Command.LIST_USERS, n) for n in numbers))
+        return [
+            view.RoomLine(f"#{n}", channel_name(n), len(set(r.users)), n == self._channel)
+            for n, r in zip(numbers, replies, strict=True)
+        ]
+
+    # -- stream items ----------------------------------------------------------------
+
+    def _lobby_chat(self, chat: Any) -> None:
+        self._screen.show(view.message(LOBBY, user_name(chat.index), chat.text))
+
+    def _lobby_status(self, status: Any) -> None:
+        if status.status == pb2.StatusReply.QUIT:
+            self._lost("the server logged us out")
+        elif status.index != self._index:
+            self._show_status(LOBBY, status)
+
+    def _channel_chat(self, number: int) -> Callable[[Any], None]:
+        def show(chat: Any) -> None:
+            self._screen.show(view.message(channel_name(number), user_name(chat.index), chat.text))
+
+        return show
+
+    def _channel_status(self, number: int) -> Callable[[Any], None]:
+        def show(status: Any) -> None:
+            if status.index == self._index:
+                if status.status == pb2.StatusReply.JOIN_USER:
+                    self._joined.set()
+                return
+            self._show_status(channel_name(number), status)
+
+        return show
+
+    def _show_status(self, room: str, status: Any) -> None:
+        event = {pb2.StatusReply.JOIN_USER: "join", pb2.StatusReply.LEAVE_USER: "leave"}
+        if status.status in event:
+            self._screen.show(view.presence(room, user_name(status.index), event[status.status]))
+
+    # -- plumbing --------------------------------------------------------------------
+
+    def _dial(self, address: str) -> Any:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+        return channel
+
+    def _lobby(self) -> Any:
+        return _stub("Lobby", self._dial(self._lobby_address))
+
+    async def _command(self, status: Any, channel: int | None = None) -> Any:
+        request = pb2.CommandRequest(status=status, index=self._index)
+        if channel is not None:
+            request.channel = channel
+        return await self._call(self._lobby().TryCommand(request, timeout=TIMEOUT))
+
+    @staticmethod
+    async def _call(call: Any) -> Any:
+        try:
+            return await call
+        except grpc.aio.AioRpcError as exc:
+            raise _failed(exc) from None
+
+    @staticmethod
+    async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        tasks.clear()
+
+
+def _stub(service: str, channel: Any) -> Any:
+    """A client stub of ``service`` on ``channel`` (the generated module has no types)."""
+    return getattr(pb2_grpc, f"{service}Stub")(channel)
+
+
+def _ignore(item: Any) -> None:
+    """Heartbeats carry nothing to show: the stream being open is the point."""

@@ -1,0 +1,336 @@
+"""``roomcast chat`` in real pseudo-terminals against a real ``roomcast serve``.
+
+Each client is the real command in its own pty (pexpect); a test types into it and reads
+its screen. Every read is an ``expect`` with a bounded timeout.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pexpect
+import pytest
+import socketio
+
+from roomcast.chat.commands import Command, UsageError, Verb, parse
+
+from .servers import Server, free_port, run_server, start_server
+
+WAIT = 15.0
+"""The longest any screen is waited for."""
+
+_rooms = itertools.count()
+
+
+def room_name(label: str) -> str:
+    return f"{label}-{next(_rooms)}"
+
+
+class Terminal:
+    """One ``roomcast chat`` process in a 40x120 pseudo-terminal."""
+
+    def __init__(self, name: str, *args: str) -> None:
+        self.name = name
+        env = {
+            **os.environ,
+            "TERM": "xterm-256color",
+            # Nothing answers cursor position requests in a bare pty.
+            "PROMPT_TOOLKIT_NO_CPR": "1",
+        }
+        command = ["-m", "roomcast", "chat", "--name", name, *args]
+        self.child = pexpect.spawn(
+            sys.executable,
+            command,
+            env=env,
+            dimensions=(40, 120),
+            encoding="utf-8",
+            codec_errors="replace",
+            timeout=WAIT,
+        )
+        self.screen: list[str] = []
+        self.child.logfile_read = _Recorder(self.screen)
+
+    def ready(self) -> None:
+        self.sees("/? lists the commands")
+
+    def type(self, text: str) -> None:
+        """Type ``text`` and press Enter."""
+        self.child.send(text + "\r")
+
+    def sees(self, text: str) -> None:
+        """Wait until ``text`` appears on the screen."""
+        self.sees_re(re.escape(text))
+
+    def sees_re(self, pattern: str) -> re.Match[str]:
+        try:
+            self.child.expect(pattern, timeout=WAIT)
+        except (pexpect.TIMEOUT, pexpect.EOF):
+            pytest.fail(f"{self.name} did not show {pattern!r}; the screen:\n{self.text()}")
+        match = self.child.match
+        assert isinstance(match, re.Match)
+        return match
+
+    def since_last(self) -> str:
+        """What appeared before the text the last ``sees`` waited for."""
+        return str(self.child.before)
+
+    def exits(self) -> int | None:
+        """Wait for the process to end; its exit code."""
+        try:
+            self.child.expect(pexpect.EOF, timeout=WAIT)
+        except pexpect.TIMEOUT:
+            pytest.fail(f"{self.name} did not exit; the screen:\n{self.text()}")
+        self.child.close()
+        assert "Traceback" not in self.text(), self.text()
+        return self.child.exitstatus
+
+    def text(self) -> str:
+        # Without escape sequences, for failure messages.
+        return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", "".join(self.screen))
+
+    def close(self) -> None:
+        if self.child.isalive():
+            os.kill(self.child.pid, signal.SIGCONT)
+            self.child.terminate(force=True)
+
+
+class _Recorder:
+    """A pexpect log that keeps everything the terminal showed."""
+
+    def __init__(self, out: list[str]) -> None:
+        self.out = out
+
+    def write(self, data: str) -> None:
+        self.out.append(data)
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with run_server(log_dir=tmp_path_factory.mktemp("server")) as srv:
+        yield srv
+
+
+@pytest.fixture
+def terminals() -> Iterator[list[Terminal]]:
+    """Terminals started by a test; any still running afterwards are killed."""
+    started: list[Terminal] = []
+    yield started
+    for terminal in started:
+        terminal.close()
+
+
+def chat(terminals: list[Terminal], name: str, *args: str) -> Terminal:
+    terminal = Terminal(name, *args)
+    terminals.append(terminal)
+    terminal.ready()
+    return terminal
+
+
+def test_two_users_chat_in_a_room(server: Server, terminals: list[Terminal]) -> None:
+    room = room_name("kitchen")
+    alice = chat(terminals, "alice", "--url", server.url)
+    bob = chat(terminals, "bob", "--url", server.url)
+
+    alice.type(f"/make {room}")
+    alice.sees(f"you are in [{room}], 1 member: alice")
+    bob.type("/list")
+    room_id = bob.sees_re(rf"#(\d+)\s+{room}\s+\(1 member\)").group(1)
+    bob.type(f"/join {room_id}")
+    bob.sees(f"you are in [{room}], 2 members: alice, bob")
+    alice.sees(f"* bob joined [{room}]")
+
+    alice.type("hello bob")
+    bob.sees(f"[{room}] alice: hello bob")
+    bob.type("hi alice")
+    alice.sees(f"[{room}] bob: hi alice")
+
+    # A message arriving while a line is half typed leaves the line intact.
+    alice.child.send("half")
+    bob.type("interrupting")
+    alice.sees(f"[{room}] bob: interrupting")
+    alice.type(" done")
+    bob.sees(f"[{room}] alice: half done")
+
+    alice.type("/user")
+    alice.sees(f"[{room}] has 2 members: alice, bob")
+    bob.type("/all in the lobby")
+    alice.sees("[lobby] bob: in the lobby")
+
+    bob.type("/leave")
+    bob.sees(f"left [{room}]")
+    alice.sees(f"* bob left [{room}]")
+    alice.type("/user")
+    alice.sees(f"[{room}] has 1 member: alice")
+
+    alice.type("/quit")
+    bob.type("/quit")
+    assert alice.exits() == 0
+    assert bob.exits() == 0
+
+
+def test_history_rooms_and_a_new_name(server: Server, terminals: list[Terminal]) -> None:
+    room = room_name("archive")
+    alice = chat(terminals, "alice", "--url", server.url, "--room", room)
+    for i in range(1, 6):
+        alice.type(f"note {i}")
+    alice.sees(f"[{room}] alice: note 5")
+    bob = Terminal("bob", "--url", server.url, "--room", room)
+    terminals.append(bob)
+    bob.sees(f"you are in [{room}], 2 members: alice, bob; 5 earlier messages (/history)")
+    bob.ready()
+    bob.type("/history 3")
+    bob.sees_re(rf"\[{room}\] alice: note 3.*\[{room}\] alice: note 4.*\[{room}\] alice: note 5")
+    bob.type("/history")
+    bob.sees_re(rf"\[{room}\] alice: note 1.*\[{room}\] alice: note 2")
+    bob.type("/history")
+    bob.sees(f"no older messages in [{room}]")
+
+    bob.type("/rooms")
+    bob.sees_re(rf"#\d+\s+{room}\s+\(2 members\)")
+    bob.type("/name robert")
+    bob.sees("you are now robert")
+    alice.sees(f"* robert joined [{room}]")
+    bob.type("still here")
+    alice.sees(f"[{room}] robert: still here")
+    bob.type("/nonsense")
+    bob.sees("! usage: unknown command /nonsense")
+    bob.type(f"/make {room}")
+    bob.sees(f"! exists: room '{room}' exists")
+
+    alice.child.sendcontrol("d")
+    assert alice.exits() == 0
+    bob.child.sendcontrol("c")
+    assert bob.exits() == 0
+
+
+@pytest.mark.parametrize("how", ["stop", "kill"])
+def test_reconnect_recovers_what_was_missed_once(
+    how: str, terminals: list[Terminal], tmp_path: Path
+) -> None:
+    """A node restarts while alice's client is frozen; bob talks in between.
+
+    ``stop``: the server ends the session; ``kill``: the connection just drops.
+    """
+    port, store = free_port(), f"sqlite:///{tmp_path}/chat.db"
+    server = start_server(port=port, store_url=store, log_dir=tmp_path)
+    try:
+        alice = chat(terminals, "alice", "--url", server.url, "--room", "den")
+        alice.type("before")
+        alice.sees("[den] alice: before")
+
+        # Frozen, alice notices nothing until the new node has bob's message stored.
+        os.kill(alice.child.pid, signal.SIGSTOP)
+        server.stop() if how == "stop" else server.kill()
+        server = start_server(port=port, store_url=store, log_dir=tmp_path)
+        with socketio.SimpleClient() as bob:
+            bob.connect(server.url, socketio_path="/ws/socket.io", auth={"name": "bob"})
+            assert bob.call("join", {"room": "den"}, timeout=WAIT)["ok"]
+            assert bob.call("send", {"room": "den", "text": "while away"}, timeout=WAIT)["ok"]
+            os.kill(alice.child.pid, signal.SIGCONT)
+            alice.sees("connection lost")
+            alice.sees("[den] bob: while away")
+            assert bob.call("send", {"room": "den", "text": "marker"}, timeout=WAIT)["ok"]
+            alice.sees("[den] bob: marker")
+            assert "while away" not in alice.since_last()
+
+        alice.type("after")
+        alice.sees("[den] alice: after")
+        alice.type("/quit")
+        assert alice.exits() == 0
+    finally:
+        server.stop()
+
+
+def test_two_users_chat_over_grpc(tmp_path: Path, terminals: list[Terminal]) -> None:
+    grpc_port = free_port()
+    with run_server("--grpc-port", str(grpc_port), log_dir=tmp_path) as server:
+        agent = ["--grpc", "--agent", f"127.0.0.1:{grpc_port}"]
+        users: dict[str, str] = {}
+        for name in ("alice", "bob"):
+            terminal = Terminal(name, *agent)
+            terminals.append(terminal)
+            users[name] = terminal.sees_re(r"logged in at \S+ as user (\d+)").group(1)
+            terminal.ready()
+        alice, bob = terminals
+        a, b = users["alice"], users["bob"]
+
+        alice.type("/make")
+        channel = alice.sees_re(rf"you are in \[channel (\d+)\], 1 member: user {a}").group(1)
+        room = f"channel {channel}"
+        bob.type("/list")
+        bob.sees_re(rf"#{channel}\s+{room}\s+\(1 member\)")
+        bob.type(f"/join {channel}")
+        bob.sees(f"you are in [{room}], 2 members: user {a}, user {b}")
+        alice.sees(f"* user {b} joined [{room}]")
+
+        alice.type("hello bob")
+        bob.sees(f"[{room}] user {a}: hello bob")
+        bob.type("hi alice")
+        alice.sees(f"[{room}] user {b}: hi alice")
+        alice.type("/user")
+        alice.sees(f"[{room}] has 2 members: user {a}, user {b}")
+
+        # The same room through the Socket.IO door: a channel is a room, its number the id.
+        carol = chat(terminals, "carol", "--url", server.url)
+        carol.type(f"/join {channel}")
+        carol.sees_re(rf"you are in \[channel-\w+\], 3 members: carol, grpc-{a}, grpc-{b}")
+        alice.sees_re(rf"\* user \d+ joined \[{room}\]")
+        carol.type("from the web door")
+        alice.sees_re(rf"\[{room}\] user \d+: from the web door")
+        bob.sees_re(rf"\[{room}\] user \d+: from the web door")
+        alice.type("seen")
+        carol.sees_re(rf"\[channel-\w+\] grpc-{a}: seen")
+        carol.type("/quit")
+        assert carol.exits() == 0
+        bob.type("/all in the lobby")
+        alice.sees(f"[lobby] user {b}: in the lobby")
+
+        bob.type("/leave")
+        bob.sees(f"left [{room}]")
+        alice.sees(f"* user {b} left [{room}]")
+
+        alice.type("/quit")
+        bob.type("/quit")
+        assert alice.exits() == 0
+        assert bob.exits() == 0
+
+
+def test_unreachable_server_fails_cleanly(terminals: list[Terminal]) -> None:
+    terminal = Terminal("alice", "--url", f"http://127.0.0.1:{free_port()}")
+    terminals.append(terminal)
+    terminal.sees("! unavailable: cannot connect")
+    assert terminal.exits() == 1
+
+
+@pytest.mark.parametrize(
+    ("line", "command"),
+    [
+        ("hello", Command(Verb.SAY, "hello")),
+        ("//not a command", Command(Verb.SAY, "/not a command")),
+        ("   ", None),
+        ("/all  hi there ", Command(Verb.ALL, "hi there ")),
+        ("/join 12", Command(Verb.JOIN, "12")),
+        ("/JOIN lobby", Command(Verb.JOIN, "lobby")),
+        ("/make", Command(Verb.MAKE, "")),
+        ("/history 5", Command(Verb.HISTORY, "5")),
+        ("/help", Command(Verb.HELP)),
+        ("/exit", Command(Verb.QUIT)),
+    ],
+)
+def test_typed_lines_become_commands(line: str, command: Command | None) -> None:
+    assert parse(line) == command
+
+
+@pytest.mark.parametrize("line", ["/all", "/join", "/name", "/leave now", "/history 0", "/nope"])
+def test_bad_commands_say_how_to_write_them(line: str) -> None:
+    with pytest.raises(UsageError):
+        parse(line)
