@@ -1,0 +1,181 @@
+"""Presence in SQL, for clusters whose broker keeps no state (RabbitMQ, NATS).
+
+Three tables, in the store's database::
+
+    presence_nodes    (node, expires_ms)                        the node registry
+    presence_members  (room_id, conn, user_id, user_name, node, ord)   room membership
+    presence_conns    (conn, user_id, user_name, node)          connections, for direct messages
+
+A dead node is claimed by deleting its registry row: only the transaction whose
+``DELETE ... RETURNING`` got the row goes on to remove (and report) the node's entries, so
+when several nodes reap at once every entry is reported exactly once. Expiry uses the
+nodes' wall clocks, which must agree to well within ``node_ttl`` (NTP does).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ...core.models import ConnId, Member, NodeId, RoomId, User, UserId
+from .engine import Database
+
+__all__ = ["SqlPresence"]
+
+metadata = sa.MetaData()
+
+nodes = sa.Table(
+    "presence_nodes",
+    metadata,
+    sa.Column("node", sa.Text, primary_key=True),
+    sa.Column("expires_ms", sa.BigInteger, nullable=False),
+)
+
+members = sa.Table(
+    "presence_members",
+    metadata,
+    sa.Column("room_id", sa.Integer, primary_key=True),
+    sa.Column("conn", sa.Text, primary_key=True),
+    sa.Column("user_id", sa.BigInteger, nullable=False),
+    sa.Column("user_name", sa.Text, nullable=False),
+    sa.Column("node", sa.Text, nullable=False, index=True),
+    sa.Column("ord", sa.BigInteger, nullable=False),
+)
+
+conns = sa.Table(
+    "presence_conns",
+    metadata,
+    sa.Column("conn", sa.Text, primary_key=True),
+    sa.Column("user_id", sa.BigInteger, nullable=False, index=True),
+    sa.Column("user_name", sa.Text, nullable=False),
+    sa.Column("node", sa.Text, nullable=False, index=True),
+)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _member(row: RowMapping) -> Member:
+    return Member(
+        User(UserId(int(row["user_id"])), row["user_name"]),
+        ConnId(row["conn"]),
+        NodeId(row["node"]),
+    )
+
+
+class SqlPresence:
+    """The :class:`~roomcast.core.ports.Presence` port on SQLite or PostgreSQL."""
+
+    def __init__(self, url: str, *, schema: str | None = None) -> None:
+        self._db = Database(url, schema=schema)
+
+    async def start(self) -> None:
+        await self._db.create(metadata)
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def add(self, room: RoomId, member: Member) -> None:
+        upsert = self._db.upsert(
+            members,
+            ["room_id", "conn"],
+            room_id=room,
+            conn=member.conn,
+            user_id=member.user.id,
+            user_name=member.user.name,
+            node=member.node,
+            ord=time.time_ns() // 1000,
+        )
+        async with self._db.write() as conn:
+            await conn.execute(upsert)
+
+    async def remove(self, room: RoomId, conn: ConnId) -> None:
+        delete = sa.delete(members).where(members.c.room_id == room, members.c.conn == conn)
+        async with self._db.write() as db:
+            await db.execute(delete)
+
+    async def members(self, room: RoomId) -> list[Member]:
+        query = sa.select(members).where(members.c.room_id == room).order_by(members.c.ord)
+        async with self._db.read() as db:
+            result = await db.execute(query)
+        return [_member(row) for row in result.mappings()]
+
+    async def counts(self, rooms: Sequence[RoomId]) -> dict[RoomId, int]:
+        out = {room: 0 for room in rooms}
+        if not rooms:
+            return out
+        query = (
+            sa.select(members.c.room_id, sa.func.count())
+            .where(members.c.room_id.in_(list(rooms)))
+            .group_by(members.c.room_id)
+        )
+        async with self._db.read() as db:
+            for room_id, count in await db.execute(query):
+                out[RoomId(room_id)] = int(count)
+        return out
+
+    async def register(self, member: Member) -> None:
+        upsert = self._db.upsert(
+            conns,
+            ["conn"],
+            conn=member.conn,
+            user_id=member.user.id,
+            user_name=member.user.name,
+            node=member.node,
+        )
+        async with self._db.write() as db:
+            await db.execute(upsert)
+
+    async def unregister(self, conn: ConnId) -> None:
+        async with self._db.write() as db:
+            await db.execute(sa.delete(conns).where(conns.c.conn == conn))
+
+    async def locate(self, user: UserId) -> list[Member]:
+        query = sa.select(conns).where(conns.c.user_id == user).order_by(conns.c.conn)
+        async with self._db.read() as db:
+            result = await db.execute(query)
+        return [_member(row) for row in result.mappings()]
+
+    async def heartbeat(self, node: NodeId, ttl: float) -> None:
+        upsert = self._db.upsert(nodes, ["node"], node=node, expires_ms=_now_ms() + int(ttl * 1000))
+        async with self._db.write() as db:
+            await db.execute(upsert)
+
+    async def reap(self) -> list[tuple[RoomId, Member]]:
+        query = sa.select(nodes.c.node).where(nodes.c.expires_ms < _now_ms())
+        async with self._db.read() as db:
+            dead = [row.node for row in await db.execute(query)]
+        removed: list[tuple[RoomId, Member]] = []
+        for node in dead:
+            removed += await self._remove_node(NodeId(node), only_if_expired=True)
+        return removed
+
+    async def drop_node(self, node: NodeId) -> list[tuple[RoomId, Member]]:
+        return await self._remove_node(node, only_if_expired=False)
+
+    async def _remove_node(
+        self, node: NodeId, *, only_if_expired: bool
+    ) -> list[tuple[RoomId, Member]]:
+        claim = sa.delete(nodes).where(nodes.c.node == node).returning(nodes.c.node)
+        if only_if_expired:
+            claim = claim.where(nodes.c.expires_ms < _now_ms())
+        async with self._db.write() as db:
+            claimed = (await db.execute(claim)).first() is not None
+            if only_if_expired and not claimed:
+                return []  # another node reaped it, or it came back
+            return await self._delete_entries(db, node)
+
+    @staticmethod
+    async def _delete_entries(db: AsyncConnection, node: NodeId) -> list[tuple[RoomId, Member]]:
+        gone: Any = await db.execute(
+            sa.delete(members).where(members.c.node == node).returning(*members.c)
+        )
+        rows = sorted(gone.mappings().all(), key=lambda r: (r["room_id"], r["ord"]))
+        await db.execute(sa.delete(conns).where(conns.c.node == node))
+        return [(RoomId(row["room_id"]), _member(row)) for row in rows]

@@ -1,0 +1,385 @@
+"""The History contract: every engine behaves like the in-memory reference.
+
+One suite, run against ``MemoryHistory``, SQLite (in memory and in a file) and PostgreSQL
+(a schema of its own per test). The durable engines also prove that what they acknowledged
+survives a reopen, and that two instances on one database (as two processes would have)
+share one order per room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from roomcast.core.models import Draft, Message, Room, RoomId, User, UserId
+from roomcast.core.ports import History
+from roomcast.exceptions import ChatError, ErrorCode
+from tests.contract.engines import engine_url
+
+ALL = [
+    "memory",
+    "sqlite-memory",
+    "sqlite",
+    pytest.param("postgresql", marks=pytest.mark.service),
+]
+DURABLE = ["sqlite", pytest.param("postgresql", marks=pytest.mark.service)]
+
+ANA = User(UserId(7), "ana")
+TS = 1_700_000_000_123
+_draft_ids = itertools.count(1)
+
+
+class Store:
+    """Opens History instances on one backing store; whatever is left open is closed at the end."""
+
+    def __init__(self, factory: Callable[[], History]) -> None:
+        self._factory = factory
+        self._open: list[History] = []
+
+    async def open(self) -> History:
+        history = self._factory()
+        self._open.append(history)
+        await history.start()
+        return history
+
+    async def close(self, history: History) -> None:
+        self._open.remove(history)
+        await history.close()
+
+    async def close_all(self) -> None:
+        while self._open:
+            await self.close(self._open[-1])
+
+
+@contextlib.asynccontextmanager
+async def make_store(kind: str, tmp_path: Path) -> AsyncIterator[Store]:
+    async with contextlib.AsyncExitStack() as stack:
+        if kind == "memory":
+            from roomcast.adapters.memory import MemoryHistory
+
+            store = Store(MemoryHistory)
+        else:
+            from roomcast.adapters.sql import SqlHistory
+
+            if kind == "sqlite-memory":
+                url = "sqlite:///:memory:"
+            else:
+                url = await stack.enter_async_context(engine_url(kind, tmp_path))
+            store = Store(lambda: SqlHistory(url))
+        stack.push_async_callback(store.close_all)
+        yield store
+
+
+@pytest.fixture(params=ALL)
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    async with make_store(request.param, tmp_path) as store:
+        yield store
+
+
+@pytest.fixture(params=DURABLE)
+async def durable_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    async with make_store(request.param, tmp_path) as store:
+        yield store
+
+
+@pytest.fixture
+async def history(store: Store) -> History:
+    return await store.open()
+
+
+def draft(room: RoomId | Room, text: str = "hello", user: User = ANA) -> Draft:
+    room_id = room.id if isinstance(room, Room) else room
+    return Draft(room_id, f"m{next(_draft_ids)}", user, text, TS)
+
+
+def seqs(messages: list[Message]) -> list[int]:
+    return [message.seq for message in messages]
+
+
+# Rooms
+
+
+async def test_rooms_get_ids_in_creation_order_and_a_stable_epoch(history: History) -> None:
+    assert await history.rooms() == []
+    lobby = await history.room_by_name("lobby", create=True)
+    games = await history.room_by_name("games", create=True)
+    assert lobby is not None and games is not None
+    assert (lobby.id, lobby.name) == (1, "lobby")
+    assert (games.id, games.name) == (2, "games")
+    assert lobby.epoch and games.epoch
+    assert await history.room_by_name("lobby", create=True) == lobby
+    assert await history.room_by_name("lobby") == lobby
+    assert await history.room_by_id(RoomId(2)) == games
+    assert await history.rooms() == [lobby, games]
+    third = await history.room_by_name("third", create=True)
+    assert third is not None and third.id == 3
+
+
+async def test_unknown_rooms_are_none_unless_created(history: History) -> None:
+    assert await history.room_by_name("nowhere") is None
+    assert await history.room_by_id(RoomId(1)) is None
+    assert await history.rooms() == []
+    created = await history.room_by_name("nowhere", create=True)
+    assert created is not None
+    assert await history.room_by_id(created.id) == created
+
+
+async def test_room_names_are_exact(history: History) -> None:
+    names = ["Lobby", "lobby", "lobby ", "로비", "大厅"]
+    created = [await history.room_by_name(name, create=True) for name in names]
+    assert [room.name for room in created if room] == names
+    assert len({room.id for room in created if room}) == len(names)
+    for room in created:
+        assert room is not None
+        assert await history.room_by_name(room.name) == room
+
+
+async def test_concurrent_creation_of_one_room_gives_one_room(history: History) -> None:
+    found = await asyncio.gather(*(history.room_by_name("busy", create=True) for _ in range(20)))
+    assert len(set(found)) == 1
+    assert await history.rooms() == [found[0]]
+
+
+# Appending
+
+
+async def test_append_numbers_each_room_from_one_in_input_order(history: History) -> None:
+    a = await history.room_by_name("a", create=True)
+    b = await history.room_by_name("b", create=True)
+    assert a is not None and b is not None
+    batch = [draft(a, "a1"), draft(b, "b1"), draft(a, "a2"), draft(a, "a3"), draft(b, "b2")]
+    out = await history.append(batch)
+    assert [(m.room, m.seq, m.text) for m in out] == [
+        (a.id, 1, "a1"),
+        (b.id, 1, "b1"),
+        (a.id, 2, "a2"),
+        (a.id, 3, "a3"),
+        (b.id, 2, "b2"),
+    ]
+    epochs = {a.id: a.epoch, b.id: b.epoch}
+    for message, sent in zip(out, batch, strict=True):
+        assert message == Message.from_draft(sent, message.seq, epochs[sent.room])
+    more = await history.append([draft(b, "b3"), draft(a, "a4")])
+    assert [(m.room, m.seq) for m in more] == [(b.id, 3), (a.id, 4)]
+    assert await history.after(a.id, 0, 100) == [m for m in out + more if m.room == a.id]
+    assert await history.after(b.id, 0, 100) == [m for m in out + more if m.room == b.id]
+
+
+async def test_empty_append_stores_nothing(history: History) -> None:
+    room = await history.room_by_name("quiet", create=True)
+    assert room is not None
+    assert await history.append([]) == []
+    assert await history.latest(room.id) == 0
+
+
+async def test_concurrent_appends_get_every_seq_once(history: History) -> None:
+    room = await history.room_by_name("busy", create=True)
+    other = await history.room_by_name("other", create=True)
+    assert room is not None and other is not None
+    results = await asyncio.gather(
+        *(history.append([draft(room, f"t{i}")]) for i in range(50)),
+        *(history.append([draft(other), draft(room), draft(other)]) for _ in range(10)),
+    )
+    for batch in results[50:]:
+        # A batch's messages of one room are consecutive: nothing slipped in between.
+        assert batch[2].seq == batch[0].seq + 1
+    sent = [m for batch in results for m in batch]
+    assert sorted(m.seq for m in sent if m.room == room.id) == list(range(1, 61))
+    assert sorted(m.seq for m in sent if m.room == other.id) == list(range(1, 21))
+    stored = await history.after(room.id, 0, 1000)
+    assert seqs(stored) == list(range(1, 61))
+    assert sorted(stored, key=lambda m: m.id) == sorted(
+        (m for m in sent if m.room == room.id), key=lambda m: m.id
+    )
+    assert await history.latest(room.id) == 60
+    assert await history.latest(other.id) == 20
+
+
+async def test_append_to_unknown_room_stores_nothing(history: History) -> None:
+    room = await history.room_by_name("real", create=True)
+    assert room is not None
+    with pytest.raises(ChatError) as raised:
+        await history.append([draft(room, "kept?"), draft(RoomId(999), "lost")])
+    assert raised.value.code is ErrorCode.NOT_FOUND
+    assert await history.latest(room.id) == 0
+    assert await history.after(room.id, 0, 10) == []
+    assert await history.room_by_id(RoomId(999)) is None
+    first = await history.append([draft(room)])
+    assert seqs(first) == [1]
+
+
+async def test_unicode_round_trips(history: History) -> None:
+    room = await history.room_by_name("유니코드 🌏", create=True)
+    assert room is not None
+    texts = [
+        "emoji 👋🏽 👨‍👩‍👧‍👦 🇰🇷",
+        "안녕하세요, 반갑습니다",
+        "你好\uff0c世界",  # a fullwidth comma
+        "가" * 4000,
+        "quotes ' \" \\ and % _ ; --",
+    ]
+    user = User(UserId(42), "김철수 🐍")
+    sent = await history.append([draft(room, text, user) for text in texts])
+    stored = await history.after(room.id, 0, 100)
+    assert stored == sent
+    assert [m.text for m in stored] == texts
+    assert all(m.user == user for m in stored)
+    assert await history.room_by_name("유니코드 🌏") == room
+
+
+# Reading
+
+
+async def _room_with(history: History, count: int) -> tuple[Room, list[Message]]:
+    room = await history.room_by_name("paged", create=True)
+    assert room is not None
+    sent = await history.append([draft(room, f"#{i}") for i in range(1, count + 1)])
+    return room, sent
+
+
+async def test_after_pages_forward(history: History) -> None:
+    room, sent = await _room_with(history, 10)
+    assert await history.after(room.id, 0, 100) == sent
+    assert seqs(await history.after(room.id, 0, 3)) == [1, 2, 3]
+    assert seqs(await history.after(room.id, 3, 3)) == [4, 5, 6]
+    assert seqs(await history.after(room.id, 8, 3)) == [9, 10]
+    assert await history.after(room.id, 10, 3) == []
+    assert await history.after(room.id, 50, 3) == []
+    assert await history.after(room.id, 0, 0) == []
+    assert await history.after(RoomId(999), 0, 10) == []
+
+
+async def test_before_pages_backward(history: History) -> None:
+    room, sent = await _room_with(history, 10)
+    assert await history.before(room.id, None, 100) == sent
+    assert seqs(await history.before(room.id, None, 3)) == [8, 9, 10]
+    assert seqs(await history.before(room.id, 8, 3)) == [5, 6, 7]
+    assert seqs(await history.before(room.id, 3, 10)) == [1, 2]
+    assert seqs(await history.before(room.id, 11, 2)) == [9, 10]
+    assert await history.before(room.id, 1, 10) == []
+    assert await history.before(room.id, None, 0) == []
+    assert await history.before(RoomId(999), None, 10) == []
+
+
+async def test_latest(history: History) -> None:
+    room, _ = await _room_with(history, 0)
+    assert await history.latest(room.id) == 0
+    await history.append([draft(room), draft(room)])
+    assert await history.latest(room.id) == 2
+    await history.append([draft(room)])
+    assert await history.latest(room.id) == 3
+
+
+# Reset and user ids
+
+
+async def test_reset_changes_the_epoch_and_restarts_seq(history: History) -> None:
+    room, _ = await _room_with(history, 5)
+    other, _ = await _room_with(history, 0)  # same name: the same room
+    assert other == room
+    bystander = await history.room_by_name("bystander", create=True)
+    assert bystander is not None
+    await history.append([draft(bystander)])
+
+    fresh = await history.reset(room.id)
+    assert (fresh.id, fresh.name) == (room.id, room.name)
+    assert fresh.epoch != room.epoch
+    assert await history.room_by_id(room.id) == fresh
+    assert await history.room_by_name(room.name) == fresh
+    assert await history.latest(room.id) == 0
+    assert await history.after(room.id, 0, 100) == []
+    assert await history.before(room.id, None, 100) == []
+
+    again = await history.append([draft(room, "new"), draft(room, "newer")])
+    assert [(m.seq, m.epoch) for m in again] == [(1, fresh.epoch), (2, fresh.epoch)]
+    assert await history.after(room.id, 0, 100) == again
+    assert seqs(await history.after(bystander.id, 0, 100)) == [1]
+    assert (await history.room_by_id(bystander.id)) == bystander
+
+    assert (await history.reset(room.id)).epoch != fresh.epoch
+
+
+async def test_reset_of_unknown_room_is_not_found(history: History) -> None:
+    with pytest.raises(ChatError) as raised:
+        await history.reset(RoomId(999))
+    assert raised.value.code is ErrorCode.NOT_FOUND
+
+
+async def test_user_ids_are_distinct_and_increasing(history: History) -> None:
+    first = [await history.next_user_id() for _ in range(3)]
+    assert first == [1, 2, 3]
+    more = await asyncio.gather(*(history.next_user_id() for _ in range(30)))
+    assert sorted(more) == list(range(4, 34))
+
+
+# Durable engines
+
+
+async def test_instances_can_start_together_on_a_new_database(durable_store: Store) -> None:
+    started = await asyncio.gather(*(durable_store.open() for _ in range(4)))
+    room = await started[0].room_by_name("first", create=True)
+    assert room is not None
+    for history in started:
+        assert await history.rooms() == [room]
+
+
+async def test_everything_survives_a_reopen(durable_store: Store) -> None:
+    before = await durable_store.open()
+    lobby = await before.room_by_name("lobby", create=True)
+    games = await before.room_by_name("games", create=True)
+    assert lobby is not None and games is not None
+    sent = await before.append([draft(lobby, "one"), draft(games, "two"), draft(lobby, "three")])
+    reset = await before.reset(games.id)
+    users = [await before.next_user_id() for _ in range(3)]
+    await durable_store.close(before)
+
+    after = await durable_store.open()
+    assert await after.rooms() == [lobby, reset]
+    assert await after.room_by_name("lobby") == lobby
+    assert await after.after(lobby.id, 0, 100) == [sent[0], sent[2]]
+    assert await after.latest(lobby.id) == 2
+    assert await after.latest(games.id) == 0
+    more = await after.append([draft(lobby, "four"), draft(games, "five")])
+    assert [(m.room, m.seq) for m in more] == [(lobby.id, 3), (games.id, 1)]
+    assert more[1].epoch == reset.epoch
+    assert await after.next_user_id() > max(users)
+    newer = await after.room_by_name("newer", create=True)
+    assert newer is not None and newer.id == 3
+
+
+async def test_two_instances_share_one_order_per_room(durable_store: Store) -> None:
+    one = await durable_store.open()
+    two = await durable_store.open()
+    room = await one.room_by_name("shared", create=True)
+    assert room is not None
+    assert await two.room_by_name("shared") == room
+
+    async def burst(history: History) -> list[list[Message]]:
+        return await asyncio.gather(
+            *(history.append([draft(room), draft(room), draft(room)]) for _ in range(15))
+        )
+
+    from_one, from_two = await asyncio.gather(burst(one), burst(two))
+    batches = from_one + from_two
+    for batch in batches:
+        assert seqs(batch) == list(range(batch[0].seq, batch[0].seq + 3))
+    assert sorted(seq for batch in batches for seq in seqs(batch)) == list(range(1, 91))
+    assert seqs(await two.after(room.id, 0, 1000)) == list(range(1, 91))
+    assert await one.latest(room.id) == await two.latest(room.id) == 90
+
+
+async def test_two_instances_create_one_room_and_distinct_users(durable_store: Store) -> None:
+    one = await durable_store.open()
+    two = await durable_store.open()
+    rooms = await asyncio.gather(
+        *(h.room_by_name("race", create=True) for _ in range(10) for h in (one, two))
+    )
+    assert len(set(rooms)) == 1
+    assert await one.rooms() == await two.rooms() == [rooms[0]]
+    users = await asyncio.gather(*(h.next_user_id() for _ in range(20) for h in (one, two)))
+    assert sorted(users) == list(range(1, 41))
