@@ -1,0 +1,64 @@
+"""Redis restarted in the middle of traffic: no false ok while it is down, and afterwards no
+acknowledged message is missing from any member's view."""
+
+from __future__ import annotations
+
+import time
+
+from tests.redis_server import private_redis
+
+from .clients import ChatClient
+from .cluster import cluster, postgres_schema
+
+OUTAGE_SENDS = 5
+"""Refused sends to see while Redis is down (proof the outage reached the clients)."""
+
+
+async def test_redis_restart_mid_traffic_loses_no_acknowledged_message(tmp_path):
+    async with private_redis(tmp_path) as redis_server, postgres_schema() as store:
+        with cluster(redis_server.url + "?prefix=outage", store, tmp_path) as c:
+            one, two = c.start(2)
+            sender = await ChatClient(one.url, "sender").connect()
+            near = await ChatClient(one.url, "near").connect()
+            far = await ChatClient(two.url, "far").connect()
+            readers = [near, far]
+            try:
+                room = (await sender.ok("join", {"room": "steady"}))["room"]["id"]
+                for reader in readers:
+                    await reader.ok("join", {"room": "steady"})
+                acked: list[dict] = []
+                refused: list[dict] = []
+                counter = 0
+
+                async def send() -> None:
+                    nonlocal counter
+                    counter += 1
+                    reply = await sender.call("send", {"room": "steady", "text": f"m{counter}"})
+                    (acked if reply["ok"] else refused).append(reply)
+
+                for _ in range(20):
+                    await send()
+                await redis_server.kill()
+                deadline = time.monotonic() + 30
+                while len(refused) < OUTAGE_SENDS:
+                    assert time.monotonic() < deadline, "sends were never refused"
+                    await send()
+                assert all(r["error"]["code"] == "unavailable" for r in refused)
+                await redis_server.start()
+                before = len(acked)
+                deadline = time.monotonic() + 30
+                while len(acked) < before + 20:
+                    assert time.monotonic() < deadline, "sends never recovered"
+                    await send()
+
+                expected = sorted((r["message"]["seq"], r["message"]["text"]) for r in acked)
+                assert [seq for seq, _ in expected] == list(range(1, len(expected) + 1))
+                for reader in readers:
+                    await reader.wait_for(
+                        lambda r=reader: len(r.messages(room)) >= len(expected), timeout=30
+                    )
+                    view = [(m["seq"], m["text"]) for m in reader.messages(room)]
+                    assert view == expected, f"{reader.name} saw {view[-5:]}"
+            finally:
+                for client in (sender, *readers):
+                    await client.close()
