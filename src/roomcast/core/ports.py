@@ -130,7 +130,9 @@ class Presence(Protocol):
     """Who is in which room, across the cluster, and which nodes are alive.
 
     Entries carry their node; a node that stops heartbeating is dead and ``reap`` removes
-    its entries so the survivors can announce the leaves.
+    its entries so the survivors can announce the leaves. The "node" of an entry is any
+    owner that heartbeats: the gRPC door makes each gRPC user the owner of its own entries
+    (``grpc:7``), so a user whose beats stop is reaped like a dead node.
     """
 
     async def start(self) -> None: ...

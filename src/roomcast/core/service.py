@@ -425,6 +425,29 @@ class ChatService:
         except Exception:
             log.warning("answer to node %s failed", envelope.reply_to, exc_info=True)
 
+    # -- listeners without a session (the gRPC door's streams) ---------------------
+
+    async def watch(self, room_id: RoomId, conn: Connection) -> list[Frame]:
+        """Receive a room's live frames on ``conn`` without a presence entry (the caller
+        keeps membership itself). Returns what arrived while subscribing; write it first."""
+        try:
+            await self.hub.begin_join(room_id, conn)
+            latest = await self.history.latest(room_id)
+        except UnavailableError as exc:
+            self.hub.detach(room_id, conn)
+            raise ChatError(ErrorCode.UNAVAILABLE, "the broker is unavailable") from exc
+        except BaseException:
+            self.hub.detach(room_id, conn)
+            raise
+        return self.hub.activate(room_id, conn, after=latest)
+
+    def unwatch(self, room_id: RoomId, conn: Connection) -> None:
+        self.hub.detach(room_id, conn)
+
+    async def announce(self, room_id: RoomId, event: str, user: User) -> None:
+        """Publish a presence event (``join`` / ``leave``) of a user to a room."""
+        await self._publish_presence(room_id, event, user)
+
     # -- cluster -----------------------------------------------------------------------
 
     async def restore_presence(self) -> None:
@@ -437,9 +460,11 @@ class ChatService:
                 await self._quiet(self.presence.add(room_id, member))
 
     async def announce_departed(self, removed: list[tuple[RoomId, Member]]) -> None:
-        """Send leave events for members whose node died (found by the reaper)."""
+        """Send leave events for members whose owner died (found by the reaper). Rooms
+        with ids below 1 are records a door keeps in presence, not rooms."""
         for room_id, member in removed:
-            await self._publish_presence(room_id, "leave", member.user)
+            if room_id > 0:
+                await self._publish_presence(room_id, "leave", member.user)
 
     # -- helpers -----------------------------------------------------------------------
 

@@ -1,0 +1,83 @@
+"""The Channel service: chat and status events of the channel a user made or joined.
+
+Requests carry only the user's index; the channel is the one the user is in when the call
+starts, and a stream stays tied to it: when the user leaves that channel (or is removed)
+its streams of it end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import grpc
+
+from ...core.models import RoomId
+from ...exceptions import ChatError, ErrorCode
+from ...grpc import client_to_agent_pb2 as pb2
+from ...grpc import client_to_agent_pb2_grpc as pb2_grpc
+from .errors import Context, abort, answer
+from .users import GrpcUser
+
+if TYPE_CHECKING:
+    from .door import GrpcDoor
+
+
+class ChannelService(pb2_grpc.ChannelServicer):
+    def __init__(self, door: GrpcDoor) -> None:
+        self._door = door
+
+    async def _member(self, index: int) -> tuple[GrpcUser, RoomId]:
+        user = await self._door.users.get(index)
+        if user.channel is None:
+            raise ChatError(ErrorCode.NOT_MEMBER, f"user {index} is not in a channel")
+        return user, user.channel
+
+    async def TryChatSend(self, request: pb2.Chat, context: Context) -> pb2.Empty:
+        """Chat to the other members of the user's channel; an empty text is dropped."""
+        await answer(context, self._chat(request))
+        return pb2.Empty()
+
+    async def _chat(self, request: pb2.Chat) -> None:
+        user, channel = await self._member(request.index)
+        if request.text.strip():
+            await self._door.send(user, channel, request.text)
+
+    async def TryChatReceive(self, request: pb2.Chat, context: Context) -> AsyncIterator[pb2.Chat]:
+        """The channel's chat from the other members (Socket.IO users of the room too)."""
+        user, channel = await answer(context, self._member(request.index))
+        transport = self._door.transport
+        stream = await answer(context, transport.open_chat(channel, user.index, lobby=False))
+        try:
+            while (chat := await stream.next()) is not None:
+                yield chat
+            if stream.error:
+                await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, stream.error)
+        finally:
+            transport.release(channel, user.index, stream)
+
+    async def TryStatusRequest(
+        self, request: pb2.UserRequest, context: Context
+    ) -> AsyncIterator[pb2.StatusReply]:
+        """Opening it announces the user: JOIN_USER {index, channel} goes to every member,
+        the user included. Then the channel's joins and leaves."""
+        user, channel = await answer(context, self._member(request.index))
+        transport = self._door.transport
+        stream = await answer(context, transport.open_status(channel, user.index, lobby=False))
+        try:
+            await self._door.users.announce(channel, "join", user.user)
+            while (status := await stream.next()) is not None:
+                yield status
+            if stream.error:
+                await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, stream.error)
+        finally:
+            transport.release(channel, user.index, stream)
+
+    async def TryUserRemove(self, request: pb2.UserRequest, context: Context) -> pb2.Empty:
+        """Take the user out of its channel (it stays in the lobby), with LEAVE_USER."""
+        await answer(context, self._remove(request.index))
+        return pb2.Empty()
+
+    async def _remove(self, index: int) -> None:
+        user, _ = await self._member(index)
+        await self._door.users.leave(user)

@@ -1,0 +1,64 @@
+"""Refusals as gRPC statuses: every error a servicer meets ends the call with a status and a
+message, never with a traceback on the client's side or a crash in the server."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+
+from ...exceptions import ChatError, ErrorCode, UnavailableError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+Context = Any
+"""``grpc.aio.ServicerContext`` (grpc ships no type information)."""
+
+_STATUS = {
+    ErrorCode.BAD_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorCode.UNKNOWN_EVENT: grpc.StatusCode.UNIMPLEMENTED,
+    ErrorCode.INVALID_ROOM: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorCode.INVALID_TEXT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorCode.INVALID_NAME: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorCode.NOT_MEMBER: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorCode.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorCode.RATE_LIMITED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_of(code: ErrorCode) -> Any:
+    """The gRPC status code for a roomcast error code."""
+    return _STATUS.get(code, grpc.StatusCode.FAILED_PRECONDITION)
+
+
+async def answer(context: Context, call: Awaitable[T]) -> T:
+    """Await ``call``; end the gRPC call with a status for what it raises:
+
+    ==============================  =====================================================
+    ChatError                       its code mapped (INVALID_ARGUMENT, NOT_FOUND, ...)
+    UnavailableError                UNAVAILABLE
+    anything else                   INTERNAL, logged here
+    ==============================  =====================================================
+    """
+    try:
+        return await call
+    except grpc.aio.AbortError:
+        raise
+    except ChatError as exc:
+        await abort(context, status_of(exc.code), exc.message)
+    except UnavailableError:
+        await abort(context, grpc.StatusCode.UNAVAILABLE, "an engine is unavailable, try again")
+    except Exception:
+        log.exception("a gRPC call failed")
+        await abort(context, grpc.StatusCode.INTERNAL, "internal error, try again")
+
+
+async def abort(context: Context, code: Any, message: str) -> NoReturn:
+    """End the call with ``code`` and ``message`` (raises grpc.aio.AbortError)."""
+    await context.abort(code, message)
+    raise AssertionError("context.abort() returned")

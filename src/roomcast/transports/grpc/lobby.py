@@ -1,0 +1,171 @@
+"""The Lobby service: lobby chat, status events, commands, logout.
+
+The lobby is the room named ``lobby``: every logged-in gRPC user is a member from login to
+logout (also while inside a channel), and Socket.IO clients that join ``lobby`` chat with
+them. Channels are rooms too; a channel's number is its room id.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import grpc
+
+from ...core.models import RoomId
+from ...exceptions import ChatError, ErrorCode
+from ...grpc import client_to_agent_pb2 as pb2
+from ...grpc import client_to_agent_pb2_grpc as pb2_grpc
+from .errors import Context, abort, answer
+from .users import INDEX_MAX, GrpcUser
+
+if TYPE_CHECKING:
+    from .door import GrpcDoor
+
+Command = pb2.CommandRequest
+SUCCESS = pb2.CommandReply.SUCCESS
+FAILURE = pb2.CommandReply.FAILURE
+
+
+class LobbyService(pb2_grpc.LobbyServicer):
+    def __init__(self, door: GrpcDoor) -> None:
+        self._door = door
+        self._commands = {
+            Command.LIST_CHANNELS: self._list_channels,
+            Command.MAKE_CHANNEL: self._make_channel,
+            Command.JOIN_CHANNEL: self._join_channel,
+            Command.LEAVE_CHANNEL: self._leave_channel,
+            Command.LIST_USERS: self._list_users,
+        }
+
+    # -- chat ----------------------------------------------------------------------------
+
+    async def TryChatSend(self, request: pb2.Chat, context: Context) -> pb2.Empty:
+        """Chat to every other logged-in user; an empty text is dropped."""
+        await answer(context, self._chat(request))
+        return pb2.Empty()
+
+    async def _chat(self, request: pb2.Chat) -> None:
+        user = await self._door.users.get(request.index)
+        if request.text.strip():
+            await self._door.send(user, (await self._door.users.lobby()).id, request.text)
+
+    async def TryChatReceive(self, request: pb2.Chat, context: Context) -> AsyncIterator[pb2.Chat]:
+        """The lobby chat of the other users, until the client cancels or logs out."""
+        user = await answer(context, self._door.users.get(request.index))
+        lobby = await answer(context, self._door.users.lobby())
+        transport = self._door.transport
+        stream = await answer(context, transport.open_chat(lobby.id, user.index, lobby=True))
+        try:
+            while (chat := await stream.next()) is not None:
+                yield chat
+            if stream.error:
+                await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, stream.error)
+        finally:
+            transport.release(lobby.id, user.index, stream)
+
+    async def TryStatusRequest(
+        self, request: pb2.UserRequest, context: Context
+    ) -> AsyncIterator[pb2.StatusReply]:
+        """JOIN_USER / LEAVE_USER of the lobby's users (``channel`` unset), and QUIT once
+        the user itself has been removed."""
+        user = await answer(context, self._door.users.get(request.index))
+        lobby = await answer(context, self._door.users.lobby())
+        transport = self._door.transport
+        stream = await answer(context, transport.open_status(lobby.id, user.index, lobby=True))
+        try:
+            while (status := await stream.next()) is not None:
+                yield status
+            if stream.error:
+                await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, stream.error)
+        finally:
+            transport.release(lobby.id, user.index, stream)
+
+    # -- leaving -------------------------------------------------------------------------
+
+    async def TryUserRemove(self, request: pb2.UserRequest, context: Context) -> pb2.Empty:
+        """Remove the user from the lobby and its channel, with LEAVE_USER to the others."""
+        await answer(context, self._remove(request.index))
+        return pb2.Empty()
+
+    async def TryUserExit(self, request: pb2.UserRequest, context: Context) -> pb2.StatusReply:
+        """Log the user out (as TryUserRemove); the reply is QUIT."""
+        user = await answer(context, self._remove(request.index))
+        return pb2.StatusReply(status=pb2.StatusReply.QUIT, index=user.index)
+
+    async def _remove(self, index: int) -> GrpcUser:
+        user = await self._door.users.get(index)
+        await self._door.users.remove(user)
+        return user
+
+    # -- commands ------------------------------------------------------------------------
+
+    async def TryCommand(self, request: pb2.CommandRequest, context: Context) -> pb2.CommandReply:
+        """LIST_CHANNELS, MAKE_CHANNEL, JOIN_CHANNEL, LEAVE_CHANNEL, LIST_USERS."""
+        return await answer(context, self._command(request))
+
+    async def _command(self, request: pb2.CommandRequest) -> pb2.CommandReply:
+        command = self._commands.get(request.status)
+        if command is None:
+            raise ChatError(ErrorCode.BAD_REQUEST, f"unknown command {request.status}")
+        user = await self._door.users.get(request.index)
+        channel = _channel_field(request)
+        return await command(user, channel)
+
+    async def _list_channels(self, user: GrpcUser, channel: RoomId | None) -> pb2.CommandReply:
+        """Every room with members, but the lobby."""
+        lobby = await self._door.users.lobby()
+        rooms = await self._door.service.rooms()
+        numbers = [info.room.id for info in rooms if info.members and info.room.id != lobby.id]
+        return pb2.CommandReply(status=SUCCESS, channels=numbers)
+
+    async def _make_channel(self, user: GrpcUser, channel: RoomId | None) -> pb2.CommandReply:
+        """A new channel with the user in it; ``channels[0]`` is its number."""
+        self._door.spend(user)
+        room = await self._door.service.resolve(f"channel-{secrets.token_hex(4)}", create=True)
+        await self._door.users.enter(user, room)
+        return self._joined(room.id)
+
+    async def _join_channel(self, user: GrpcUser, channel: RoomId | None) -> pb2.CommandReply:
+        """Enter channel ``channel`` (any room but the lobby), leaving the current one."""
+        if channel is None:
+            raise ChatError(ErrorCode.BAD_REQUEST, "JOIN_CHANNEL needs 'channel'")
+        room = await self._door.service.history.room_by_id(channel)
+        if room is None or room.id == (await self._door.users.lobby()).id:
+            return pb2.CommandReply(status=FAILURE)
+        await self._door.users.enter(user, room)
+        return self._joined(room.id)
+
+    def _joined(self, channel: RoomId) -> pb2.CommandReply:
+        return pb2.CommandReply(status=SUCCESS, address=self._door.address, channels=[channel])
+
+    async def _leave_channel(self, user: GrpcUser, channel: RoomId | None) -> pb2.CommandReply:
+        """Back to the lobby only. FAILURE when the user is not in (that) channel."""
+        left = user.channel
+        if left is None or channel not in (None, left):
+            return pb2.CommandReply(status=FAILURE)
+        await self._door.users.leave(user)
+        return pb2.CommandReply(status=SUCCESS, channels=[left])
+
+    async def _list_users(self, user: GrpcUser, channel: RoomId | None) -> pb2.CommandReply:
+        """The users of ``channel``, or (unset, 0, or no such room) every user of the lobby;
+        ``channels[i]`` is where ``users[i]`` is, 0 for the lobby."""
+        lobby = await self._door.users.lobby()
+        if channel == lobby.id or (
+            channel is not None and await self._door.service.history.room_by_id(channel) is None
+        ):
+            channel = None
+        pairs = await self._door.users.listing(channel)
+        return pb2.CommandReply(
+            status=SUCCESS, users=[u for u, _ in pairs], channels=[c for _, c in pairs]
+        )
+
+
+def _channel_field(request: pb2.CommandRequest) -> RoomId | None:
+    """The request's channel; unset and 0 mean none."""
+    if not request.HasField("channel") or request.channel == 0:
+        return None
+    if not 0 < request.channel <= INDEX_MAX:
+        raise ChatError(ErrorCode.BAD_REQUEST, "'channel' must be a channel number")
+    return RoomId(request.channel)
