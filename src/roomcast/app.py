@@ -45,6 +45,7 @@ class RoomcastApp:
             engineio_logger=False,
         )
         self.socketio = SocketIOTransport(self.node.service, self.sio)
+        self.node.metrics.collector.socketio = self.socketio
         self.http = create_http_app(self.node)
         self._asgi = socketio.ASGIApp(
             self.sio, other_asgi_app=self.http, socketio_path=settings.socketio_path
@@ -107,15 +108,25 @@ class RoomcastApp:
             scope = {**scope, "path": scope["path"][len(root) :] or "/"}
         if self.worker is not None and await self._forwarded(scope, receive, send):
             return
-        await self._asgi(scope, receive, send)
+        if scope["type"] != "websocket":
+            await self._asgi(scope, receive, send)
+            return
+        sid = _sid(scope)
+        if sid is not None:  # an upgrade of a long-polling session
+            self.socketio.websocket_opened(scope, sid)
+        try:
+            await self._asgi(scope, receive, send)
+        finally:
+            if sid is not None:
+                self.socketio.websocket_closed(sid)
 
     async def _forwarded(self, scope: Scope, receive: Any, send: Any) -> bool:
         """Hand an Engine.IO request to the sibling worker that owns its session."""
         assert self.worker is not None and self._forwarder is not None
         if not (scope["path"] + "/").startswith(self._sio_prefix):
             return False
-        sid = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("sid")
-        owner = self.worker.owner(sid[0]) if sid else None
+        sid = _sid(scope)
+        owner = self.worker.owner(sid) if sid else None
         if owner is None or owner == self.worker.index:
             return False
         uds = self.worker.uds(owner)
@@ -140,6 +151,15 @@ class RoomcastApp:
                 await self.shutdown()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _sid(scope: Scope) -> str | None:
+    """The Engine.IO session id a request names, if any."""
+    query = scope.get("query_string", b"")
+    if b"sid=" not in query:
+        return None
+    values = parse_qs(query.decode("latin-1")).get("sid")
+    return values[0] if values else None
 
 
 async def _redirect(send: Any, location: str) -> None:

@@ -53,6 +53,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .app import create_app
+    from .transports.fastws import RoomcastWebSocketProtocol
 
     settings = settings_from(args)
     logging.basicConfig(
@@ -70,7 +71,9 @@ def _serve(args: argparse.Namespace) -> int:
         port=settings.port,
         log_level=settings.log_level,
         lifespan="on",
+        ws=RoomcastWebSocketProtocol,
         ws_max_size=1 << 20,
+        ws_per_message_deflate=False,
     )
     uvicorn.Server(config).run()
     return 0

@@ -12,11 +12,13 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from .node import Node
+    from .transports.socketio import SocketIOTransport
 
 
 class NodeCollector(Collector):
     def __init__(self, node: Node) -> None:
         self._node = node
+        self.socketio: SocketIOTransport | None = None
 
     def collect(self) -> Iterator[Metric]:
         node, hub = self._node, self._node.hub
@@ -51,6 +53,16 @@ class NodeCollector(Collector):
         )
         conns.add_metric([node.id], len(node.service.sessions()))
         yield conns
+        if self.socketio is not None:
+            writes = CounterMetricFamily(
+                "roomcast_socketio_writes",
+                "Room frames written to Socket.IO clients, by path: direct (the WebSocket "
+                "fast path) or queued (Engine.IO's per-socket queue)",
+                labels=["node", "path"],
+            )
+            writes.add_metric([node.id, "direct"], self.socketio.direct_writes)
+            writes.add_metric([node.id, "queued"], self.socketio.queued_writes)
+            yield writes
 
 
 class Metrics:
@@ -58,4 +70,5 @@ class Metrics:
 
     def __init__(self, node: Node) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(NodeCollector(node))
+        self.collector = NodeCollector(node)
+        self.registry.register(self.collector)

@@ -55,7 +55,9 @@ class Node:
     async def start(self) -> None:
         await self.history.start()
         await self.presence.start()
-        await self.broker.start(self.id, self.hub.on_frame, self.service.on_inbox, self._on_reconnect)
+        await self.broker.start(
+            self.id, self.hub.on_frame, self.service.on_inbox, self._on_reconnect
+        )
         await self.presence.heartbeat(self.id, self.settings.node_ttl)
         self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="roomcast-heartbeat")
         self.started = True

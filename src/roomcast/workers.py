@@ -121,6 +121,7 @@ def _worker_main(settings_data: dict[str, Any], info: WorkerInfo, listener: sock
     import uvicorn
 
     from .app import RoomcastApp
+    from .transports.fastws import RoomcastWebSocketProtocol
 
     settings = Settings(**settings_data)
     logging.basicConfig(
@@ -134,5 +135,12 @@ def _worker_main(settings_data: dict[str, Any], info: WorkerInfo, listener: sock
     private.bind(path)
     private.listen(512)
     app = RoomcastApp(settings, worker=info)
-    config = uvicorn.Config(app, log_level=settings.log_level, lifespan="on", ws_max_size=1 << 20)
+    config = uvicorn.Config(
+        app,
+        log_level=settings.log_level,
+        lifespan="on",
+        ws=RoomcastWebSocketProtocol,
+        ws_max_size=1 << 20,
+        ws_per_message_deflate=False,
+    )
     uvicorn.Server(config).run(sockets=[listener, private])

@@ -94,3 +94,13 @@ class ChatClient:
     async def close(self) -> None:
         if self.sio.connected:
             await self.sio.disconnect()
+
+
+async def eventually(condition: Callable[[], Any], timeout: float = WAIT) -> Any:
+    """Wait until ``condition()`` is truthy, checking every 10 ms; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.01)
+    return result

@@ -24,6 +24,7 @@ from ..core.hub import Connection
 from ..core.models import ConnId, Message
 from ..core.service import ChatService, JoinResult, Session
 from ..exceptions import ChatError, ErrorCode
+from .fastws import DirectWriter, RoomcastWebSocketProtocol, protocol_of, text_frame
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ class SocketIOConnection:
     sid: str
     eio_sid: str
     transport: SocketIOTransport
+    writer: DirectWriter | None
+    """The WebSocket fast path, where roomcast serves the connection itself."""
 
 
 def _ok(**fields: Any) -> Reply:
@@ -60,6 +63,12 @@ class SocketIOTransport:
         self.service = service
         self.sio = sio
         self._by_sid: dict[str, Session] = {}
+        self._upgrades: dict[str, RoomcastWebSocketProtocol] = {}
+        self._by_eio: dict[str, SocketIOConnection] = {}
+        self.direct_writes = 0
+        """Room frames written on the WebSocket fast path (one per recipient)."""
+        self.queued_writes = 0
+        """Room frames handed to Engine.IO's queue (long-polling, or not served by us)."""
         self._handlers: dict[str, Handler] = {
             "join": self._join,
             "leave": self._leave,
@@ -91,32 +100,73 @@ class SocketIOTransport:
 
     async def deliver(self, frame: Frame, conns: Collection[Connection]) -> None:
         pkt = self._packet(frame)
-        send = self.sio.eio.send_packet
+        data: bytes | None = None
+        direct = 0
         for conn in conns:
-            await send(conn.eio_sid, pkt)  # type: ignore[attr-defined]
+            writer = conn.writer  # type: ignore[attr-defined]
+            if writer is not None and writer.ready():
+                if data is None:
+                    # One WebSocket frame for every member on the fast path.
+                    data = text_frame(pkt.encode())
+                if writer.write(data):
+                    direct += 1
+                    continue
+            self.queued_writes += 1
+            await self.sio.eio.send_packet(conn.eio_sid, pkt)  # type: ignore[attr-defined]
+        self.direct_writes += direct
 
     async def deliver_one(self, frame: Frame, conn: Connection) -> None:
-        await self.sio.eio.send_packet(conn.eio_sid, self._packet(frame))  # type: ignore[attr-defined]
+        await self.deliver(frame, (conn,))
+
+    def websocket_opened(self, scope: dict[str, Any], sid: str) -> None:
+        """An Engine.IO session is upgrading to a WebSocket roomcast serves itself: let its
+        connection use the fast path once the upgrade is done."""
+        proto = protocol_of(scope)
+        if proto is None:
+            return
+        conn = self._by_eio.get(sid)
+        if conn is not None and conn.writer is not None:
+            conn.writer.proto = proto
+        else:  # the Socket.IO connect may still come, over the new WebSocket
+            self._upgrades[sid] = proto
+
+    def websocket_closed(self, sid: str) -> None:
+        self._upgrades.pop(sid, None)
 
     # -- connection lifecycle ----------------------------------------------------------
 
     async def _on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
         name = auth.get("name") if isinstance(auth, dict) else None
+        eio_sid = self.sio.manager.eio_sid_from_sid(sid, "/")
         conn = SocketIOConnection(
-            self.service.new_conn_id(), sid, self.sio.manager.eio_sid_from_sid(sid, "/"), self
+            self.service.new_conn_id(), sid, eio_sid, self, self._writer(eio_sid, environ)
         )
         try:
             session = await self.service.connect(conn, name)
         except ChatError as exc:
             raise socketio.exceptions.ConnectionRefusedError(exc.message, exc.to_dict()) from None
         self._by_sid[sid] = session
+        self._by_eio[eio_sid] = conn
         # After the handler returns python-socketio confirms the connection; the welcome
         # goes out right after that confirmation.
         self._spawn(self.sio.emit("welcome", {"user": session.user.to_wire()}, to=sid))
 
+    def _writer(self, eio_sid: str, environ: dict[str, Any]) -> DirectWriter | None:
+        eio_socket = self.sio.eio.sockets.get(eio_sid)
+        if eio_socket is None:
+            return None
+        scope = environ.get("asgi.scope") or {}
+        proto: RoomcastWebSocketProtocol | None = protocol_of(scope)
+        if proto is None:
+            proto = self._upgrades.pop(eio_sid, None)
+        return DirectWriter(eio_socket, proto)
+
     async def _on_disconnect(self, sid: str, reason: Any = None) -> None:
         session = self._by_sid.pop(sid, None)
         if session is not None:
+            eio_sid = session.conn.eio_sid  # type: ignore[attr-defined]
+            self._upgrades.pop(eio_sid, None)
+            self._by_eio.pop(eio_sid, None)
             await self.service.disconnect(session.conn.id)
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
