@@ -19,19 +19,6 @@ BROKERS = ["redis", "amqp", "nats"]
 FAST = ("--heartbeat-interval", "0.5", "--node-ttl", "3", "--rate-limit", "0")
 
 
-def broker_url(kind: str, prefix: str) -> str:
-    if kind == "redis":
-        services.require("Redis", services.REDIS_HOST, services.REDIS_PORT)
-        return f"{services.REDIS_URL}/0?prefix={prefix}"
-    if kind == "amqp":
-        services.require("RabbitMQ", services.RABBITMQ_HOST, services.RABBITMQ_PORT)
-        return f"{services.RABBITMQ_URL}?prefix={prefix}"
-    if kind == "nats":
-        services.require("NATS", services.NATS_HOST, services.NATS_PORT)
-        return f"{services.NATS_URL}?prefix={prefix}"
-    raise ValueError(kind)
-
-
 @contextlib.asynccontextmanager
 async def postgres_schema() -> AsyncIterator[str]:
     """A store URL on the machine's PostgreSQL with a schema of its own, dropped after."""

@@ -5,20 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 
 import pytest
 
+from tests.contract.engines import engine_url
+
 from .clients import ChatClient
-from .cluster import BROKERS, broker_url, cluster, postgres_schema, room_frames
+from .cluster import BROKERS, cluster, postgres_schema, room_frames
 
 LONG = 60.0
 
 
 @pytest.fixture(params=BROKERS)
-async def engines(request):
-    url = broker_url(request.param, f"c{uuid.uuid4().hex[:10]}")
-    async with postgres_schema() as store:
+async def engines(request, tmp_path):
+    async with engine_url(request.param, tmp_path) as url, postgres_schema() as store:
         yield url, store
 
 

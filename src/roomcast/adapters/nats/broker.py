@@ -48,6 +48,7 @@ from nats.aio.subscription import Subscription
 from ...core.models import NodeId, RoomId
 from ...core.ports import FrameHandler, ReconnectHandler
 from ...exceptions import ConfigError, UnavailableError
+from .._resync import Resync
 
 log = logging.getLogger(__name__)
 
@@ -109,14 +110,12 @@ class NatsBroker:
         self._node: NodeId | None = None
         self._on_room: FrameHandler | None = None
         self._on_inbox: FrameHandler | None = None
-        self._on_reconnect: ReconnectHandler | None = None
         self._nc: Client | None = None
         self._subs: dict[RoomId, Subscription] = {}
         self._inbox: Subscription | None = None
         self._turn = asyncio.Lock()
         """Held while a frame handler runs: one frame at a time across all subjects."""
-        self._resync: asyncio.Task[None] | None = None
-        self._resync_wanted = False
+        self._resync: Resync | None = None
         self._closed = False
         self.received = 0
         """Room frames this node received (the per-node counter the metrics export)."""
@@ -141,7 +140,8 @@ class NatsBroker:
         if self._closed or self._node is not None:
             raise UnavailableError("NATS broker already started or closed")
         self._node = node
-        self._on_room, self._on_inbox, self._on_reconnect = on_room, on_inbox, on_reconnect
+        self._on_room, self._on_inbox = on_room, on_inbox
+        self._resync = Resync(on_reconnect, f"roomcast-nats-resync-{node}")
         nc = Client()
         self._nc = nc
         try:
@@ -179,9 +179,7 @@ class NatsBroker:
             return
         self._closed = True
         if self._resync is not None:
-            self._resync.cancel()
-            await asyncio.gather(self._resync, return_exceptions=True)
-            self._resync = None
+            await self._resync.close()
         await self._close_client()
         self._subs.clear()
         self._inbox = None
@@ -286,19 +284,5 @@ class NatsBroker:
         if self._closed:
             return
         log.info("NATS connection restored with %d room subscriptions", len(self._subs))
-        # A resync still running from an earlier reconnect is not cancelled (that could
-        # cut a delivery in half); it runs once more when it is done.
-        self._resync_wanted = True
-        if self._resync is None or self._resync.done():
-            self._resync = asyncio.get_running_loop().create_task(
-                self._run_resync(), name=f"roomcast-nats-resync-{self._node}"
-            )
-
-    async def _run_resync(self) -> None:
-        assert self._on_reconnect is not None
-        while self._resync_wanted and not self._closed:
-            self._resync_wanted = False
-            try:
-                await self._on_reconnect()
-            except Exception:
-                log.exception("the reconnect handler failed")
+        if self._resync is not None:
+            self._resync.request()

@@ -69,6 +69,7 @@ from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, ChannelNotF
 from ...core.models import NodeId, RoomId
 from ...core.ports import FrameHandler, ReconnectHandler
 from ...exceptions import ConfigError, UnavailableError
+from .._resync import Resync
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,6 @@ class RabbitBroker:
         self._inbox_key = ""
         self._on_room: FrameHandler | None = None
         self._on_inbox: FrameHandler | None = None
-        self._on_reconnect: ReconnectHandler | None = None
         self._connection: AbstractRobustConnection | None = None
         self._publisher: AbstractRobustExchange | None = None
         self._queue: AbstractRobustQueue | None = None
@@ -145,8 +145,7 @@ class RabbitBroker:
         self._deliveries: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         self._drainer: asyncio.Task[None] | None = None
         self._rebind: asyncio.Task[None] | None = None
-        self._resync: asyncio.Task[None] | None = None
-        self._resync_wanted = False
+        self._resync: Resync | None = None
         self._ready = False
         self._closed = False
         self.received = 0
@@ -167,7 +166,8 @@ class RabbitBroker:
             raise UnavailableError("RabbitMQ broker already started or closed")
         self._node = node
         self._inbox_key = f"node.{node}"
-        self._on_room, self._on_inbox, self._on_reconnect = on_room, on_inbox, on_reconnect
+        self._on_room, self._on_inbox = on_room, on_inbox
+        self._resync = Resync(on_reconnect, f"roomcast-rabbitmq-resync-{node}")
         # The exchange deletes itself when its last binding goes; a node that starts just as
         # the last other node stops can see it vanish between declaring it and binding its
         # inbox. Declaring everything again on a fresh connection settles that.
@@ -221,11 +221,13 @@ class RabbitBroker:
             return
         self._closed = True
         self._ready = False
-        tasks = [t for t in (self._rebind, self._resync, self._drainer) if t is not None]
+        if self._resync is not None:
+            await self._resync.close()
+        tasks = [t for t in (self._rebind, self._drainer) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._rebind = self._resync = self._drainer = None
+        self._rebind = self._drainer = None
         await self._close_connection()
         while not self._deliveries.empty():
             self._deliveries.get_nowait()
@@ -371,19 +373,5 @@ class RabbitBroker:
                 log.warning("restoring RabbitMQ bindings failed; retrying", exc_info=True)
                 await asyncio.sleep(RECOVERY_RETRY)
         log.info("RabbitMQ connection restored with %d room bindings", len(self._rooms))
-        # A resync still running from an earlier reconnect is not cancelled (that could cut
-        # a delivery in half); it runs once more when it is done.
-        self._resync_wanted = True
-        if self._resync is None or self._resync.done():
-            self._resync = asyncio.get_running_loop().create_task(
-                self._run_resync(), name=f"roomcast-rabbitmq-resync-{self._node}"
-            )
-
-    async def _run_resync(self) -> None:
-        assert self._on_reconnect is not None
-        while self._resync_wanted and not self._closed:
-            self._resync_wanted = False
-            try:
-                await self._on_reconnect()
-            except Exception:
-                log.exception("the reconnect handler failed")
+        if self._resync is not None:
+            self._resync.request()
