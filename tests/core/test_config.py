@@ -1,0 +1,58 @@
+"""Settings and the CLI: one flag per field, ROOMCAST_* variables, the embedded defaults."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from roomcast.cli import build_parser, settings_from
+from roomcast.config import Settings
+
+
+def test_the_defaults_are_the_embedded_single_process_server(monkeypatch):
+    for name in Settings.model_fields:
+        monkeypatch.delenv(f"ROOMCAST_{name.upper()}", raising=False)
+    settings = Settings()
+    assert (settings.host, settings.port) == ("127.0.0.1", 8000)
+    assert settings.broker_url == "memory://"
+    assert settings.store_url == "sqlite:///./roomcast.db"
+    assert settings.socketio_path == "/ws/socket.io"
+    assert settings.workers == 1
+
+
+def test_every_setting_is_a_serve_flag():
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    flags = {a.dest for a in serve._actions if a.option_strings and a.dest != "help"}
+    assert flags == set(Settings.model_fields)
+
+
+def test_environment_sets_and_a_flag_wins(monkeypatch):
+    monkeypatch.setenv("ROOMCAST_PORT", "9100")
+    monkeypatch.setenv("ROOMCAST_BROKER_URL", "redis://example:6379/0")
+    args = build_parser().parse_args(["serve", "--port", "9200"])
+    settings = settings_from(args)
+    assert settings.port == 9200
+    assert settings.broker_url == "redis://example:6379/0"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--port", "70000"], "--port"),
+        (["--socketio-path", "/"], "--socketio-path"),
+        (["--node-id", "has.dots"], "--node-id"),
+        (["--broker-url", "kafka://x"], "unknown broker URL scheme"),
+        (["--workers", "2"], "--workers > 1 needs a broker"),
+    ],
+)
+def test_bad_settings_exit_2_with_a_message(flags, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "roomcast", "serve", "--grpc-port", "0", "--port", "0", *flags],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
