@@ -81,7 +81,10 @@ class Node:
                 await asyncio.wait_for(self._stopping.wait(), interval)
                 return
             try:
-                await self.presence.heartbeat(self.id, self.settings.node_ttl)
+                if await self.presence.heartbeat(self.id, self.settings.node_ttl):
+                    # This node was taken for dead (a long pause): write its entries again.
+                    log.warning("node %s had lapsed; restoring its presence", self.id)
+                    await self.service.restore_presence()
                 removed = await self.presence.reap()
                 if removed:
                     await self.service.announce_departed(removed)

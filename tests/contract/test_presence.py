@@ -102,3 +102,14 @@ async def test_drop_node_removes_everything_of_that_node(views):
     assert removed == [(RoomId(1), member(1, "n1"))]
     assert [m.user.id for m in await one.members(RoomId(1))] == [2]
     assert await one.locate(UserId(1)) == []
+
+
+async def test_heartbeat_tells_a_node_whose_entries_may_be_gone(views):
+    one, two = await views(), await views()
+    assert await one.heartbeat(NodeId("n1"), 30) is True  # unknown until now
+    assert await one.heartbeat(NodeId("n1"), 30) is False
+    await one.heartbeat(NodeId("n2"), 0.2)
+    await asyncio.sleep(0.4)  # n2 pauses past its ttl
+    await two.reap()
+    assert await one.heartbeat(NodeId("n2"), 30) is True  # it must write its entries again
+    assert await one.heartbeat(NodeId("n1"), 30) is False

@@ -218,8 +218,11 @@ class MemoryPresence:
     async def locate(self, user: UserId) -> list[Member]:
         return [m for m in self._conns.values() if m.user.id == user]
 
-    async def heartbeat(self, node: NodeId, ttl: float) -> None:
-        self._expiry[node] = time.monotonic() + ttl
+    async def heartbeat(self, node: NodeId, ttl: float) -> bool:
+        now = time.monotonic()
+        previous = self._expiry.get(node)
+        self._expiry[node] = now + ttl
+        return previous is None or previous < now
 
     async def reap(self) -> list[tuple[RoomId, Member]]:
         now = time.monotonic()

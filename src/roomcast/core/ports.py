@@ -161,8 +161,12 @@ class Presence(Protocol):
         """The live connections of a user, each with its node."""
         ...
 
-    async def heartbeat(self, node: NodeId, ttl: float) -> None:
-        """Record that the node is alive for another ``ttl`` seconds."""
+    async def heartbeat(self, node: NodeId, ttl: float) -> bool:
+        """Record that the node is alive for another ``ttl`` seconds.
+
+        Returns True when the node was unknown or had lapsed: its entries may have been
+        reaped (a long pause, or the engine lost its data), so it should write them again.
+        """
         ...
 
     async def reap(self) -> list[tuple[RoomId, Member]]:

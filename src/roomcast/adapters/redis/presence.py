@@ -74,9 +74,13 @@ return out
 
 _HEARTBEAT = """
 -- KEYS: nodes; ARGV: node, ttl. Server time, so nodes' clocks need not agree.
+-- Returns 1 when the node was unknown or had lapsed (its entries may have been reaped).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local previous = redis.call('ZSCORE', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[1], string.format('%.6f', now + tonumber(ARGV[2])), ARGV[1])
+if previous == false or tonumber(previous) < now then return 1 end
+return 0
 """
 
 _CLAIM = """
@@ -276,8 +280,11 @@ class RedisPresence:
 
     # -- nodes -------------------------------------------------------------------------
 
-    async def heartbeat(self, node: NodeId, ttl: float) -> None:
-        await self._run(lambda pipe: self._script(pipe, "heartbeat", [self._nodes], [node, ttl]))
+    async def heartbeat(self, node: NodeId, ttl: float) -> bool:
+        (lapsed,) = await self._run(
+            lambda pipe: self._script(pipe, "heartbeat", [self._nodes], [node, ttl])
+        )
+        return bool(lapsed)
 
     async def reap(self) -> list[tuple[RoomId, Member]]:
         (claimed,) = await self._run(

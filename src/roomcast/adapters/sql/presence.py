@@ -142,10 +142,14 @@ class SqlPresence:
             result = await db.execute(query)
         return [_member(row) for row in result.mappings()]
 
-    async def heartbeat(self, node: NodeId, ttl: float) -> None:
-        upsert = self._db.upsert(nodes, ["node"], node=node, expires_ms=_now_ms() + int(ttl * 1000))
+    async def heartbeat(self, node: NodeId, ttl: float) -> bool:
+        now = _now_ms()
+        upsert = self._db.upsert(nodes, ["node"], node=node, expires_ms=now + int(ttl * 1000))
         async with self._db.write() as db:
+            query = sa.select(nodes.c.expires_ms).where(nodes.c.node == node)
+            previous = (await db.execute(query)).scalar()
             await db.execute(upsert)
+        return previous is None or int(previous) < now
 
     async def reap(self) -> list[tuple[RoomId, Member]]:
         query = sa.select(nodes.c.node).where(nodes.c.expires_ms < _now_ms())
