@@ -118,8 +118,8 @@ async def test_kill_9_of_a_node_removes_its_members_and_its_clients_recover(
         assert [m["seq"] for m in reply["missed"]] == list(range(seen + 1, seen + 6))
 
 
-async def test_seed_001_direct_message_to_a_client_on_the_other_server(engines, clients, tmp_path):
-    """Seed 001: two servers on two ports; emit to a client connected to the other one."""
+async def test_direct_message_to_a_client_on_the_other_server(engines, clients, tmp_path):
+    """Two servers on two ports: a message to a client connected to the other server."""
     broker, store = engines
     with cluster(broker, store, tmp_path) as c:
         first, second = c.start(2)

@@ -20,8 +20,9 @@ def redis_url():
     return f"{services.REDIS_URL}/0?prefix=w{uuid.uuid4().hex[:10]}"
 
 
-async def test_seed_000_five_workers_share_my_room(tmp_path, redis_url):
-    """Seed 000: behind gunicorn -w 5 the second client's message never reached the first."""
+async def test_five_workers_share_my_room(tmp_path, redis_url):
+    """Five workers, two clients in my_room: the second client's message reaches the first
+    (with a plain Socket.IO server behind `gunicorn -w 5` it never does)."""
     with run_server("--workers", "5", "--broker-url", redis_url, log_dir=tmp_path) as server:
         first = await ChatClient(server.url, "first").connect()
         second = await ChatClient(server.url, "second").connect()
