@@ -47,6 +47,9 @@ from .ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
 
+ROOM_CACHE = 100_000
+"""Room ids and names a node remembers (they never change); the cache starts over when full."""
+
 RECOVERY_LIMIT = 1000
 """The most missed messages a join with ``since`` returns; beyond it the client reloads."""
 
@@ -167,6 +170,10 @@ class ChatService:
         self._burst = max(rate_burst, 1)
         self._sequencer = Sequencer(history, broker)
         self._sessions: dict[ConnId, Session] = {}
+        self._id_prefix = secrets.token_hex(6)
+        self._message_ids = itertools.count(1)
+        self._room_ids: dict[str, RoomId] = {}
+        self._room_names: dict[RoomId, str] = {}
         self._by_user: dict[UserId, dict[ConnId, Session]] = {}
         self._ids = itertools.count(1)
         self._requests = itertools.count(1)
@@ -218,7 +225,9 @@ class ChatService:
     # -- rooms -------------------------------------------------------------------------
 
     async def resolve(self, ref: RoomId | str, *, create: bool = False) -> Room:
-        """The room a ``room`` field names: a numeric id, or a name (created on join)."""
+        """The room a ``room`` field names: a numeric id, or a name (created on join).
+
+        Read from the store, so the room's epoch is current."""
         try:
             if isinstance(ref, str):
                 room = await self.history.room_by_name(ref, create=create)
@@ -228,7 +237,25 @@ class ChatService:
             raise ChatError(ErrorCode.UNAVAILABLE, "the room store is unavailable") from exc
         if room is None:
             raise ChatError(ErrorCode.NOT_FOUND, f"no room {ref!r}")
+        self._remember(room)
         return room
+
+    def _remember(self, room: Room) -> None:
+        if len(self._room_ids) >= ROOM_CACHE:
+            self._room_ids.clear()
+            self._room_names.clear()
+        self._room_ids[room.name] = room.id
+        self._room_names[room.id] = room.name
+
+    async def _room_id(self, ref: RoomId | str) -> tuple[RoomId, str]:
+        """A room's id and name. A room's id and name never change, so after the first
+        look-up this costs no store round trip (the hot path of ``send``)."""
+        room_id = self._room_ids.get(ref) if isinstance(ref, str) else ref
+        name = self._room_names.get(room_id) if room_id is not None else None
+        if room_id is None or name is None:
+            room = await self.resolve(ref)
+            return room.id, room.name
+        return room_id, name
 
     async def join(
         self, session: Session, ref: RoomId | str, since: Position | None = None
@@ -309,16 +336,20 @@ class ChatService:
         async with session.sending:
             body = validation.text({"text": text})
             self._spend(session)
-            room = await self._member_room(session, ref)
+            room_id = await self._member_room(session, ref)
             if not self.broker.healthy:
                 raise ChatError(ErrorCode.UNAVAILABLE, "the broker is unavailable, try again")
-            draft = Draft(room.id, secrets.token_hex(8), session.user, body, self._now_ms())
+            draft = Draft(room_id, self._message_id(), session.user, body, self._now_ms())
             return await self._sequencer.append(draft)
 
+    def _message_id(self) -> str:
+        # Unique across the cluster: a random prefix per node process and a counter.
+        return f"{self._id_prefix}{next(self._message_ids):x}"
+
     async def typing(self, session: Session, ref: RoomId | str) -> None:
-        room = await self._member_room(session, ref)
+        room_id = await self._member_room(session, ref)
         self._spend(session)
-        await self._publish(room.id, typing_frame(room.id, session.user))
+        await self._publish(room_id, typing_frame(room_id, session.user))
 
     async def history_page(
         self, ref: RoomId | str, before: int | None, limit: int
@@ -356,7 +387,7 @@ class ChatService:
         if not targets:
             raise ChatError(ErrorCode.NOT_FOUND, f"user {to} is not connected")
         message = {
-            "id": secrets.token_hex(8),
+            "id": self._message_id(),
             "from": session.user.to_wire(),
             "to": to,
             "text": body,
@@ -468,11 +499,11 @@ class ChatService:
 
     # -- helpers -----------------------------------------------------------------------
 
-    async def _member_room(self, session: Session, ref: RoomId | str) -> Room:
-        room = await self.resolve(ref)
-        if room.id not in session.rooms:
-            raise ChatError(ErrorCode.NOT_MEMBER, f"join room {room.name!r} first")
-        return room
+    async def _member_room(self, session: Session, ref: RoomId | str) -> RoomId:
+        room_id, name = await self._room_id(ref)
+        if room_id not in session.rooms:
+            raise ChatError(ErrorCode.NOT_MEMBER, f"join room {name!r} first")
+        return room_id
 
     async def _members(self, room_id: RoomId) -> list[User]:
         seen: dict[int, User] = {}

@@ -151,25 +151,31 @@ class SqlHistory:
         if not drafts:
             return []
         counts = Counter(draft.room for draft in drafts)
-        last: dict[RoomId, tuple[int, str]] = {}
+        ids = sorted(counts)
+        # A constant number of statements per batch, however many rooms it spans: read the
+        # rooms' positions under the write lock (SQLite: BEGIN IMMEDIATE; PostgreSQL: row
+        # locks, taken in id order so two batches spanning the same rooms cannot deadlock),
+        # move them in one executemany, insert the messages in one more.
+        read = sa.select(rooms.c.id, rooms.c.seq, rooms.c.epoch).where(rooms.c.id.in_(ids))
+        if self._db.postgres:
+            read = read.order_by(rooms.c.id).with_for_update()
         async with self._db.write() as conn:
-            # Rows are locked in id order so two batches spanning the same rooms cannot
-            # deadlock each other.
-            for room in sorted(counts):
-                bump = (
-                    sa.update(rooms)
-                    .where(rooms.c.id == room)
-                    .values(seq=rooms.c.seq + counts[room])
-                    .returning(rooms.c.seq, rooms.c.epoch)
-                )
-                row = (await conn.execute(bump)).first()
-                if row is None:
-                    raise ChatError(ErrorCode.NOT_FOUND, f"room {room} does not exist")
-                last[room] = (row.seq - counts[room], row.epoch)
+            found = {row.id: (int(row.seq), row.epoch) for row in await conn.execute(read)}
+            missing = [room for room in ids if room not in found]
+            if missing:
+                raise ChatError(ErrorCode.NOT_FOUND, f"room {missing[0]} does not exist")
+            bump = (
+                sa.update(rooms)
+                .where(rooms.c.id == sa.bindparam("room"))
+                .values(seq=sa.bindparam("seq"))
+            )
+            await conn.execute(
+                bump, [{"room": room, "seq": found[room][0] + counts[room]} for room in ids]
+            )
             out: list[Message] = []
             for draft in drafts:
-                seq, epoch = last[draft.room]
-                last[draft.room] = (seq + 1, epoch)
+                seq, epoch = found[draft.room]
+                found[draft.room] = (seq + 1, epoch)
                 out.append(Message.from_draft(draft, seq + 1, epoch))
             await conn.execute(messages.insert(), [_message_row(message) for message in out])
         return out
