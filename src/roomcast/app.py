@@ -18,6 +18,7 @@ import socketio
 
 from .config import Settings
 from .node import Node
+from .transports import fastjson
 from .transports.forward import Forwarder
 from .transports.http import create_http_app
 from .transports.socketio import SocketIOTransport
@@ -43,6 +44,7 @@ class RoomcastApp:
             cors_allowed_origins=settings.allowed_origins(),
             logger=False,
             engineio_logger=False,
+            json=fastjson,
         )
         self.socketio = SocketIOTransport(self.node.service, self.sio)
         self.node.metrics.collector.socketio = self.socketio
