@@ -1,29 +1,39 @@
-"""The database connection shared by the SQL adapters: SQLite (aiosqlite) or PostgreSQL
-(asyncpg) through SQLAlchemy Core, with the transaction discipline both need.
+"""The database shared by the SQL adapters: SQLite or PostgreSQL through SQLAlchemy Core.
 
-SQLite has one writer per database: write transactions take the write lock up front with
-``BEGIN IMMEDIATE`` and, within a process, are handed out in turn by an
-:class:`asyncio.Lock` rather than by SQLite's busy-wait polling. PostgreSQL arbitrates
-itself (row locks); an optional schema isolates a cluster (or a test) in one database.
+Every operation is one synchronous function of a SQLAlchemy ``Connection`` (a transaction
+for writes), run by :meth:`Database.run`:
+
+- SQLite (the standard library's driver) runs it whole on one thread of its own: one
+  hand-over per operation instead of one per statement, and SQLite's single writer is
+  respected without any waiting in SQLite's busy loop. Write transactions take the write
+  lock up front with ``BEGIN IMMEDIATE``, so processes sharing the file (``--workers``)
+  never have to upgrade a read lock, which SQLite refuses at once.
+- PostgreSQL (asyncpg) runs it through ``AsyncConnection.run_sync``: the same code, each
+  statement awaited on the event loop. An optional schema isolates a cluster (or a test)
+  in one database.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
-from typing import Any
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import StaticPool
 from sqlalchemy.schema import CreateSchema
 
 from ...exceptions import ConfigError, UnavailableError
+
+T = TypeVar("T")
+Work = Callable[[sa.Connection], T]
 
 # "roomcast" in ASCII: the key of the advisory lock that serialises start() across processes.
 _START_LOCK = 0x726F6F6D63617374
@@ -39,7 +49,7 @@ _WRITE = "roomcast_write"
 
 
 class Database:
-    """One SQLAlchemy async engine, with write and read helpers.
+    """One database, reached with :meth:`run`.
 
     ``url`` is ``sqlite:///PATH``, ``sqlite:///:memory:``, ``postgresql://...`` or
     ``postgres://...``. For PostgreSQL, ``schema`` (or ``?schema=NAME`` in the URL) puts
@@ -49,46 +59,81 @@ class Database:
     def __init__(self, url: str, *, schema: str | None = None) -> None:
         target, self.schema = _parse_url(url, schema)
         self.postgres = target.get_backend_name() == "postgresql"
-        memory = not self.postgres and target.database in (None, "", ":memory:")
-        options: dict[str, Any] = {}
+        translate = {"schema_translate_map": {None: self.schema}} if self.schema else {}
+        self._async: AsyncEngine | None = None
+        self._sync: sa.Engine | None = None
+        self._thread: ThreadPoolExecutor | None = None
         if self.postgres:
-            # asyncpg waits 60 s for a silent host by default; fail fast and report it instead.
-            options["connect_args"] = {"timeout": 5}
+            try:
+                # asyncpg waits 60 s for a silent host by default; fail fast instead.
+                engine = create_async_engine(target, connect_args={"timeout": 5})
+            except ImportError as error:
+                raise ConfigError(
+                    "this store needs an optional dependency: pip install 'roomcast[postgres]' "
+                    f"({error})"
+                ) from error
+            self._async = engine.execution_options(**translate) if translate else engine
+        else:
+            memory = target.database in (None, "", ":memory:")
+            options: dict[str, Any] = {}
+            if memory:
+                # One connection, or every connection would open a database of its own.
+                options = {"poolclass": StaticPool, "connect_args": {"check_same_thread": False}}
+            self._sync = sa.create_engine(target, **options)
+            _configure_sqlite(self._sync)
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="roomcast-sqlite")
+            self._sqlite_file = not memory
+
+    async def run(self, work: Work[T], *, write: bool = False) -> T:
+        """Run ``work(connection)``: in one transaction that commits on return when
+        ``write`` (rolled back if it raises), else on a connection for reads."""
         try:
-            self._pool_owner = create_async_engine(target, **options)
-        except ImportError as error:
-            raise ConfigError(
-                f"this store needs an optional dependency: pip install 'roomcast[postgres]' "
-                f"({error})"
-            ) from error
-        engine = self._pool_owner
-        if self.schema is not None:
-            engine = engine.execution_options(schema_translate_map={None: self.schema})
-        self._engine: AsyncEngine = engine
-        self._writer: AsyncEngine = engine.execution_options(**{_WRITE: True})
-        # SQLite has one writer per database: queueing writers here is fairer and faster than
-        # SQLite's busy-wait. A :memory: database is one shared connection, so reads queue too.
-        self._write_lock = None if self.postgres else asyncio.Lock()
-        self._read_lock = self._write_lock if memory else None
-        self._sqlite_file = not self.postgres and not memory
-        if not self.postgres:
-            _configure_sqlite(self._pool_owner)
+            if self._async is not None:
+                engine = self._async.execution_options(**{_WRITE: True}) if write else self._async
+                if write:
+                    async with engine.begin() as conn:
+                        return await conn.run_sync(work)
+                async with engine.connect() as conn:
+                    return await conn.run_sync(work)
+            assert self._thread is not None
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._thread, self._run_sqlite, work, write)
+        except Exception as error:
+            _raise_if_unreachable(error)
+            raise
+
+    def _run_sqlite(self, work: Work[T], write: bool) -> T:
+        assert self._sync is not None
+        if write:
+            with self._sync.execution_options(**{_WRITE: True}).begin() as conn:
+                return work(conn)
+        with self._sync.connect() as conn:
+            return work(conn)
 
     async def create(self, metadata: sa.MetaData) -> None:
         """Create the schema and the tables if missing; safe when many processes start at
         once."""
-        if self._sqlite_file:
+        if self._sync is not None and self._sqlite_file:
             await self._use_wal()
-        async with self.write() as conn:
+
+        def create(conn: sa.Connection) -> None:
             if self.postgres:
-                await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_START_LOCK)))
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_START_LOCK)))
                 if self.schema is not None:
-                    await conn.execute(CreateSchema(self.schema, if_not_exists=True))
-            await conn.run_sync(metadata.create_all)
+                    conn.execute(CreateSchema(self.schema, if_not_exists=True))
+            metadata.create_all(conn)
+
+        await self.run(create, write=True)
 
     async def close(self) -> None:
         """Close every pooled connection."""
-        await self._pool_owner.dispose()
+        if self._async is not None:
+            await self._async.dispose()
+        if self._thread is not None:
+            assert self._sync is not None
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._thread, self._sync.dispose)
+            self._thread.shutdown(wait=True)
 
     async def _use_wal(self) -> None:
         """Switch the SQLite file to write-ahead logging: readers no longer wait for writers.
@@ -98,37 +143,18 @@ class Database:
         as a process starting next to this one may: retry for as long as ``busy_timeout``.
         """
         deadline = time.monotonic() + _BUSY_TIMEOUT_MS / 1000
+
+        def wal(conn: sa.Connection) -> None:
+            conn.exec_driver_sql("PRAGMA journal_mode = WAL")
+
         while True:
             try:
-                async with self.read() as conn:
-                    await conn.exec_driver_sql("PRAGMA journal_mode = WAL")
+                await self.run(wal)
                 return
             except UnavailableError:
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.02)
-
-    @asynccontextmanager
-    async def write(self) -> AsyncIterator[AsyncConnection]:
-        """A transaction that commits on exit (rolls back on error)."""
-        async with _held(self._write_lock):
-            try:
-                async with self._writer.begin() as conn:
-                    yield conn
-            except Exception as error:
-                _raise_if_unreachable(error)
-                raise
-
-    @asynccontextmanager
-    async def read(self) -> AsyncIterator[AsyncConnection]:
-        """A connection for single-statement reads."""
-        async with _held(self._read_lock):
-            try:
-                async with self._engine.connect() as conn:
-                    yield conn
-            except Exception as error:
-                _raise_if_unreachable(error)
-                raise
 
     def insert_or_ignore(self, table: sa.Table, key: str) -> Any:
         """``INSERT`` that silently does nothing when a row with the same ``key`` exists."""
@@ -151,10 +177,10 @@ def _parse_url(url: str, schema: str | None) -> tuple[URL, str | None]:
     except sa_exc.ArgumentError as error:
         raise ConfigError(f"not a database URL: {url!r}") from error
     backend, _, driver = target.drivername.partition("+")
-    if backend == "sqlite" and driver in ("", "aiosqlite"):
+    if backend == "sqlite" and driver in ("", "pysqlite", "aiosqlite"):
         if schema is not None or "schema" in target.query:
             raise ConfigError("a schema can only be chosen for PostgreSQL")
-        return target.set(drivername="sqlite+aiosqlite"), None
+        return target.set(drivername="sqlite+pysqlite"), None
     if backend in ("postgresql", "postgres") and driver in ("", "asyncpg"):
         in_url = target.query.get("schema")
         if in_url is not None and not isinstance(in_url, str):
@@ -169,10 +195,10 @@ def _parse_url(url: str, schema: str | None) -> tuple[URL, str | None]:
     )
 
 
-def _configure_sqlite(engine: AsyncEngine) -> None:
+def _configure_sqlite(engine: sa.Engine) -> None:
     """Set each new SQLite connection up for several writers and take over ``BEGIN``."""
 
-    @event.listens_for(engine.sync_engine, "connect")
+    @event.listens_for(engine, "connect")
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Left to itself the driver opens a DEFERRED transaction only before DML; roomcast
         # emits its own BEGIN (below) so a write transaction holds the write lock from its
@@ -187,16 +213,11 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         cursor.execute("PRAGMA foreign_keys = ON")
         cursor.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
+    @event.listens_for(engine, "begin")
     def on_begin(conn: sa.Connection) -> None:
         # Reads are single statements, each its own implicit transaction: no BEGIN needed.
         if conn.get_execution_options().get(_WRITE):
             conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-
-def _held(lock: asyncio.Lock | None) -> AbstractAsyncContextManager[Any]:
-    """The lock, or nothing to wait for where the database itself arbitrates."""
-    return nullcontext() if lock is None else lock
 
 
 def _raise_if_unreachable(error: Exception) -> None:

@@ -66,6 +66,8 @@ counters = sa.Table(
 
 _USER_IDS = "user_id"
 
+_BUMP = sa.update(rooms).where(rooms.c.id == sa.bindparam("room")).values(seq=sa.bindparam("seq"))
+
 _ROOM_COLUMNS = (rooms.c.id, rooms.c.name, rooms.c.epoch)
 _MESSAGE_COLUMNS = (
     messages.c.room_id,
@@ -80,8 +82,7 @@ _MESSAGE_COLUMNS = (
 
 
 class SqlHistory:
-    """The :class:`~roomcast.core.ports.History` port on SQLite (aiosqlite) or PostgreSQL
-    (asyncpg).
+    """The :class:`~roomcast.core.ports.History` port on SQLite or PostgreSQL (asyncpg).
 
     ``url`` is ``sqlite:///PATH``, ``sqlite:///:memory:``, ``postgresql://...`` or
     ``postgres://...``. For PostgreSQL, ``schema`` (or ``?schema=NAME`` in the URL) puts
@@ -94,10 +95,8 @@ class SqlHistory:
     async def start(self) -> None:
         """Create the schema and tables if missing; safe when many processes start at once."""
         await self._db.create(metadata)
-        async with self._db.write() as conn:
-            await conn.execute(
-                self._db.insert_or_ignore(counters, "name").values(name=_USER_IDS, value=0)
-            )
+        seed = self._db.insert_or_ignore(counters, "name").values(name=_USER_IDS, value=0)
+        await self._db.run(lambda conn: conn.execute(seed), write=True)
 
     async def close(self) -> None:
         """Close every pooled connection."""
@@ -106,8 +105,7 @@ class SqlHistory:
     async def room_by_name(self, name: str, *, create: bool = False) -> Room | None:
         """The room with this exact name; created (next numeric id, new epoch) if asked."""
         query = sa.select(*_ROOM_COLUMNS).where(rooms.c.name == name)
-        async with self._db.read() as conn:
-            row = (await conn.execute(query)).mappings().first()
+        row = await self._db.run(lambda conn: conn.execute(query).mappings().first())
         if row is not None:
             return _room(row)
         if not create:
@@ -117,29 +115,31 @@ class SqlHistory:
             .values(name=name, epoch=_new_epoch(), seq=0, created_ms=int(time.time() * 1000))
             .returning(*_ROOM_COLUMNS)
         )
-        async with self._db.write() as conn:
-            row = (await conn.execute(insert)).mappings().first()
+
+        def create_room(conn: sa.Connection) -> RowMapping:
+            row = conn.execute(insert).mappings().first()
             if row is None:
                 # Someone else (another task or process) created it since our read.
-                row = (await conn.execute(query)).mappings().one()
-        return _room(row)
+                row = conn.execute(query).mappings().one()
+            return row
+
+        return _room(await self._db.run(create_room, write=True))
 
     async def room_by_id(self, room: RoomId) -> Room | None:
         query = sa.select(*_ROOM_COLUMNS).where(rooms.c.id == room)
-        async with self._db.read() as conn:
-            row = (await conn.execute(query)).mappings().first()
+        row = await self._db.run(lambda conn: conn.execute(query).mappings().first())
         return None if row is None else _room(row)
 
     async def rooms(self) -> list[Room]:
         """Every room, by id."""
-        async with self._db.read() as conn:
-            result = await conn.execute(sa.select(*_ROOM_COLUMNS).order_by(rooms.c.id))
-        return [_room(row) for row in result.mappings()]
+        query = sa.select(*_ROOM_COLUMNS).order_by(rooms.c.id)
+        rows = await self._db.run(lambda conn: conn.execute(query).mappings().all())
+        return [_room(row) for row in rows]
 
     async def latest(self, room: RoomId) -> int:
         """The room's last ``seq`` (0 for a room with no message, or no such room)."""
-        async with self._db.read() as conn:
-            seq = (await conn.execute(sa.select(rooms.c.seq).where(rooms.c.id == room))).scalar()
+        query = sa.select(rooms.c.seq).where(rooms.c.id == room)
+        seq = await self._db.run(lambda conn: conn.execute(query).scalar())
         return 0 if seq is None else int(seq)
 
     async def append(self, drafts: Sequence[Draft]) -> list[Message]:
@@ -159,26 +159,24 @@ class SqlHistory:
         read = sa.select(rooms.c.id, rooms.c.seq, rooms.c.epoch).where(rooms.c.id.in_(ids))
         if self._db.postgres:
             read = read.order_by(rooms.c.id).with_for_update()
-        async with self._db.write() as conn:
-            found = {row.id: (int(row.seq), row.epoch) for row in await conn.execute(read)}
+
+        def append(conn: sa.Connection) -> list[Message]:
+            found = {row.id: (int(row.seq), row.epoch) for row in conn.execute(read)}
             missing = [room for room in ids if room not in found]
             if missing:
                 raise ChatError(ErrorCode.NOT_FOUND, f"room {missing[0]} does not exist")
-            bump = (
-                sa.update(rooms)
-                .where(rooms.c.id == sa.bindparam("room"))
-                .values(seq=sa.bindparam("seq"))
-            )
-            await conn.execute(
-                bump, [{"room": room, "seq": found[room][0] + counts[room]} for room in ids]
+            conn.execute(
+                _BUMP, [{"room": room, "seq": found[room][0] + counts[room]} for room in ids]
             )
             out: list[Message] = []
             for draft in drafts:
                 seq, epoch = found[draft.room]
                 found[draft.room] = (seq + 1, epoch)
                 out.append(Message.from_draft(draft, seq + 1, epoch))
-            await conn.execute(messages.insert(), [_message_row(message) for message in out])
-        return out
+            conn.execute(messages.insert(), [_message_row(message) for message in out])
+            return out
+
+        return await self._db.run(append, write=True)
 
     async def after(self, room: RoomId, seq: int, limit: int) -> list[Message]:
         """Up to ``limit`` messages with ``seq`` greater than the given one, ascending."""
@@ -190,9 +188,8 @@ class SqlHistory:
             .order_by(messages.c.seq)
             .limit(limit)
         )
-        async with self._db.read() as conn:
-            result = await conn.execute(query)
-        return [_message(row) for row in result.mappings()]
+        rows = await self._db.run(lambda conn: conn.execute(query).mappings().all())
+        return [_message(row) for row in rows]
 
     async def before(self, room: RoomId, seq: int | None, limit: int) -> list[Message]:
         """The newest ``limit`` messages with ``seq`` below ``seq`` (all if None), ascending."""
@@ -206,9 +203,8 @@ class SqlHistory:
         )
         if seq is not None:
             query = query.where(messages.c.seq < seq)
-        async with self._db.read() as conn:
-            result = await conn.execute(query)
-        return [_message(row) for row in reversed(result.mappings().all())]
+        rows = await self._db.run(lambda conn: conn.execute(query).mappings().all())
+        return [_message(row) for row in reversed(rows)]
 
     async def reset(self, room: RoomId) -> Room:
         """Drop the room's messages and give it a new epoch; ``seq`` starts again at 1."""
@@ -223,12 +219,15 @@ class SqlHistory:
             .values(seq=0, epoch=epoch)
             .returning(*_ROOM_COLUMNS)
         )
-        async with self._db.write() as conn:
-            row = (await conn.execute(bump)).mappings().first()
+
+        def reset(conn: sa.Connection) -> RowMapping:
+            row = conn.execute(bump).mappings().first()
             if row is None:
                 raise ChatError(ErrorCode.NOT_FOUND, f"room {room} does not exist")
-            await conn.execute(sa.delete(messages).where(messages.c.room_id == room))
-        return _room(row)
+            conn.execute(sa.delete(messages).where(messages.c.room_id == room))
+            return row
+
+        return _room(await self._db.run(reset, write=True))
 
     async def next_user_id(self) -> UserId:
         """A user id never handed out before by this store (1, 2, 3, ...)."""
@@ -238,8 +237,7 @@ class SqlHistory:
             .values(value=counters.c.value + 1)
             .returning(counters.c.value)
         )
-        async with self._db.write() as conn:
-            value = (await conn.execute(bump)).scalar_one()
+        value = await self._db.run(lambda conn: conn.execute(bump).scalar_one(), write=True)
         return UserId(int(value))
 
 

@@ -20,7 +20,6 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import RowMapping
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ...core.models import ConnId, Member, NodeId, RoomId, User, UserId
 from .engine import Database
@@ -81,30 +80,32 @@ class SqlPresence:
     async def close(self) -> None:
         await self._db.close()
 
+    async def _write(self, statement: Any) -> None:
+        await self._db.run(lambda conn: conn.execute(statement), write=True)
+
     async def add(self, room: RoomId, member: Member) -> None:
-        upsert = self._db.upsert(
-            members,
-            ["room_id", "conn"],
-            room_id=room,
-            conn=member.conn,
-            user_id=member.user.id,
-            user_name=member.user.name,
-            node=member.node,
-            ord=time.time_ns() // 1000,
+        await self._write(
+            self._db.upsert(
+                members,
+                ["room_id", "conn"],
+                room_id=room,
+                conn=member.conn,
+                user_id=member.user.id,
+                user_name=member.user.name,
+                node=member.node,
+                ord=time.time_ns() // 1000,
+            )
         )
-        async with self._db.write() as conn:
-            await conn.execute(upsert)
 
     async def remove(self, room: RoomId, conn: ConnId) -> None:
-        delete = sa.delete(members).where(members.c.room_id == room, members.c.conn == conn)
-        async with self._db.write() as db:
-            await db.execute(delete)
+        await self._write(
+            sa.delete(members).where(members.c.room_id == room, members.c.conn == conn)
+        )
 
     async def members(self, room: RoomId) -> list[Member]:
         query = sa.select(members).where(members.c.room_id == room).order_by(members.c.ord)
-        async with self._db.read() as db:
-            result = await db.execute(query)
-        return [_member(row) for row in result.mappings()]
+        rows = await self._db.run(lambda db: db.execute(query).mappings().all())
+        return [_member(row) for row in rows]
 
     async def counts(self, rooms: Sequence[RoomId]) -> dict[RoomId, int]:
         out = {room: 0 for room in rooms}
@@ -115,46 +116,46 @@ class SqlPresence:
             .where(members.c.room_id.in_(list(rooms)))
             .group_by(members.c.room_id)
         )
-        async with self._db.read() as db:
-            for room_id, count in await db.execute(query):
-                out[RoomId(room_id)] = int(count)
+        for room_id, count in await self._db.run(lambda db: db.execute(query).all()):
+            out[RoomId(room_id)] = int(count)
         return out
 
     async def register(self, member: Member) -> None:
-        upsert = self._db.upsert(
-            conns,
-            ["conn"],
-            conn=member.conn,
-            user_id=member.user.id,
-            user_name=member.user.name,
-            node=member.node,
+        await self._write(
+            self._db.upsert(
+                conns,
+                ["conn"],
+                conn=member.conn,
+                user_id=member.user.id,
+                user_name=member.user.name,
+                node=member.node,
+            )
         )
-        async with self._db.write() as db:
-            await db.execute(upsert)
 
     async def unregister(self, conn: ConnId) -> None:
-        async with self._db.write() as db:
-            await db.execute(sa.delete(conns).where(conns.c.conn == conn))
+        await self._write(sa.delete(conns).where(conns.c.conn == conn))
 
     async def locate(self, user: UserId) -> list[Member]:
         query = sa.select(conns).where(conns.c.user_id == user).order_by(conns.c.conn)
-        async with self._db.read() as db:
-            result = await db.execute(query)
-        return [_member(row) for row in result.mappings()]
+        rows = await self._db.run(lambda db: db.execute(query).mappings().all())
+        return [_member(row) for row in rows]
 
     async def heartbeat(self, node: NodeId, ttl: float) -> bool:
         now = _now_ms()
         upsert = self._db.upsert(nodes, ["node"], node=node, expires_ms=now + int(ttl * 1000))
-        async with self._db.write() as db:
-            query = sa.select(nodes.c.expires_ms).where(nodes.c.node == node)
-            previous = (await db.execute(query)).scalar()
-            await db.execute(upsert)
+        query = sa.select(nodes.c.expires_ms).where(nodes.c.node == node)
+
+        def beat(db: sa.Connection) -> Any:
+            previous = db.execute(query).scalar()
+            db.execute(upsert)
+            return previous
+
+        previous = await self._db.run(beat, write=True)
         return previous is None or int(previous) < now
 
     async def reap(self) -> list[tuple[RoomId, Member]]:
         query = sa.select(nodes.c.node).where(nodes.c.expires_ms < _now_ms())
-        async with self._db.read() as db:
-            dead = [row.node for row in await db.execute(query)]
+        dead = await self._db.run(lambda db: db.execute(query).scalars().all())
         removed: list[tuple[RoomId, Member]] = []
         for node in dead:
             removed += await self._remove_node(NodeId(node), only_if_expired=True)
@@ -169,17 +170,16 @@ class SqlPresence:
         claim = sa.delete(nodes).where(nodes.c.node == node).returning(nodes.c.node)
         if only_if_expired:
             claim = claim.where(nodes.c.expires_ms < _now_ms())
-        async with self._db.write() as db:
-            claimed = (await db.execute(claim)).first() is not None
+
+        def remove(db: sa.Connection) -> list[tuple[RoomId, Member]]:
+            claimed = db.execute(claim).first() is not None
             if only_if_expired and not claimed:
                 return []  # another node reaped it, or it came back
-            return await self._delete_entries(db, node)
+            gone = db.execute(
+                sa.delete(members).where(members.c.node == node).returning(*members.c)
+            )
+            rows = sorted(gone.mappings().all(), key=lambda r: (r["room_id"], r["ord"]))
+            db.execute(sa.delete(conns).where(conns.c.node == node))
+            return [(RoomId(row["room_id"]), _member(row)) for row in rows]
 
-    @staticmethod
-    async def _delete_entries(db: AsyncConnection, node: NodeId) -> list[tuple[RoomId, Member]]:
-        gone: Any = await db.execute(
-            sa.delete(members).where(members.c.node == node).returning(*members.c)
-        )
-        rows = sorted(gone.mappings().all(), key=lambda r: (r["room_id"], r["ord"]))
-        await db.execute(sa.delete(conns).where(conns.c.node == node))
-        return [(RoomId(row["room_id"]), _member(row)) for row in rows]
+        return await self._db.run(remove, write=True)
