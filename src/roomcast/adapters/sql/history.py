@@ -68,6 +68,14 @@ _USER_IDS = "user_id"
 
 _BUMP = sa.update(rooms).where(rooms.c.id == sa.bindparam("room")).values(seq=sa.bindparam("seq"))
 
+# The append on SQLite, as the driver's own SQL (see SqlHistory.append).
+_SQLITE_READ = "SELECT id, seq, epoch FROM rooms WHERE id IN ({})"
+_SQLITE_BUMP = "UPDATE rooms SET seq = ? WHERE id = ?"
+_SQLITE_INSERT = (
+    "INSERT INTO messages (room_id, seq, id, user_id, user_name, text, ts, epoch) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
 _ROOM_COLUMNS = (rooms.c.id, rooms.c.name, rooms.c.epoch)
 _MESSAGE_COLUMNS = (
     messages.c.room_id,
@@ -161,19 +169,30 @@ class SqlHistory:
             read = read.order_by(rooms.c.id).with_for_update()
 
         def append(conn: sa.Connection) -> list[Message]:
-            found = {row.id: (int(row.seq), row.epoch) for row in conn.execute(read)}
+            if self._db.postgres:
+                positions = conn.execute(read).all()
+            else:
+                # The hot path on the embedded store: straight to the sqlite3 cursor, without
+                # SQLAlchemy's per-statement compile and parameter processing.
+                cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+                marks = ",".join("?" * len(ids))
+                positions = cursor.execute(_SQLITE_READ.format(marks), ids).fetchall()
+            found = {room: (int(seq), epoch) for room, seq, epoch in positions}
             missing = [room for room in ids if room not in found]
             if missing:
                 raise ChatError(ErrorCode.NOT_FOUND, f"room {missing[0]} does not exist")
-            conn.execute(
-                _BUMP, [{"room": room, "seq": found[room][0] + counts[room]} for room in ids]
-            )
             out: list[Message] = []
             for draft in drafts:
                 seq, epoch = found[draft.room]
                 found[draft.room] = (seq + 1, epoch)
                 out.append(Message.from_draft(draft, seq + 1, epoch))
-            conn.execute(messages.insert(), [_message_row(message) for message in out])
+            moved = [(found[room][0], room) for room in ids]
+            if self._db.postgres:
+                conn.execute(_BUMP, [{"room": room, "seq": seq} for seq, room in moved])
+                conn.execute(messages.insert(), [_message_row(message) for message in out])
+            else:
+                cursor.executemany(_SQLITE_BUMP, moved)
+                cursor.executemany(_SQLITE_INSERT, [_message_tuple(m) for m in out])
             return out
 
         return await self._db.run(append, write=True)
@@ -258,6 +277,19 @@ def _message(row: RowMapping) -> Message:
         User(UserId(int(row["user_id"])), row["user_name"]),
         row["text"],
         int(row["ts"]),
+    )
+
+
+def _message_tuple(message: Message) -> tuple[Any, ...]:
+    return (
+        message.room,
+        message.seq,
+        message.id,
+        message.user.id,
+        message.user.name,
+        message.text,
+        message.ts,
+        message.epoch,
     )
 
 
