@@ -23,7 +23,7 @@ from ..core.events import Frame
 from ..core.hub import Connection
 from ..core.models import ConnId, Message
 from ..core.service import ChatService, JoinResult, Session
-from ..exceptions import ChatError, ErrorCode
+from ..exceptions import ChatError, ErrorCode, UnavailableError
 from .fastws import DirectWriter, RoomcastWebSocketProtocol, protocol_of, text_frame
 
 log = logging.getLogger(__name__)
@@ -196,6 +196,9 @@ class SocketIOTransport:
             return await handler(session, data)
         except ChatError as exc:
             return _error(exc)
+        except UnavailableError as exc:
+            log.warning("event %r: %s", event, exc)
+            return _error(ChatError(ErrorCode.UNAVAILABLE, "the service is unavailable, try again"))
         except Exception:
             log.exception("event %r failed", event)
             return _error(ChatError(ErrorCode.UNAVAILABLE, "internal error, try again"))

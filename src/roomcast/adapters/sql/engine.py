@@ -44,6 +44,11 @@ _UNAVAILABLE_SQLSTATES = ("08", "53", "57P")
 
 _BUSY_TIMEOUT_MS = 5000
 
+POOL_SIZE = 6
+POOL_OVERFLOW = 4
+"""PostgreSQL connections a process keeps, and may add under load (history and presence
+share them: see :func:`acquire`)."""
+
 # Execution option marking the engine view whose transactions write (SQLite: BEGIN IMMEDIATE).
 _WRITE = "roomcast_write"
 
@@ -65,8 +70,16 @@ class Database:
         self._thread: ThreadPoolExecutor | None = None
         if self.postgres:
             try:
-                # asyncpg waits 60 s for a silent host by default; fail fast instead.
-                engine = create_async_engine(target, connect_args={"timeout": 5})
+                # asyncpg waits 60 s for a silent host by default; fail fast instead. The
+                # pool is bounded: past it, operations queue instead of opening connections
+                # until the server refuses more.
+                engine = create_async_engine(
+                    target,
+                    connect_args={"timeout": 5},
+                    pool_size=POOL_SIZE,
+                    max_overflow=POOL_OVERFLOW,
+                    pool_timeout=10,
+                )
             except ImportError as error:
                 raise ConfigError(
                     "this store needs an optional dependency: pip install 'roomcast[postgres]' "
@@ -168,6 +181,32 @@ class Database:
         insert = dialect.insert(table).values(**values)
         changed = {k: v for k, v in values.items() if k not in keys}
         return insert.on_conflict_do_update(index_elements=keys, set_=changed)
+
+
+_shared: dict[tuple[str, str | None], tuple[Database, int]] = {}
+
+
+def acquire(url: str, *, schema: str | None = None) -> Database:
+    """The process's Database for ``url``: the store's history and presence share one
+    connection pool (and, for SQLite, one thread)."""
+    key = (url, schema)
+    db, users = _shared.get(key, (None, 0))
+    if db is None:
+        db = Database(url, schema=schema)
+    _shared[key] = (db, users + 1)
+    return db
+
+
+async def release(db: Database) -> None:
+    """Give back a Database from :func:`acquire`; the last user closes it."""
+    for key, (shared, users) in list(_shared.items()):
+        if shared is db:
+            if users > 1:
+                _shared[key] = (shared, users - 1)
+                return
+            del _shared[key]
+            break
+    await db.close()
 
 
 def _parse_url(url: str, schema: str | None) -> tuple[URL, str | None]:

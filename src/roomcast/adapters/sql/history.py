@@ -28,7 +28,7 @@ from sqlalchemy.engine import RowMapping
 
 from ...core.models import Draft, Message, Room, RoomId, User, UserId
 from ...exceptions import ChatError, ErrorCode
-from .engine import Database
+from .engine import acquire, release
 
 __all__ = ["SqlHistory"]
 
@@ -98,7 +98,7 @@ class SqlHistory:
     """
 
     def __init__(self, url: str, *, schema: str | None = None) -> None:
-        self._db = Database(url, schema=schema)
+        self._db = acquire(url, schema=schema)
 
     async def start(self) -> None:
         """Create the schema and tables if missing; safe when many processes start at once."""
@@ -108,7 +108,7 @@ class SqlHistory:
 
     async def close(self) -> None:
         """Close every pooled connection."""
-        await self._db.close()
+        await release(self._db)
 
     async def room_by_name(self, name: str, *, create: bool = False) -> Room | None:
         """The room with this exact name; created (next numeric id, new epoch) if asked."""

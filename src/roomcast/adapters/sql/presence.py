@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import RowMapping
 
 from ...core.models import ConnId, Member, NodeId, RoomId, User, UserId
-from .engine import Database
+from .engine import acquire, release
 
 __all__ = ["SqlPresence"]
 
@@ -72,13 +72,13 @@ class SqlPresence:
     """The :class:`~roomcast.core.ports.Presence` port on SQLite or PostgreSQL."""
 
     def __init__(self, url: str, *, schema: str | None = None) -> None:
-        self._db = Database(url, schema=schema)
+        self._db = acquire(url, schema=schema)
 
     async def start(self) -> None:
         await self._db.create(metadata)
 
     async def close(self) -> None:
-        await self._db.close()
+        await release(self._db)
 
     async def _write(self, statement: Any) -> None:
         await self._db.run(lambda conn: conn.execute(statement), write=True)
