@@ -32,8 +32,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/mypy
 
-bench: $(STAMP) web proto
+bench: $(STAMP) web proto ## the benchmarks in bench/ (writes docs/benchmarks.md)
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python -m bench $(ARGS)
 
 clean:
-	rm -rf $(VENV) node_modules src/roomcast/web/vendor build *.egg-info
+	rm -rf $(VENV) node_modules bench/node/node_modules src/roomcast/web/vendor build *.egg-info
