@@ -25,6 +25,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from engineio import packet as eio_packet
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import Frame, Opcode
 
@@ -114,7 +115,10 @@ class DirectWriter:
         return True
 
     async def _send(self, pkt: Any) -> None:
-        if self.ready():
+        # Pings (every ping interval, order-insensitive) keep going through Engine.IO's
+        # queue: its writer task closes the socket when the queue stays empty for longer
+        # than ping interval + ping timeout.
+        if pkt.packet_type != eio_packet.PING and self.ready():
             # Engine.IO closes a socket whose client stopped answering pings here.
             if not await self._eio_socket.check_ping_timeout():
                 return
