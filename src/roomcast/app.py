@@ -45,6 +45,8 @@ class RoomcastApp:
             logger=False,
             engineio_logger=False,
             json=fastjson,
+            ping_interval=settings.ping_interval,
+            ping_timeout=settings.ping_timeout,
         )
         self.socketio = SocketIOTransport(self.node.service, self.sio)
         self.node.metrics.collector.socketio = self.socketio

@@ -41,6 +41,12 @@ class Settings(BaseSettings):
         20.0, ge=0, description="send/typing/dm requests a second per connection; 0: no limit"
     )
     rate_burst: int = Field(40, ge=1, description="requests a connection may burst above the rate")
+    ping_interval: float = Field(
+        25.0, gt=0, le=3600, description="seconds between Engine.IO pings to a client"
+    )
+    ping_timeout: float = Field(
+        20.0, gt=0, le=3600, description="seconds to answer a ping before the client is dropped"
+    )
     log_level: LogLevel = Field("info", description="log level")
     cors_origins: str = Field(
         "", description="comma-separated origins allowed to connect; empty: same origin, *: any"

@@ -101,3 +101,37 @@ async def test_join_reply_comes_before_the_messages_that_follow_it(server, trans
     finally:
         await joiner.disconnect()
         await sender.close()
+
+
+async def test_an_idle_websocket_client_outlives_many_ping_rounds(tmp_path):
+    """An idle client on the fast path answers ping after ping and stays connected: the
+    server must not mistake an idle connection for a dead one. Pings every second with a
+    one-second timeout; eight rounds is four times the interval + timeout after which a
+    socket whose Engine.IO queue stays empty would be closed."""
+    import json
+
+    import websockets
+
+    with run_server("--ping-interval", "1", "--ping-timeout", "1", log_dir=tmp_path) as srv:
+        url = f"ws://127.0.0.1:{srv.port}/ws/socket.io/?EIO=4&transport=websocket"
+        async with websockets.connect(url, open_timeout=WAIT, compression=None) as ws:
+            opened = await asyncio.wait_for(ws.recv(), WAIT)
+            assert opened.startswith("0") and json.loads(opened[1:])["pingInterval"] == 1000
+            await ws.send('40{"name":"idler"}')
+            assert (await asyncio.wait_for(ws.recv(), WAIT)).startswith("40")
+            assert '"welcome"' in await asyncio.wait_for(ws.recv(), WAIT)
+            pings = 0
+            while pings < 8:
+                packet = await asyncio.wait_for(ws.recv(), WAIT)  # raises if the server closes
+                assert packet == "2", packet
+                pings += 1
+                await ws.send("3")
+            # Still a working connection: a request gets its answer.
+            await ws.send('421["join",{"room":"idle-room"}]')
+            for _ in range(20):  # pings and the room's presence event may come first
+                reply = await asyncio.wait_for(ws.recv(), WAIT)
+                if reply == "2":
+                    await ws.send("3")
+                elif reply.startswith("43"):
+                    break
+            assert reply.startswith("431") and json.loads(reply[3:])[0]["ok"] is True
