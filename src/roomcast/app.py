@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
@@ -61,6 +61,8 @@ class RoomcastApp:
             _tag_session_ids(self.sio, worker.tag())
         self._start_lock = asyncio.Lock()
         self.grpc: GrpcDoor | None = None
+        self.on_started: list[Callable[[], None]] = []
+        """Called once the node and the gRPC door have started."""
 
     async def startup(self) -> None:
         """Start the node and the gRPC door (idempotent)."""
@@ -72,6 +74,8 @@ class RoomcastApp:
 
                     self.grpc = GrpcDoor(self.node)
                     await self.grpc.start()
+                for callback in self.on_started:
+                    callback()
 
     async def shutdown(self) -> None:
         """Disconnect every client and stop the node."""

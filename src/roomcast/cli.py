@@ -50,10 +50,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from .app import create_app
-    from .transports.fastws import RoomcastWebSocketProtocol
+    from .server import run
 
     settings = settings_from(args)
     logging.basicConfig(
@@ -64,18 +62,7 @@ def _serve(args: argparse.Namespace) -> int:
         from .workers import serve
 
         return serve(settings, settings.workers)
-    app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        lifespan="on",
-        ws=RoomcastWebSocketProtocol,
-        ws_max_size=1 << 20,
-        ws_per_message_deflate=False,
-    )
-    uvicorn.Server(config).run()
+    run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
     return 0
 
 

@@ -118,10 +118,8 @@ def serve(settings: Settings, workers: int) -> int:
 
 
 def _worker_main(settings_data: dict[str, Any], info: WorkerInfo, listener: socket.socket) -> None:
-    import uvicorn
-
     from .app import RoomcastApp
-    from .transports.fastws import RoomcastWebSocketProtocol
+    from .server import run
 
     settings = Settings(**settings_data)
     logging.basicConfig(
@@ -134,13 +132,4 @@ def _worker_main(settings_data: dict[str, Any], info: WorkerInfo, listener: sock
     private = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     private.bind(path)
     private.listen(512)
-    app = RoomcastApp(settings, worker=info)
-    config = uvicorn.Config(
-        app,
-        log_level=settings.log_level,
-        lifespan="on",
-        ws=RoomcastWebSocketProtocol,
-        ws_max_size=1 << 20,
-        ws_per_message_deflate=False,
-    )
-    uvicorn.Server(config).run(sockets=[listener, private])
+    run(RoomcastApp(settings, worker=info), [listener, private], log_level=settings.log_level)
