@@ -21,7 +21,7 @@ from .node import Node
 from .transports import fastjson
 from .transports.forward import Forwarder
 from .transports.http import create_http_app
-from .transports.socketio import SocketIOTransport
+from .transports.socketio import JsonPacket, SocketIOTransport
 from .workers import WorkerInfo
 
 if TYPE_CHECKING:
@@ -44,6 +44,7 @@ class RoomcastApp:
             cors_allowed_origins=settings.allowed_origins(),
             logger=False,
             engineio_logger=False,
+            serializer=JsonPacket,
             json=fastjson,
             ping_interval=settings.ping_interval,
             ping_timeout=settings.ping_timeout,

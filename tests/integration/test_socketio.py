@@ -196,6 +196,8 @@ async def test_history_survives_a_restart(tmp_path):
         ("send", {"room": "VALID", "text": "x" * 4001}, "invalid_text"),
         ("send", {"room": "VALID", "text": ""}, "invalid_text"),
         ("send", {"room": "VALID", "text": 42}, "invalid_text"),
+        ("send", {"room": "VALID", "text": b"binary attachment"}, "invalid_text"),
+        ("send", b"a binary payload", "bad_request"),
         ("send", {"room": "VALID"}, "bad_request"),
         ("send", {"text": "no room"}, "bad_request"),
         ("send", {"room": "NOT_JOINED", "text": "hi"}, "not_member"),

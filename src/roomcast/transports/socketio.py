@@ -44,6 +44,17 @@ class SocketIOConnection:
     """The WebSocket fast path, where roomcast serves the connection itself."""
 
 
+class JsonPacket(socketio.packet.Packet):  # type: ignore[misc]
+    """Socket.IO packets as roomcast writes them: JSON payloads only.
+
+    python-socketio searches every outgoing payload (each ack included) recursively for
+    bytes to send as binary attachments; roomcast never sends bytes, so that search is
+    skipped. Binary packets from clients are still decoded (and refused by validation).
+    """
+
+    uses_binary_events = False
+
+
 def _ok(**fields: Any) -> Reply:
     return {"ok": True, **fields}
 

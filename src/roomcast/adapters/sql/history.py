@@ -164,12 +164,17 @@ class SqlHistory:
         # rooms' positions under the write lock (SQLite: BEGIN IMMEDIATE; PostgreSQL: row
         # locks, taken in id order so two batches spanning the same rooms cannot deadlock),
         # move them in one executemany, insert the messages in one more.
-        read = sa.select(rooms.c.id, rooms.c.seq, rooms.c.epoch).where(rooms.c.id.in_(ids))
-        if self._db.postgres:
-            read = read.order_by(rooms.c.id).with_for_update()
+        postgres = self._db.postgres
+        if postgres:
+            read = (
+                sa.select(rooms.c.id, rooms.c.seq, rooms.c.epoch)
+                .where(rooms.c.id.in_(ids))
+                .order_by(rooms.c.id)
+                .with_for_update()
+            )
 
         def append(conn: sa.Connection) -> list[Message]:
-            if self._db.postgres:
+            if postgres:
                 positions = conn.execute(read).all()
             else:
                 # The hot path on the embedded store: straight to the sqlite3 cursor, without
@@ -187,7 +192,7 @@ class SqlHistory:
                 found[draft.room] = (seq + 1, epoch)
                 out.append(Message.from_draft(draft, seq + 1, epoch))
             moved = [(found[room][0], room) for room in ids]
-            if self._db.postgres:
+            if postgres:
                 conn.execute(_BUMP, [{"room": room, "seq": seq} for seq, room in moved])
                 conn.execute(messages.insert(), [_message_row(message) for message in out])
             else:
