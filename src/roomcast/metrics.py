@@ -63,6 +63,16 @@ class NodeCollector(Collector):
             writes.add_metric([node.id, "direct"], self.socketio.direct_writes)
             writes.add_metric([node.id, "queued"], self.socketio.queued_writes)
             yield writes
+            events = CounterMetricFamily(
+                "roomcast_socketio_events",
+                "Client events handled, by path: direct (read straight off a fast-path "
+                "WebSocket) or queued (through the ASGI app, Engine.IO and Socket.IO)",
+                labels=["node", "path"],
+            )
+            direct_events = self.socketio.direct_events
+            events.add_metric([node.id, "direct"], direct_events)
+            events.add_metric([node.id, "queued"], self.socketio.events - direct_events)
+            yield events
 
 
 class Metrics:

@@ -4,11 +4,14 @@ with Engine.IO's queue kept for long-polling. Real python-socketio clients, real
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import urllib.request
+from typing import Any
 
 import pytest
 import socketio
+import websockets
 
 from .clients import WAIT, ChatClient, eventually
 from .servers import run_server
@@ -21,13 +24,60 @@ def server(tmp_path_factory):
         yield srv
 
 
-def writes(url: str) -> dict[str, float]:
+def by_path(url: str, metric: str) -> dict[str, float]:
     with urllib.request.urlopen(url + "/metrics", timeout=5) as response:
         text = response.read().decode()
     found = re.findall(
-        r'^roomcast_socketio_writes_total\{node="[^"]*",path="(\w+)"\} (\S+)$', text, re.MULTILINE
+        rf'^{metric}\{{node="[^"]*",path="(\w+)"\}} (\S+)$', text, re.MULTILINE
     )
     return {path: float(value) for path, value in found}
+
+
+def writes(url: str) -> dict[str, float]:
+    return by_path(url, "roomcast_socketio_writes_total")
+
+
+def events(url: str) -> dict[str, float]:
+    return by_path(url, "roomcast_socketio_events_total")
+
+
+class RawClient:
+    """Engine.IO and Socket.IO frames written and read by hand over one WebSocket."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+        self.events: list[Any] = []
+
+    @classmethod
+    async def connect(cls, port: int, name: str) -> RawClient:
+        url = f"ws://127.0.0.1:{port}/ws/socket.io/?EIO=4&transport=websocket"
+        ws = await websockets.connect(url, open_timeout=WAIT, compression=None)
+        client = cls(ws)
+        assert (await client.recv()).startswith("0")
+        await ws.send("40" + json.dumps({"name": name}))
+        assert (await client.recv()).startswith("40")
+        return client
+
+    async def recv(self) -> str:
+        while True:
+            packet = await asyncio.wait_for(self.ws.recv(), WAIT)
+            if packet == "2":
+                await self.ws.send("3")
+                continue
+            return str(packet)
+
+    async def ack(self, ack_id: str) -> list[Any]:
+        """The data of the ack with ``ack_id``; events that come first are kept."""
+        while True:
+            packet = await self.recv()
+            if packet.startswith("43" + ack_id + "["):
+                return list(json.loads(packet[2 + len(ack_id) :]))
+            assert packet.startswith("42"), packet
+            self.events.append(json.loads(packet[2:]))
+
+    async def call(self, ack_id: str, frame: str) -> list[Any]:
+        await self.ws.send(f"42{ack_id}{frame}")
+        return await self.ack(ack_id)
 
 
 async def test_websocket_polling_and_upgraded_clients_share_a_room(server):
@@ -135,3 +185,80 @@ async def test_an_idle_websocket_client_outlives_many_ping_rounds(tmp_path):
                 elif reply.startswith("43"):
                     break
             assert reply.startswith("431") and json.loads(reply[3:])[0]["ok"] is True
+
+
+async def test_websocket_events_are_read_off_the_wire_polling_ones_through_the_queue(server):
+    ws_client = await ChatClient(server.url, "ws-reader", transports=["websocket"]).connect()
+    poller = await ChatClient(server.url, "poll-reader", transports=["polling"]).connect()
+    try:
+        before = events(server.url)
+        for i in range(20):
+            for client in (ws_client, poller):
+                await client.ok("join", {"room": f"read-{i}"})
+        assert (await ws_client.ok("rooms"))["rooms"]
+        after = events(server.url)
+        assert after["direct"] - before.get("direct", 0) == 21
+        assert after["queued"] - before.get("queued", 0) == 20
+    finally:
+        await ws_client.close()
+        await poller.close()
+
+
+async def test_raw_event_frames_get_python_socketios_answers(server):
+    """Every kind of event frame a client may send, valid or not, on the fast path: each
+    gets the ack python-socketio gives, under the client's ack id, and the connection
+    stays usable after the ones that get no answer."""
+    client = await RawClient.connect(server.port, "raw")
+    try:
+        [reply] = await client.call("1", '["nope",{}]')
+        assert reply["error"]["code"] == "unknown_event"
+        [reply] = await client.call("2", '["join",{"room":"raw-room"},5]')
+        assert reply["error"]["code"] == "bad_request"
+        [reply] = await client.call("3", '["send",{"room":"raw-room","text":"a\\u0007"}]')
+        assert reply["error"]["code"] == "invalid_text"
+        # No answer to these, as from python-socketio: malformed JSON, a frame that is not
+        # an event list, a reserved event name, an event without an ack id.
+        for frame in ('42["send",{', '42{"a":1}', '42[1,2]', '424["connect",{}]'):
+            await client.ws.send(frame)
+        await client.ws.send('42["join",{"room":"raw-room"}]')
+        # The join without an ack id is handled: the room announces the new member.
+        assert (await client.recv()).startswith('42["presence",')
+        # An ack id longer than the fast path reads is answered all the same.
+        [reply] = await client.call(
+            "123456789012345678901234567890", '["members",{"room":"raw-room"}]'
+        )
+        assert [u["name"] for u in reply["members"]] == ["raw"]
+        # Ack ids are numbers: 007 is answered as 7.
+        await client.ws.send('42007["send",{"room":"raw-room","text":"hello"}]')
+        [reply] = await client.ack("7")
+        assert reply["ok"] is True and reply["message"]["text"] == "hello"
+    finally:
+        await client.ws.close()
+
+
+async def test_a_burst_of_sends_past_the_in_flight_bound_is_answered_in_full(server):
+    """500 sends written without waiting for a single ack: reading pauses while 64 are in
+    flight and resumes, every send is acked once, and the room keeps them in sending order."""
+    client = await RawClient.connect(server.port, "burster")
+    reader = await ChatClient(server.url, "burst-reader", transports=["websocket"]).connect()
+    try:
+        [joined] = await client.call("0", '["join",{"room":"burst"}]')
+        room = (await reader.ok("join", {"room": "burst"}))["room"]["id"]
+        n = 500
+        for i in range(1, n + 1):
+            await client.ws.send(f'42{i}["send",{{"room":"burst","text":"b{i}"}}]')
+        seqs: dict[int, int] = {}
+        while len(seqs) < n:
+            packet = await client.recv()
+            if packet.startswith("43"):
+                ack_id, _, body = packet[2:].partition("[")
+                [reply] = json.loads("[" + body)
+                assert reply["ok"] is True, reply
+                assert int(ack_id) not in seqs
+                seqs[int(ack_id)] = reply["message"]["seq"]
+        assert sorted(seqs.values()) == list(range(joined["seq"] + 1, joined["seq"] + n + 1))
+        texts = await reader.wait_messages(room, n)
+        assert texts == [f"b{i}" for i in range(1, n + 1)]
+    finally:
+        await client.ws.close()
+        await reader.close()

@@ -15,6 +15,14 @@ unmasked WebSocket frame that is written, as the same bytes, to every member.
 Compression (permessage-deflate) is off on these connections: compressed frames depend on
 each connection's state and could not be shared.
 
+The other direction has a fast path too: once a connection is written directly, a
+:attr:`RoomcastWebSocketProtocol.receiver` may take its text messages as they are parsed,
+instead of uvicorn queueing each one for the ASGI app, pausing reading until Engine.IO's
+read loop picks it up, and Engine.IO and Socket.IO each starting a task for it. The
+receiver declines what it does not handle (it returns False), and a message it declines,
+or any message while one is still queued, goes the ASGI way, so nothing overtakes what
+came before it.
+
 A client that does not read is not allowed to grow the server's memory without bound:
 past :data:`MAX_BUFFERED` bytes waiting in its transport it is disconnected.
 """
@@ -41,6 +49,24 @@ MAX_BUFFERED = 4 << 20
 class RoomcastWebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's sans-I/O WebSocket protocol, reachable from the ASGI app."""
 
+    receiver: Callable[[bytes], bool] | None = None
+    """Takes a complete text message (UTF-8 bytes) straight off the wire; returns False to
+    leave it to the ASGI app."""
+
+    def send_receive_event_to_app(self) -> None:
+        receiver = self.receiver
+        if (
+            receiver is not None
+            and self.curr_msg_data_type == "text"
+            and len(self.frames) == 1
+            and not self.close_sent
+            and self.queue.empty()
+            and receiver(self.frames[0])
+        ):
+            self.frames = []
+            return
+        super().send_receive_event_to_app()
+
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
         scope = getattr(self, "scope", None)
@@ -57,7 +83,17 @@ def protocol_of(scope: dict[str, Any]) -> RoomcastWebSocketProtocol | None:
 
 def text_frame(text: str) -> bytes:
     """One unmasked WebSocket text frame, as a server sends it."""
-    return Frame(Opcode.TEXT, text.encode()).serialize(mask=False)
+    return text_frame_of(text.encode())
+
+
+def text_frame_of(payload: bytes) -> bytes:
+    """One unmasked, final WebSocket text frame around UTF-8 ``payload`` (RFC 6455 5.2)."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x81, n)) + payload
+    if n < 1 << 16:
+        return b"\x81\x7e" + n.to_bytes(2, "big") + payload
+    return b"\x81\x7f" + n.to_bytes(8, "big") + payload
 
 
 def _frame(data: str | bytes) -> bytes:

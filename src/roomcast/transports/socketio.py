@@ -10,6 +10,7 @@ local member's Engine.IO socket.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
@@ -24,7 +25,8 @@ from ..core.hub import Connection
 from ..core.models import ConnId, Message
 from ..core.service import ChatService, JoinResult, Session
 from ..exceptions import ChatError, ErrorCode, UnavailableError
-from .fastws import DirectWriter, RoomcastWebSocketProtocol, protocol_of, text_frame
+from . import fastjson
+from .fastws import DirectWriter, RoomcastWebSocketProtocol, protocol_of, text_frame, text_frame_of
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,93 @@ class JsonPacket(socketio.packet.Packet):  # type: ignore[misc]
     uses_binary_events = False
 
 
+MAX_IN_FLIGHT = 64
+"""Events of one fast-path connection handled at once; past this its reading pauses."""
+
+_RESERVED_EVENTS = frozenset(("connect", "connect_error", "disconnect"))
+
+
+class EventReader:
+    """Takes a fast-path connection's Socket.IO events straight off its WebSocket.
+
+    Handles ``42[...]`` and ``42<id>[...]`` (an EVENT on the default namespace, with or
+    without an ack id) exactly as python-socketio would: the handler runs in a task of its
+    own, and the ack, ``43<id>[reply]``, is written to the connection directly. Everything
+    else (other packet types, namespaces, binary events, malformed JSON) is declined and
+    takes python-socketio's path, which answers it as it always has.
+    """
+
+    __slots__ = ("_inflight", "_paused", "_proto", "_sid", "_transport", "_writer")
+
+    def __init__(
+        self,
+        transport: SocketIOTransport,
+        sid: str,
+        writer: DirectWriter,
+        proto: RoomcastWebSocketProtocol,
+    ) -> None:
+        self._transport = transport
+        self._sid = sid
+        self._writer = writer
+        self._proto = proto
+        self._inflight = 0
+        self._paused = False
+
+    def __call__(self, data: bytes) -> bool:
+        # Engine.IO MESSAGE (4) carrying a Socket.IO EVENT (2).
+        if data[:2] != b"42" or not self._writer.ready():
+            return False
+        start = data.find(b"[", 2)
+        if start < 0:
+            return False
+        ack = data[2:start]
+        if ack and not (ack.isdigit() and len(ack) <= 15):
+            return False
+        try:
+            # Invalid UTF-8 is declined and gets uvicorn's answer on the ASGI path; the
+            # standard library reads integers beyond 64 bits exactly, as python-socketio's.
+            args = json.loads(data[start:].decode())
+        except ValueError:
+            return False
+        if not (args and isinstance(args, list) and isinstance(args[0], str)):
+            return False
+        if args[0] in _RESERVED_EVENTS:
+            return False
+        transport = self._transport
+        if self._sid not in transport._by_sid:
+            return False
+        task = asyncio.get_running_loop().create_task(
+            self._handle(args, int(ack) if ack else None)
+        )
+        transport._tasks.add(task)
+        task.add_done_callback(self._done)
+        transport.direct_events += 1
+        self._inflight += 1
+        if self._inflight >= MAX_IN_FLIGHT:
+            sock = self._proto.transport
+            if sock.is_reading():
+                sock.pause_reading()
+                self._paused = True
+        return True
+
+    async def _handle(self, args: list[Any], ack: int | None) -> None:
+        reply = await self._transport._on_event(args[0], self._sid, *args[1:])
+        if ack is not None:
+            payload = b"43%d" % ack + fastjson.dumps([reply]).encode()
+            self._writer.write(text_frame_of(payload))
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._transport._tasks.discard(task)
+        self._inflight -= 1
+        if not task.cancelled() and task.exception() is not None:
+            log.error("event failed", exc_info=task.exception())
+        if self._paused and self._inflight <= MAX_IN_FLIGHT // 2:
+            self._paused = False
+            proto = self._proto
+            if not proto.read_paused and not proto.transport.is_closing():
+                proto.transport.resume_reading()
+
+
 def _ok(**fields: Any) -> Reply:
     return {"ok": True, **fields}
 
@@ -80,6 +169,10 @@ class SocketIOTransport:
         """Room frames written on the WebSocket fast path (one per recipient)."""
         self.queued_writes = 0
         """Room frames handed to Engine.IO's queue (long-polling, or not served by us)."""
+        self.events = 0
+        """Client events handled, on either path."""
+        self.direct_events = 0
+        """Client events read straight off a fast-path WebSocket by an EventReader."""
         self._handlers: dict[str, Handler] = {
             "join": self._join,
             "leave": self._leave,
@@ -138,8 +231,14 @@ class SocketIOTransport:
         conn = self._by_eio.get(sid)
         if conn is not None and conn.writer is not None:
             conn.writer.proto = proto
+            self._read_events(conn)
         else:  # the Socket.IO connect may still come, over the new WebSocket
             self._upgrades[sid] = proto
+
+    def _read_events(self, conn: SocketIOConnection) -> None:
+        writer = conn.writer
+        if writer is not None and writer.proto is not None:
+            writer.proto.receiver = EventReader(self, conn.sid, writer, writer.proto)
 
     def websocket_closed(self, sid: str) -> None:
         self._upgrades.pop(sid, None)
@@ -158,6 +257,7 @@ class SocketIOTransport:
             raise socketio.exceptions.ConnectionRefusedError(exc.message, exc.to_dict()) from None
         self._by_sid[sid] = session
         self._by_eio[eio_sid] = conn
+        self._read_events(conn)
         # After the handler returns python-socketio confirms the connection; the welcome
         # goes out right after that confirmation.
         self._spawn(self.sio.emit("welcome", {"user": session.user.to_wire()}, to=sid))
@@ -176,6 +276,9 @@ class SocketIOTransport:
         session = self._by_sid.pop(sid, None)
         if session is not None:
             eio_sid = session.conn.eio_sid  # type: ignore[attr-defined]
+            writer = session.conn.writer  # type: ignore[attr-defined]
+            if writer is not None and writer.proto is not None:
+                writer.proto.receiver = None
             self._upgrades.pop(eio_sid, None)
             self._by_eio.pop(eio_sid, None)
             await self.service.disconnect(session.conn.id)
@@ -194,6 +297,7 @@ class SocketIOTransport:
     # -- events ------------------------------------------------------------------------
 
     async def _on_event(self, event: str, sid: str, *args: Any) -> Reply:
+        self.events += 1
         session = self._by_sid.get(sid)
         handler = self._handlers.get(event)
         try:
