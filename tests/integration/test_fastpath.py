@@ -27,9 +27,7 @@ def server(tmp_path_factory):
 def by_path(url: str, metric: str) -> dict[str, float]:
     with urllib.request.urlopen(url + "/metrics", timeout=5) as response:
         text = response.read().decode()
-    found = re.findall(
-        rf'^{metric}\{{node="[^"]*",path="(\w+)"\}} (\S+)$', text, re.MULTILINE
-    )
+    found = re.findall(rf'^{metric}\{{node="[^"]*",path="(\w+)"\}} (\S+)$', text, re.MULTILINE)
     return {path: float(value) for path, value in found}
 
 
@@ -218,7 +216,7 @@ async def test_raw_event_frames_get_python_socketios_answers(server):
         assert reply["error"]["code"] == "invalid_text"
         # No answer to these, as from python-socketio: malformed JSON, a frame that is not
         # an event list, a reserved event name, an event without an ack id.
-        for frame in ('42["send",{', '42{"a":1}', '42[1,2]', '424["connect",{}]'):
+        for frame in ('42["send",{', '42{"a":1}', "42[1,2]", '424["connect",{}]'):
             await client.ws.send(frame)
         await client.ws.send('42["join",{"room":"raw-room"}]')
         # The join without an ack id is handled: the room announces the new member.

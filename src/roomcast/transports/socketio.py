@@ -112,9 +112,7 @@ class EventReader:
         transport = self._transport
         if self._sid not in transport._by_sid:
             return False
-        task = asyncio.get_running_loop().create_task(
-            self._handle(args, int(ack) if ack else None)
-        )
+        task = asyncio.get_running_loop().create_task(self._handle(args, int(ack) if ack else None))
         transport._tasks.add(task)
         task.add_done_callback(self._done)
         transport.direct_events += 1
