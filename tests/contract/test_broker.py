@@ -91,6 +91,27 @@ async def test_frames_reach_every_subscribed_node_in_publish_order(cluster):
     assert a.broker.healthy and b.broker.healthy and c.broker.healthy
 
 
+async def test_a_batch_of_frames_for_several_rooms_arrives_in_order(cluster):
+    """publish_many, as a node publishes a stored batch: each subscriber gets its rooms'
+    frames, each room's in batch order, and nothing of the rooms it did not subscribe to."""
+    a, b, c = await cluster(), await cluster(), await cluster()
+    await a.broker.subscribe(RoomId(1))
+    await a.broker.subscribe(RoomId(2))
+    await b.broker.subscribe(RoomId(2))
+    batch = [(RoomId(1 + i % 3), frame(1 + i % 3, i)) for i in range(300)]
+    for start in range(0, 300, 100):
+        await c.broker.publish_many(batch[start : start + 100])
+    await c.broker.publish_many([(RoomId(2), frame(2, 999))])  # a batch of one
+    room1 = [data for room, data in batch if room == 1]
+    room2 = [data for room, data in batch if room == 2] + [frame(2, 999)]
+    await a.wait(lambda: len(a.room_frames) >= len(room1) + len(room2))
+    await b.wait(lambda: len(b.room_frames) >= len(room2))
+    assert [f for f in a.room_frames if f.startswith(b"M 1 ")] == room1
+    assert [f for f in a.room_frames if f.startswith(b"M 2 ")] == room2
+    assert len(a.room_frames) == len(room1) + len(room2)
+    assert b.room_frames == room2
+
+
 async def test_the_publisher_receives_its_own_frames_when_subscribed(cluster):
     a = await cluster()
     await a.broker.subscribe(RoomId(5))
@@ -149,3 +170,5 @@ async def test_a_closed_broker_refuses_to_publish(cluster):
     assert not a.broker.healthy
     with pytest.raises(UnavailableError):
         await a.broker.publish(RoomId(1), frame(1, 1))
+    with pytest.raises(UnavailableError):
+        await a.broker.publish_many([(RoomId(1), frame(1, 1)), (RoomId(2), frame(2, 2))])

@@ -85,6 +85,10 @@ class MemoryBroker:
         for handler in list(self._bus.rooms.get(room, {}).values()):
             await handler(frame)
 
+    async def publish_many(self, frames: Sequence[tuple[RoomId, bytes]]) -> None:
+        for room, frame in frames:
+            await self.publish(room, frame)
+
     async def send(self, node: NodeId, frame: bytes) -> None:
         handler = self._bus.inboxes.get(node)
         if handler is not None:

@@ -66,6 +66,15 @@ class Broker(Protocol):
         """
         ...
 
+    async def publish_many(self, frames: Sequence[tuple[RoomId, bytes]]) -> None:
+        """:meth:`publish` each ``(room, frame)`` in order, in one round trip where the
+        broker allows it (a node publishes a batch of stored messages at once).
+
+        Raises :class:`~roomcast.exceptions.UnavailableError` when the broker cannot be
+        reached; any of the frames may then have been published or not.
+        """
+        ...
+
     async def send(self, node: NodeId, frame: bytes) -> None:
         """Send a frame to one node's inbox."""
         ...

@@ -126,12 +126,15 @@ class Sequencer:
                 if not future.done():
                     future.set_exception(_as_chat_error(exc))
             return
+        try:
+            # The whole batch in one round trip to the broker, in seq order.
+            await self._broker.publish_many(
+                [(message.room, message_frame(message).encode()) for message in messages]
+            )
+        except Exception:
+            # Stored, so acknowledged: members that missed them recover them by seq.
+            log.warning("publish of a batch of %d failed", len(messages), exc_info=True)
         for message, (_, future) in zip(messages, batch, strict=True):
-            try:
-                await self._broker.publish(message.room, message_frame(message).encode())
-            except Exception:
-                # Stored, so acknowledged: members that missed it recover it by seq.
-                log.warning("publish of %s/%s failed", message.room, message.seq, exc_info=True)
             if not future.done():
                 future.set_result(message)
 

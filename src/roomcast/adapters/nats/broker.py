@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Sequence
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import nats
@@ -238,6 +239,12 @@ class NatsBroker:
 
     async def publish(self, room: RoomId, frame: bytes) -> None:
         await self._publish(self._room_subject(room), frame)
+
+    async def publish_many(self, frames: Sequence[tuple[RoomId, bytes]]) -> None:
+        # nats-py appends each publish to its write buffer and flushes it in the
+        # background: the batch already goes out in as few writes as the client can.
+        for room, frame in frames:
+            await self._publish(self._room_subject(room), frame)
 
     async def send(self, node: NodeId, frame: bytes) -> None:
         await self._publish(self._inbox_subject(node), frame)

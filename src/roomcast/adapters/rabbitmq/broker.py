@@ -51,7 +51,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -281,6 +281,21 @@ class RabbitBroker:
 
     async def publish(self, room: RoomId, frame: bytes) -> None:
         await self._publish(f"room.{room}", frame)
+
+    async def publish_many(self, frames: Sequence[tuple[RoomId, bytes]]) -> None:
+        if len(frames) == 1:
+            await self.publish(*frames[0])
+            return
+        # The publishes start in order and take the channel's (first-come, first-served)
+        # lock in that order, so they are written in order; their confirms are awaited
+        # together instead of one round trip each.
+        publishes = [
+            asyncio.ensure_future(self._publish(f"room.{room}", frame)) for room, frame in frames
+        ]
+        results = await asyncio.gather(*publishes, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     async def send(self, node: NodeId, frame: bytes) -> None:
         await self._publish(f"node.{node}", frame)

@@ -36,7 +36,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -278,6 +278,21 @@ class RedisBroker:
 
     async def publish(self, room: RoomId, frame: bytes) -> None:
         await self._publish(self._room_channel(room), frame)
+
+    async def publish_many(self, frames: Sequence[tuple[RoomId, bytes]]) -> None:
+        if len(frames) == 1:
+            await self.publish(*frames[0])
+            return
+        if self._closed or self._reader is None:
+            raise UnavailableError("the Redis broker is not running")
+        # One pipeline: every SPUBLISH written at once, in order, and one wait for replies.
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for room, frame in frames:
+                    pipe.spublish(self._room_channel(room), frame)
+                await pipe.execute()
+        except UNREACHABLE as exc:
+            raise UnavailableError(f"Redis is unreachable: {exc}") from exc
 
     async def send(self, node: NodeId, frame: bytes) -> None:
         await self._publish(self._inbox_channel(node), frame)
