@@ -3,7 +3,7 @@
 Transports translate the wire into calls on this class and its results back into the wire;
 engines are reached only through the ports. The flow of a message::
 
-    send -> validate -> Sequencer (History.append: seq, durable) -> Broker.publish(frame)
+    send -> validate -> Sequencer (History.append: seq, durable) -> Broker.publish_many(frames)
          -> every node with local members: Hub.on_frame -> Transport.deliver (encode once)
 """
 
