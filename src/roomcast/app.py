@@ -88,7 +88,7 @@ class RoomcastApp:
         if self.node.started:
             for sid in list(self.socketio.sids()):
                 with contextlib.suppress(Exception):
-                    await self.sio.disconnect(sid)
+                    await self.socketio.disconnect(sid)
             await self.node.stop()
 
     @contextlib.asynccontextmanager

@@ -13,7 +13,7 @@ from typing import Any
 import uvicorn
 
 from .app import RoomcastApp
-from .transports.fastws import RoomcastWebSocketProtocol
+from .transports.engine import EngineDoor
 
 GC_THRESHOLDS = (20_000, 20, 20)
 """The cyclic garbage collector's thresholds in a roomcast process.
@@ -34,13 +34,14 @@ def freeze_startup_objects() -> None:
 
 
 def uvicorn_config(app: RoomcastApp, **options: Any) -> uvicorn.Config:
-    """uvicorn's configuration for a roomcast node: roomcast's WebSocket protocol (the fast
-    path), no permessage-deflate (shared frames), and no WebSocket-level keepalive pings —
+    """uvicorn's configuration for a roomcast node: roomcast's WebSocket protocols (Engine.IO
+    sessions opened on a WebSocket served without a task or queue, and the fast path for the
+    rest), no permessage-deflate (shared frames), and no WebSocket-level keepalive pings —
     Engine.IO pings every client already and drops the ones that stop answering."""
     return uvicorn.Config(
         app,
         lifespan="on",
-        ws=RoomcastWebSocketProtocol,
+        ws=EngineDoor(app).protocol_class(),
         ws_max_size=1 << 20,
         ws_per_message_deflate=False,
         ws_ping_interval=None,

@@ -96,6 +96,15 @@ def text_frame_of(payload: bytes) -> bytes:
     return b"\x81\x7f" + n.to_bytes(8, "big") + payload
 
 
+def write_frame(transport: Any, frame: bytes) -> None:
+    """Write one serialized frame to an open transport; a client that lets more than
+    :data:`MAX_BUFFERED` bytes pile up is cut off."""
+    transport.write(frame)
+    if transport.get_write_buffer_size() > MAX_BUFFERED:
+        log.warning("dropping a client that does not read (%d bytes waiting)", MAX_BUFFERED)
+        transport.abort()
+
+
 def _frame(data: str | bytes) -> bytes:
     if isinstance(data, str):
         return text_frame(data)
@@ -144,10 +153,7 @@ class DirectWriter:
         transport = proto.transport
         if proto.close_sent or transport.is_closing():
             return False
-        transport.write(frame)
-        if transport.get_write_buffer_size() > MAX_BUFFERED:
-            log.warning("dropping a client that does not read (%d bytes waiting)", MAX_BUFFERED)
-            transport.abort()
+        write_frame(transport, frame)
         return True
 
     async def _send(self, pkt: Any) -> None:

@@ -14,7 +14,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import socketio
 from engineio import packet as eio_packet
@@ -28,7 +28,19 @@ from ..exceptions import ChatError, ErrorCode, UnavailableError
 from . import fastjson
 from .fastws import DirectWriter, RoomcastWebSocketProtocol, protocol_of, text_frame, text_frame_of
 
+if TYPE_CHECKING:
+    from .engine import EngineWebSocket
+
 log = logging.getLogger(__name__)
+
+
+class FrameWriter(Protocol):
+    """Writes serialized WebSocket frames straight to a client's connection."""
+
+    def ready(self) -> bool: ...
+
+    def write(self, frame: bytes) -> bool: ...
+
 
 Reply = dict[str, Any]
 Handler = Callable[[Session, dict[str, Any]], Awaitable[Reply]]
@@ -42,8 +54,11 @@ class SocketIOConnection:
     sid: str
     eio_sid: str
     transport: SocketIOTransport
-    writer: DirectWriter | None
+    writer: FrameWriter | None
     """The WebSocket fast path, where roomcast serves the connection itself."""
+    native: bool = False
+    """Served by an :class:`~roomcast.transports.engine.EngineWebSocket` from the start:
+    python-engineio does not know it, and every write goes through ``writer``."""
 
 
 class JsonPacket(socketio.packet.Packet):  # type: ignore[misc]
@@ -79,8 +94,8 @@ class EventReader:
         self,
         transport: SocketIOTransport,
         sid: str,
-        writer: DirectWriter,
-        proto: RoomcastWebSocketProtocol,
+        writer: FrameWriter,
+        proto: RoomcastWebSocketProtocol | EngineWebSocket,
     ) -> None:
         self._transport = transport
         self._sid = sid
@@ -213,6 +228,8 @@ class SocketIOTransport:
                 if writer.write(data):
                     direct += 1
                     continue
+            if conn.native:  # type: ignore[attr-defined]  # closing: no other way to it
+                continue
             self.queued_writes += 1
             await self.sio.eio.send_packet(conn.eio_sid, pkt)  # type: ignore[attr-defined]
         self.direct_writes += direct
@@ -227,7 +244,7 @@ class SocketIOTransport:
         if proto is None:
             return
         conn = self._by_eio.get(sid)
-        if conn is not None and conn.writer is not None:
+        if conn is not None and isinstance(conn.writer, DirectWriter):
             conn.writer.proto = proto
             self._read_events(conn)
         else:  # the Socket.IO connect may still come, over the new WebSocket
@@ -235,7 +252,7 @@ class SocketIOTransport:
 
     def _read_events(self, conn: SocketIOConnection) -> None:
         writer = conn.writer
-        if writer is not None and writer.proto is not None:
+        if isinstance(writer, DirectWriter) and writer.proto is not None:
             writer.proto.receiver = EventReader(self, conn.sid, writer, writer.proto)
 
     def websocket_closed(self, sid: str) -> None:
@@ -275,11 +292,129 @@ class SocketIOTransport:
         if session is not None:
             eio_sid = session.conn.eio_sid  # type: ignore[attr-defined]
             writer = session.conn.writer  # type: ignore[attr-defined]
-            if writer is not None and writer.proto is not None:
+            if isinstance(writer, DirectWriter) and writer.proto is not None:
                 writer.proto.receiver = None
             self._upgrades.pop(eio_sid, None)
             self._by_eio.pop(eio_sid, None)
             await self.service.disconnect(session.conn.id)
+
+    async def disconnect(self, sid: str) -> None:
+        """Disconnect a client from the server's side."""
+        session = self._by_sid.get(sid)
+        writer = session.conn.writer if session is not None else None  # type: ignore[attr-defined]
+        if session is not None and session.conn.native:  # type: ignore[attr-defined]
+            sock: EngineWebSocket = writer  # type: ignore[assignment]
+            sock.send_text("41")
+            self._native_left(sock)
+            sock.close(1000)
+            return
+        await self.sio.disconnect(sid)
+
+    # -- sessions served by EngineWebSocket --------------------------------------------
+
+    def native_message(self, sock: EngineWebSocket, text: str) -> None:
+        """A Socket.IO packet of an :class:`EngineWebSocket` session that its event
+        reader did not take, answered as python-socketio answers it."""
+        try:
+            pkt = JsonPacket(encoded_packet=text)
+        except Exception:  # python-socketio drops what it cannot decode
+            log.debug("dropped an undecodable Socket.IO packet")
+            return
+        kind = pkt.packet_type
+        namespace = pkt.namespace or "/"
+        if kind == socketio.packet.CONNECT:
+            if namespace != "/":
+                error = JsonPacket(
+                    socketio.packet.CONNECT_ERROR, data="Unable to connect", namespace=namespace
+                )
+                sock.send_text("4" + error.encode())
+            elif sock.sid is None and not sock.connecting:
+                sock.connecting = True
+                self._spawn(self._native_connect(sock, pkt.data))
+        elif namespace != "/" or sock.sid is None:
+            return  # python-socketio ignores packets of a namespace not connected
+        elif kind == socketio.packet.DISCONNECT:
+            self._native_left(sock)
+        elif kind == socketio.packet.EVENT:
+            self._native_event(sock, pkt.id, pkt.data)
+        elif kind in (socketio.packet.BINARY_EVENT, socketio.packet.BINARY_ACK):
+            if pkt.attachment_count:
+                sock._binary = pkt
+        # ACK: roomcast asks no client for acks; CONNECT_ERROR never comes from a client.
+
+    def native_binary(self, sock: EngineWebSocket, data: bytes) -> None:
+        """A binary WebSocket message: an attachment of the pending binary packet."""
+        pkt = sock._binary
+        if pkt is None:
+            return
+        try:
+            complete = pkt.add_attachment(data)
+        except ValueError:
+            sock._binary = None
+            return
+        if complete:
+            sock._binary = None
+            if pkt.packet_type == socketio.packet.BINARY_EVENT and sock.sid is not None:
+                self._native_event(sock, pkt.id, pkt.data)
+
+    def _native_event(self, sock: EngineWebSocket, ack: int | None, data: Any) -> None:
+        if not (isinstance(data, list) and data) or data[0] in _RESERVED_EVENTS:
+            return
+        sid = sock.sid
+        assert sid is not None
+
+        async def handle() -> None:
+            reply = await self._on_event(data[0], sid, *data[1:])
+            if ack is not None:
+                sock.write(text_frame_of(b"43%d" % ack + fastjson.dumps([reply]).encode()))
+
+        self._spawn(handle())
+
+    async def _native_connect(self, sock: EngineWebSocket, auth: Any) -> None:
+        name = auth.get("name") if isinstance(auth, dict) else None
+        sid = self.sio.eio.generate_id()
+        conn = SocketIOConnection(
+            self.service.new_conn_id(), sid, sock.eio_sid, self, sock, native=True
+        )
+        try:
+            session = await self.service.connect(conn, name)
+        except ChatError as exc:
+            sock.connecting = False
+            refusal = {"message": exc.message, "data": exc.to_dict()}
+            sock.send_text("44" + fastjson.dumps(refusal))
+            return
+        except Exception:
+            sock.connecting = False
+            log.exception("connect failed")
+            refusal = {"message": "the service is unavailable, try again"}
+            sock.send_text("44" + fastjson.dumps(refusal))
+            return
+        sock.connecting = False
+        if sock.closing:  # gone while it was connecting
+            await self.service.disconnect(conn.id)
+            return
+        self._by_sid[sid] = session
+        self._by_eio[sock.eio_sid] = conn
+        sock.sid = sid
+        sock.conn = conn
+        sock.reader = EventReader(self, sid, sock, sock)
+        sock.send_text("40" + fastjson.dumps({"sid": sid}))
+        sock.send_text("42" + fastjson.dumps(["welcome", {"user": session.user.to_wire()}]))
+
+    def _native_left(self, sock: EngineWebSocket) -> None:
+        """The client's Socket.IO session has ended (its WebSocket may stay open)."""
+        sid, conn = sock.sid, sock.conn
+        sock.sid = sock.conn = sock.reader = None
+        sock._binary = None
+        if sid is None or conn is None:
+            return
+        self._by_sid.pop(sid, None)
+        self._by_eio.pop(conn.eio_sid, None)
+        self._spawn(self.service.disconnect(conn.id))
+
+    def native_closed(self, sock: EngineWebSocket) -> None:
+        """An :class:`EngineWebSocket` is closing or closed."""
+        self._native_left(sock)
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         async def run() -> None:

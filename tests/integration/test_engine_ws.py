@@ -1,0 +1,257 @@
+"""Engine.IO sessions opened on a WebSocket, which roomcast serves itself (no ASGI app task,
+no python-engineio socket): the protocol as a Socket.IO client sees it, frame by frame,
+and against real python-socketio clients. Real server, real WebSockets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import urllib.request
+
+import pytest
+import socketio
+import websockets
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from .clients import WAIT, ChatClient, eventually
+from .servers import run_server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with run_server("--rate-limit", "0", log_dir=tmp_path_factory.mktemp("engine")) as srv:
+        yield srv
+
+
+def ws_url(port: int, query: str = "EIO=4&transport=websocket") -> str:
+    return f"ws://127.0.0.1:{port}/ws/socket.io/?{query}"
+
+
+def metric(url: str, name: str) -> float:
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as response:
+        text = response.read().decode()
+    values = re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)
+    return sum(float(v) for v in values)
+
+
+async def recv(ws: websockets.ClientConnection) -> str:
+    """The next packet that is not a ping (pings are answered)."""
+    while True:
+        packet = await asyncio.wait_for(ws.recv(), WAIT)
+        if packet == "2":
+            await ws.send("3")
+            continue
+        return str(packet)
+
+
+async def opened(port: int, **kwargs: object) -> tuple[websockets.ClientConnection, dict]:
+    ws = await websockets.connect(ws_url(port), open_timeout=WAIT, compression=None, **kwargs)
+    packet = await recv(ws)
+    assert packet.startswith("0"), packet
+    return ws, json.loads(packet[1:])
+
+
+async def connected(port: int, name: str) -> tuple[websockets.ClientConnection, str]:
+    ws, _ = await opened(port)
+    await ws.send("40" + json.dumps({"name": name}))
+    reply = await recv(ws)
+    assert reply.startswith("40{"), reply
+    welcome = await recv(ws)
+    assert welcome.startswith('42["welcome",'), welcome
+    return ws, json.loads(reply[2:])["sid"]
+
+
+async def ack(ws: websockets.ClientConnection, ack_id: int) -> dict:
+    while True:
+        packet = await recv(ws)
+        if packet.startswith(f"43{ack_id}["):
+            return json.loads(packet[2 + len(str(ack_id)) :])[0]
+
+
+async def test_the_open_packet_names_the_session_and_its_heartbeat(server):
+    ws, info = await opened(server.port)
+    try:
+        assert set(info) == {"sid", "upgrades", "pingInterval", "pingTimeout", "maxPayload"}
+        assert info["upgrades"] == []  # already on the best transport
+        assert (info["pingInterval"], info["pingTimeout"]) == (25000, 20000)
+        assert info["maxPayload"] == 1_000_000
+        # Socket.IO's CONNECT answer carries a session id of its own.
+        await ws.send('40{"name":"opener"}')
+        reply = await recv(ws)
+        sid = json.loads(reply[2:])["sid"]
+        assert sid and sid != info["sid"]
+        welcome = json.loads((await recv(ws))[2:])
+        assert welcome[0] == "welcome" and welcome[1]["user"]["name"] == "opener"
+    finally:
+        await ws.close()
+
+
+async def test_refusals_and_foreign_namespaces_get_socketios_error_packets(server):
+    ws, _ = await opened(server.port)
+    try:
+        await ws.send("40/admin,")
+        assert await recv(ws) == '44/admin,"Unable to connect"'
+        await ws.send('40{"name":""}')  # a nickname is 1-32 characters
+        refusal = json.loads((await recv(ws))[2:])
+        assert refusal["data"]["code"] == "invalid_name" and refusal["message"]
+        # Events before a successful CONNECT are not handled; the session may still connect.
+        await ws.send('421["rooms",{}]')
+        await ws.send('40{"name":"second try"}')
+        assert (await recv(ws)).startswith("40{")
+        assert (await recv(ws)).startswith('42["welcome",')
+        await ws.send('422["rooms",{}]')
+        assert (await ack(ws, 2))["ok"] is True
+    finally:
+        await ws.close()
+
+
+async def test_python_socketio_clients_on_websocket_and_polling_share_a_room(server):
+    """A WebSocket-first client (served by roomcast's Engine.IO path) and a long-polling one
+    (python-engineio's) in one room: each sees the other's messages and presence."""
+    ws_first = await ChatClient(server.url, "ws-first", transports=["websocket"]).connect()
+    poller = await ChatClient(server.url, "poller", transports=["polling"]).connect()
+    try:
+        room = (await ws_first.ok("join", {"room": "mixed"}))["room"]["id"]
+        await poller.ok("join", {"room": "mixed"})
+        await ws_first.ok("send", {"room": "mixed", "text": "from ws"})
+        await poller.ok("send", {"room": "mixed", "text": "from polling"})
+        for client in (ws_first, poller):
+            assert await client.wait_messages(room, 2) == ["from ws", "from polling"]
+        before = metric(server.url, "roomcast_connections")
+        await ws_first.close()
+        await eventually(lambda: metric(server.url, "roomcast_connections") == before - 1)
+        await poller.wait_for(
+            lambda: any(p.get("event") == "leave" and p["user"]["name"] == "ws-first"
+                        for p in poller.of("presence"))
+        )  # fmt: skip
+    finally:
+        await poller.close()
+
+
+async def test_a_socketio_disconnect_ends_the_session_but_not_the_websocket(server):
+    ws, _ = await connected(server.port, "leaver")
+    watcher = await ChatClient(server.url, "watcher", transports=["websocket"]).connect()
+    try:
+        await ws.send('421["join",{"room":"leaving"}]')
+        assert (await ack(ws, 1))["ok"] is True
+        await watcher.ok("join", {"room": "leaving"})
+        await ws.send("41")
+        await watcher.wait_for(
+            lambda: any(p.get("event") == "leave" for p in watcher.of("presence"))
+        )
+        # The same WebSocket connects again as a new session.
+        await ws.send('40{"name":"leaver again"}')
+        for _ in range(10):  # the room's events from before the disconnect may come first
+            packet = await recv(ws)
+            if not packet.startswith('42["presence",'):
+                break
+        assert packet.startswith("40{"), packet
+    finally:
+        await ws.close()
+        await watcher.close()
+
+
+async def test_fragmented_and_binary_events_are_answered(server):
+    ws, _ = await connected(server.port, "fragments")
+    try:
+        # One event split over three WebSocket frames.
+        await ws.send(["421", '["join",', '{"room":"frag"}]'])
+        reply = await ack(ws, 1)
+        assert reply["ok"] is True and reply["room"]["name"] == "frag"
+        # A binary event: roomcast takes JSON only and says so, under the event's ack id.
+        await ws.send('451-2["send",{"room":"frag","text":{"_placeholder":true,"num":0}}]')
+        await ws.send(b"\x00\x01")
+        reply = await ack(ws, 2)
+        assert reply["ok"] is False and reply["error"]["code"] in ("bad_request", "invalid_text")
+        await ws.send('423["send",{"room":"frag","text":"still here"}]')
+        assert (await ack(ws, 3))["message"]["text"] == "still here"
+    finally:
+        await ws.close()
+
+
+async def test_a_message_over_the_payload_limit_closes_with_1009(server):
+    ws, info = await opened(server.port, max_size=None)
+    try:
+        await ws.send("4" + "x" * info["maxPayload"])
+        with pytest.raises(ConnectionClosed) as closed:
+            for _ in range(10):
+                await recv(ws)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+    finally:
+        await ws.close()
+
+
+async def test_an_engineio_close_packet_ends_the_connection(server):
+    ws, _ = await connected(server.port, "closer")
+    await ws.send("1")
+    with pytest.raises(ConnectionClosed):
+        for _ in range(10):
+            await recv(ws)
+    await asyncio.wait_for(ws.wait_closed(), WAIT)
+
+
+async def test_a_client_that_stops_answering_pings_is_dropped(tmp_path):
+    with run_server("--ping-interval", "0.5", "--ping-timeout", "0.5", log_dir=tmp_path) as srv:
+        ws, _ = await connected(srv.port, "silent")
+        watcher = await ChatClient(srv.url, "watcher", transports=["websocket"]).connect()
+        try:
+            await ws.send('421["join",{"room":"quiet"}]')
+            assert (await ack(ws, 1))["ok"] is True
+            await watcher.ok("join", {"room": "quiet"})
+            pings = 0
+            with pytest.raises(ConnectionClosed):
+                for _ in range(20):  # bounded: the server closes after one unanswered ping
+                    packet = await asyncio.wait_for(ws.recv(), WAIT)
+                    pings += packet == "2"
+            assert pings == 1
+            await watcher.wait_for(
+                lambda: any(p.get("event") == "leave" for p in watcher.of("presence"))
+            )
+        finally:
+            await ws.close()
+            await watcher.close()
+
+
+async def test_origins_are_checked_as_python_engineio_checks_them(tmp_path):
+    with run_server("--cors-origins", "https://app.example", log_dir=tmp_path) as srv:
+        with pytest.raises(InvalidStatus):
+            await websockets.connect(
+                ws_url(srv.port), origin="https://evil.example", open_timeout=WAIT
+            )
+        ws = await websockets.connect(
+            ws_url(srv.port), origin="https://app.example", open_timeout=WAIT
+        )
+        try:
+            assert (await recv(ws)).startswith("0{")
+        finally:
+            await ws.close()
+
+
+async def test_other_engineio_requests_keep_python_engineios_answers(server):
+    """What roomcast's path does not serve reaches python-engineio unchanged."""
+    with pytest.raises(InvalidStatus):  # protocol version 3 is not supported
+        await websockets.connect(ws_url(server.port, "EIO=3&transport=websocket"))
+    with pytest.raises(InvalidStatus):  # an upgrade for a session that does not exist
+        await websockets.connect(ws_url(server.port, "EIO=4&transport=websocket&sid=nope"))
+    client = socketio.AsyncClient()
+    try:  # polling first, then the upgrade: python-engineio's path, roomcast's writer
+        await client.connect(
+            server.url, socketio_path="/ws/socket.io", auth={"name": "upgrader"}, wait_timeout=WAIT
+        )
+        assert client.transport() == "websocket"
+        reply = await client.call("rooms", {}, timeout=WAIT)
+        assert reply["ok"] is True
+    finally:
+        await client.disconnect()
+
+
+async def test_a_stopping_server_closes_its_websockets_with_1012(tmp_path):
+    with run_server(log_dir=tmp_path) as srv:
+        ws, _ = await connected(srv.port, "restarting")
+        srv.stop()  # SIGTERM: uvicorn's graceful shutdown, bounded
+        assert srv.process.poll() is not None
+        with pytest.raises(ConnectionClosed) as closed:
+            for _ in range(10):
+                await recv(ws)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
