@@ -173,13 +173,14 @@ class SqlHistory:
                 .with_for_update()
             )
 
-        def append(conn: sa.Connection) -> list[Message]:
+        def append(conn: Any) -> list[Message]:
             if postgres:
                 positions = conn.execute(read).all()
             else:
-                # The hot path on the embedded store: straight to the sqlite3 cursor, without
-                # SQLAlchemy's per-statement compile and parameter processing.
-                cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+                # The hot path on the embedded store: a sqlite3 connection of its own, its
+                # cursor used straight, without SQLAlchemy's per-statement compile and
+                # parameter processing or its per-transaction bookkeeping.
+                cursor = conn.cursor()
                 marks = ",".join("?" * len(ids))
                 positions = cursor.execute(_SQLITE_READ.format(marks), ids).fetchall()
             found = {room: (int(seq), epoch) for room, seq, epoch in positions}
@@ -200,7 +201,9 @@ class SqlHistory:
                 cursor.executemany(_SQLITE_INSERT, [_message_tuple(m) for m in out])
             return out
 
-        return await self._db.run(append, write=True)
+        if postgres:
+            return await self._db.run(append, write=True)
+        return await self._db.write_sqlite(append)
 
     async def after(self, room: RoomId, seq: int, limit: int) -> list[Message]:
         """Up to ``limit`` messages with ``seq`` greater than the given one, ascending."""
