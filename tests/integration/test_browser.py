@@ -76,6 +76,8 @@ class Chat:
     page: Page
     dialogs: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    sockets: list[str] = field(default_factory=list)
+    """URLs of the WebSockets the page opened."""
 
 
 @pytest.fixture
@@ -108,6 +110,7 @@ async def open_chat(
 
     page.on("dialog", on_dialog)
     page.on("pageerror", lambda exc: chat.errors.append(str(exc)))
+    page.on("websocket", lambda ws: chat.sockets.append(ws.url))
     if before_load is not None:
         await before_load(page)
     await page.goto(url + "/")
@@ -210,6 +213,9 @@ async def test_two_users_chat_in_a_room(browser: Browser, chat_server: Server) -
     for chat in (alice, bob):
         assert chat.dialogs == [], chat.dialogs
         assert chat.errors == [], chat.errors
+        # The page starts its session on a WebSocket (no long-polling first, no upgrade).
+        assert len(chat.sockets) == 1, chat.sockets
+        assert "transport=websocket" in chat.sockets[0] and "sid=" not in chat.sockets[0]
 
 
 async def test_reconnect_recovers_missed_messages(browser: Browser, chat_server: Server) -> None:

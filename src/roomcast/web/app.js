@@ -211,6 +211,9 @@
     const s = io({
       path: SOCKET_PATH,
       auth: { name },
+      // WebSocket first (the server's leanest path), long-polling if it cannot connect.
+      transports: ["websocket", "polling"],
+      tryAllTransports: true,
       forceNew: true,
       reconnectionDelay: 500,
       reconnectionDelayMax: 5000,
