@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -134,6 +134,33 @@ class Database:
             return await loop.run_in_executor(self._thread, self._write_sqlite, work)
         except sqlite3.OperationalError as error:  # locked past busy_timeout, I/O errors
             raise UnavailableError(f"the history store cannot be reached: {error}") from error
+
+    async def run_driver(self, work: Callable[[Any], Awaitable[T]]) -> T:
+        """PostgreSQL: ``await work(connection)`` on a pooled asyncpg connection, for a
+        statement that is its own transaction — no ``BEGIN`` or ``COMMIT`` round trips."""
+        assert self._async is not None
+        try:
+            async with self._async.connect() as conn:
+                raw = await conn.get_raw_connection()
+                try:
+                    return await work(raw.driver_connection)
+                except Exception as error:
+                    if _driver_unreachable(error):
+                        raw.invalidate(error)  # not handed out again
+                        raise UnavailableError(
+                            f"the history store cannot be reached: {error}"
+                        ) from error
+                    raise
+        except UnavailableError:
+            raise
+        except Exception as error:  # checking a connection out failed
+            _raise_if_unreachable(error)
+            raise
+
+    def qualified(self, table: str) -> str:
+        """``table``'s name in SQL text, in the store's schema if it has one."""
+        quote = postgresql.dialect().identifier_preparer.quote  # type: ignore[no-untyped-call]
+        return f"{quote(self.schema)}.{quote(table)}" if self.schema else quote(table)
 
     def _write_sqlite(self, work: Callable[[sqlite3.Connection], T]) -> T:
         assert self._sync is not None
@@ -301,6 +328,15 @@ def _configure_sqlite(engine: sa.Engine) -> None:
         # Reads are single statements, each its own implicit transaction: no BEGIN needed.
         if conn.get_execution_options().get(_WRITE):
             conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _driver_unreachable(error: Exception) -> bool:
+    """Whether an error raised by asyncpg itself means the database cannot be reached."""
+    sqlstate = getattr(error, "sqlstate", None)
+    if isinstance(sqlstate, str):
+        return sqlstate.startswith(_UNAVAILABLE_SQLSTATES)
+    module = type(error).__module__ or ""
+    return module.startswith("asyncpg") or isinstance(error, OSError | TimeoutError)
 
 
 def _raise_if_unreachable(error: Exception) -> None:
