@@ -273,6 +273,8 @@ class EngineWebSocket(asyncio.Protocol):
     # -- Engine.IO ---------------------------------------------------------------------
 
     def _message(self, text: bool, data: bytes) -> None:
+        if self.closing:  # what a client sends after the close is not answered
+            return
         if not text:
             self.door.app.socketio.native_binary(self, data)
             return
