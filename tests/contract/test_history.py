@@ -18,7 +18,7 @@ import pytest
 
 from roomcast.core.models import Draft, Message, Room, RoomId, User, UserId
 from roomcast.core.ports import History
-from roomcast.exceptions import ChatError, ErrorCode
+from roomcast.exceptions import ChatError, ErrorCode, UnavailableError
 from tests.contract.engines import engine_url
 
 ALL = [
@@ -400,3 +400,51 @@ async def test_two_instances_create_one_room_and_distinct_users(durable_store: S
     assert await one.rooms() == await two.rooms() == [rooms[0]]
     users = await asyncio.gather(*(h.next_user_id() for _ in range(20) for h in (one, two)))
     assert sorted(users) == list(range(1, 41))
+
+
+@pytest.mark.service
+async def test_postgresql_recovers_when_the_server_ends_its_connections(tmp_path: Path) -> None:
+    """PostgreSQL ends every connection of the store (as a restart or an idle timeout
+    would): reads go on at once, an append fails at most once, as UNAVAILABLE with nothing
+    stored, and the room's seqs stay gap-free."""
+    import asyncpg
+
+    from roomcast.adapters.sql import SqlHistory
+    from tests import services
+
+    sessions = (
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+        "AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+    )
+    async with engine_url("postgresql", tmp_path) as url:
+        admin = await asyncpg.connect(services.POSTGRES_URL)
+        history = SqlHistory(url)
+        try:
+            before = {row["pid"] for row in await admin.fetch(sessions)}
+            await history.start()
+            room = await history.room_by_name("restarted", create=True)
+            assert room is not None
+            assert seqs(await history.append([draft(room)])) == [1]
+            assert seqs(await history.after(room.id, 0, 10)) == [1]
+
+            # The sessions the store opened. Each call waits
+            # (up to 5 s) until its session is gone.
+            opened = [row["pid"] for row in await admin.fetch(sessions) if row["pid"] not in before]
+            assert opened
+            for pid in opened:
+                assert await admin.fetchval("SELECT pg_terminate_backend($1, 5000)", pid)
+
+            assert await history.room_by_name("restarted") == room
+            appended: list[int] = []
+            failures = 0
+            for _ in range(2):
+                try:
+                    appended += seqs(await history.append([draft(room)]))
+                except UnavailableError:
+                    failures += 1
+            assert failures <= 1
+            assert appended == list(range(2, 2 + len(appended)))
+            assert seqs(await history.after(room.id, 0, 10)) == [1, *appended]
+        finally:
+            await history.close()
+            await admin.close()

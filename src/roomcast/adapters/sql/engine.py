@@ -18,6 +18,7 @@ for writes), run by :meth:`Database.run`:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
@@ -29,7 +30,7 @@ from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.schema import CreateSchema
 
@@ -73,6 +74,10 @@ class Database:
         self._thread: ThreadPoolExecutor | None = None
         self._writer: Any = None
         """SQLite: the pooled connection the hot write path keeps checked out."""
+        self._driver: tuple[AsyncConnection, Any] | None = None
+        """PostgreSQL: the pooled connection :meth:`run_driver` keeps checked out, and its
+        asyncpg connection."""
+        self._driver_busy = False
         if self.postgres:
             try:
                 # asyncpg waits 60 s for a silent host by default; fail fast instead. The
@@ -84,6 +89,9 @@ class Database:
                     pool_size=POOL_SIZE,
                     max_overflow=POOL_OVERFLOW,
                     pool_timeout=10,
+                    # A connection the server ended while it sat in the pool (a restart,
+                    # an idle timeout) is replaced on checkout instead of failing a request.
+                    pool_pre_ping=True,
                 )
             except ImportError as error:
                 raise ConfigError(
@@ -136,8 +144,53 @@ class Database:
             raise UnavailableError(f"the history store cannot be reached: {error}") from error
 
     async def run_driver(self, work: Callable[[Any], Awaitable[T]]) -> T:
-        """PostgreSQL: ``await work(connection)`` on a pooled asyncpg connection, for a
-        statement that is its own transaction — no ``BEGIN`` or ``COMMIT`` round trips."""
+        """PostgreSQL: ``await work(connection)`` on an asyncpg connection, for a statement
+        that is its own transaction — no ``BEGIN`` or ``COMMIT`` round trips.
+
+        The hot write path calls this once per batch, one call at a time: the connection
+        it runs on stays checked out of the pool between calls (no checkout, reset and
+        checkin, ~0.2 ms of the event loop's time each). A call made while another is
+        still running takes a pooled connection instead.
+        """
+        if self._driver_busy:
+            return await self._run_driver_pooled(work)
+        self._driver_busy = True
+        try:
+            if self._driver is not None and self._driver[1].is_closed():
+                # The server ended it while it was idle (a restart, an idle timeout).
+                await self._drop_driver()
+            if self._driver is None:
+                assert self._async is not None
+                try:
+                    conn = await self._async.connect()
+                    raw = await conn.get_raw_connection()
+                except Exception as error:
+                    _raise_if_unreachable(error)
+                    raise
+                self._driver = (conn, raw.driver_connection)
+            driver = self._driver[1]
+            try:
+                return await work(driver)
+            except Exception as error:
+                if _driver_unreachable(error):
+                    await self._drop_driver()
+                    raise UnavailableError(
+                        f"the history store cannot be reached: {error}"
+                    ) from error
+                raise
+        finally:
+            self._driver_busy = False
+
+    async def _drop_driver(self) -> None:
+        """Forget the kept connection: invalidated, so the pool never hands it out again."""
+        if self._driver is not None:
+            conn, self._driver = self._driver[0], None
+            with contextlib.suppress(Exception):  # it is broken already
+                await conn.invalidate()
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    async def _run_driver_pooled(self, work: Callable[[Any], Awaitable[T]]) -> T:
         assert self._async is not None
         try:
             async with self._async.connect() as conn:
@@ -212,6 +265,10 @@ class Database:
     async def close(self) -> None:
         """Close every pooled connection."""
         if self._async is not None:
+            if self._driver is not None:
+                conn, self._driver = self._driver[0], None
+                with contextlib.suppress(Exception):  # closing anyway
+                    await conn.close()
             await self._async.dispose()
         if self._thread is not None:
             assert self._sync is not None

@@ -187,12 +187,17 @@ class SqlHistory:
         if not drafts:
             return []
         counts = Counter(draft.room for draft in drafts)
+        postgres = self._db.postgres
+        if postgres:
+            stored = await self._db.run_driver(lambda conn: self._append_pg(conn, drafts, counts))
+            if stored is not None:
+                return stored
+            # A room is missing and nothing was stored: the statements below say which.
         ids = sorted(counts)
         # A constant number of statements per batch, however many rooms it spans: read the
         # rooms' positions under the write lock (SQLite: BEGIN IMMEDIATE; PostgreSQL: row
         # locks, taken in id order so two batches spanning the same rooms cannot deadlock),
         # move them in one executemany, insert the messages in one more.
-        postgres = self._db.postgres
         if postgres:
             read = (
                 sa.select(rooms.c.id, rooms.c.seq, rooms.c.epoch)
@@ -230,10 +235,6 @@ class SqlHistory:
             return out
 
         if postgres:
-            stored = await self._db.run_driver(lambda conn: self._append_pg(conn, drafts, counts))
-            if stored is not None:
-                return stored
-            # A room is missing and nothing was stored: the statements below say which.
             return await self._db.run(append, write=True)
         return await self._db.write_sqlite(append)
 
