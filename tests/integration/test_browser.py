@@ -40,6 +40,7 @@ CHROMIUM_ARGS = [
 TIMEOUT_MS = 10_000
 ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOT = ROOT / "docs" / "img" / "chat.png"
+"""Written by the chat test when ROOMCAST_SCREENSHOT=1; a plain run leaves the docs alone."""
 VENDOR_JS = ROOT / "src" / "roomcast" / "web" / "vendor" / "socket.io.min.js"
 SOCKETIO_URL = re.compile(r".*/ws/socket\.io/.*")
 
@@ -207,8 +208,8 @@ async def test_two_users_chat_in_a_room(browser: Browser, chat_server: Server) -
     )
 
     await expect(bob.page.locator("#status")).to_have_text("connected")
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    await bob.page.screenshot(path=str(SCREENSHOT))
+    if os.environ.get("ROOMCAST_SCREENSHOT") == "1":  # refreshes the picture in the docs
+        await bob.page.screenshot(path=str(SCREENSHOT))
 
     for chat in (alice, bob):
         assert chat.dialogs == [], chat.dialogs
