@@ -92,7 +92,10 @@ class Settings(BaseSettings):
             raise ValueError("the Socket.IO path must not be /")
         return value
 
-    def allowed_origins(self) -> list[str] | str:
+    def allowed_origins(self) -> list[str] | str | None:
+        """python-engineio's ``cors_allowed_origins``: None (empty setting) is its
+        same-origin policy — the request's own scheme and Host, and the ones a proxy names
+        in ``X-Forwarded-Proto`` / ``X-Forwarded-Host``."""
         if self.cors_origins.strip() == "*":
             return "*"
-        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()] or None

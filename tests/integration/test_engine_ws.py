@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import urllib.error
 import urllib.request
 
 import pytest
@@ -226,6 +227,42 @@ async def test_origins_are_checked_as_python_engineio_checks_them(tmp_path):
             assert (await recv(ws)).startswith("0{")
         finally:
             await ws.close()
+
+
+async def test_by_default_only_the_same_origin_may_connect(server):
+    """No --cors-origins: a page of another site is refused, on a WebSocket and on
+    long-polling; the server's own page, the public origin a proxy names in X-Forwarded-*,
+    and clients that send no Origin (apps, services, terminals) get in."""
+    own = f"http://127.0.0.1:{server.port}"
+    with pytest.raises(InvalidStatus) as refused:
+        await websockets.connect(
+            ws_url(server.port), origin="https://evil.example", open_timeout=WAIT
+        )
+    assert refused.value.response.status_code == 403
+    proxied = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "chat.example"}
+    for options in (
+        {"origin": own},
+        {},
+        {"origin": "https://chat.example", "additional_headers": proxied},
+    ):
+        ws = await websockets.connect(ws_url(server.port), open_timeout=WAIT, **options)
+        try:
+            assert (await recv(ws)).startswith("0{")
+        finally:
+            await ws.close()
+
+    def polling_handshake(origin: str) -> int:
+        request = urllib.request.Request(
+            f"{own}/ws/socket.io/?EIO=4&transport=polling", headers={"Origin": origin}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=WAIT) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    assert await asyncio.to_thread(polling_handshake, "https://evil.example") == 400
+    assert await asyncio.to_thread(polling_handshake, own) == 200
 
 
 async def test_other_engineio_requests_keep_python_engineios_answers(server):
