@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
@@ -36,6 +37,8 @@ from sqlalchemy.schema import CreateSchema
 
 from ...exceptions import ConfigError, UnavailableError
 
+log = logging.getLogger(__name__)
+
 T = TypeVar("T")
 Work = Callable[[sa.Connection], T]
 
@@ -47,6 +50,14 @@ _START_LOCK = 0x726F6F6D63617374
 _UNAVAILABLE_SQLSTATES = ("08", "53", "57P")
 
 _BUSY_TIMEOUT_MS = 5000
+
+CHECKPOINT_EVERY = 100
+"""SQLite: commits between two checkpoints of the write-ahead log. Checkpoints run on a
+thread of their own (see :meth:`Database._committed`), so no commit waits for one."""
+
+RESTART_FRAMES = 1000
+"""SQLite: pages in the write-ahead log past which the writer starts it over (SQLite's own
+threshold for its automatic checkpoint)."""
 
 POOL_SIZE = 6
 POOL_OVERFLOW = 4
@@ -78,6 +89,13 @@ class Database:
         """PostgreSQL: the pooled connection :meth:`run_driver` keeps checked out, and its
         asyncpg connection."""
         self._driver_busy = False
+        self._checkpointer: ThreadPoolExecutor | None = None
+        """SQLite file: the thread that checkpoints the write-ahead log."""
+        self._checkpoint_conn: Any = None
+        self._checkpointing: asyncio.Future[None] | None = None
+        self._commits = 0
+        self._restart = False
+        """Set by the checkpoint thread: the log has grown past RESTART_FRAMES."""
         if self.postgres:
             try:
                 # asyncpg waits 60 s for a silent host by default; fail fast instead. The
@@ -109,6 +127,8 @@ class Database:
             _configure_sqlite(self._sync)
             self._thread = ThreadPoolExecutor(1, thread_name_prefix="roomcast-sqlite")
             self._sqlite_file = not memory
+            if not memory:
+                self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="roomcast-wal")
 
     async def run(self, work: Work[T], *, write: bool = False) -> T:
         """Run ``work(connection)``: in one transaction that commits on return when
@@ -123,7 +143,10 @@ class Database:
                     return await conn.run_sync(work)
             assert self._thread is not None
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._thread, self._run_sqlite, work, write)
+            result = await loop.run_in_executor(self._thread, self._run_sqlite, work, write)
+            if write:
+                self._committed()
+            return result
         except Exception as error:
             _raise_if_unreachable(error)
             raise
@@ -139,9 +162,54 @@ class Database:
         assert self._thread is not None
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._thread, self._write_sqlite, work)
+            result = await loop.run_in_executor(self._thread, self._write_sqlite, work)
         except sqlite3.OperationalError as error:  # locked past busy_timeout, I/O errors
             raise UnavailableError(f"the history store cannot be reached: {error}") from error
+        self._committed()
+        return result
+
+    def _committed(self) -> None:
+        """Count a commit; every :data:`CHECKPOINT_EVERY`, checkpoint the write-ahead log.
+
+        SQLite's own automatic checkpoint runs inside the commit that crosses its threshold
+        (1000 pages, every second or two on a busy node): that commit, and every message
+        of its batch, waits for the log to be copied into the database and both files to be
+        synced — 5 ms and more. Automatic checkpoints are off on roomcast's connections
+        (see ``_configure_sqlite``); this thread does a PASSIVE one instead, which never
+        blocks a writer, so a commit only ever writes its own pages.
+        """
+        if self._checkpointer is None:
+            return
+        self._commits += 1
+        if self._commits < CHECKPOINT_EVERY or self._checkpointing is not None:
+            return
+        self._commits = 0
+        loop = asyncio.get_running_loop()
+        self._checkpointing = loop.run_in_executor(self._checkpointer, self._checkpoint)
+        self._checkpointing.add_done_callback(self._checkpointed)
+
+    def _checkpoint(self) -> None:
+        assert self._sync is not None
+        if self._checkpoint_conn is None:
+            self._checkpoint_conn = self._sync.raw_connection()  # kept, like the writer's
+        conn = self._checkpoint_conn.driver_connection
+        _busy, frames, _copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        # The writer starts the log over only when its transaction begins with every frame
+        # copied; under steady load it has always written more by the time this is done.
+        # Past a size, it makes a last small checkpoint itself first (see _write_sqlite).
+        if frames >= RESTART_FRAMES:
+            self._restart = True
+
+    def _checkpointed(self, done: asyncio.Future[None]) -> None:
+        self._checkpointing = None
+        error = None if done.cancelled() else done.exception()
+        if error is not None:  # the next one tries again; the log only grows meanwhile
+            log.warning("checkpoint of the SQLite write-ahead log failed: %s", error)
+
+    def _close_checkpointer(self) -> None:
+        if self._checkpoint_conn is not None:
+            self._checkpoint_conn.close()  # back to the pool, from the thread that used it
+            self._checkpoint_conn = None
 
     async def run_driver(self, work: Callable[[Any], Awaitable[T]]) -> T:
         """PostgreSQL: ``await work(connection)`` on an asyncpg connection, for a statement
@@ -222,6 +290,11 @@ class Database:
             # transactions), and sqlite3 objects belong to the thread that made them.
             self._writer = self._sync.raw_connection()
         conn: sqlite3.Connection = self._writer.driver_connection
+        if self._restart:
+            # Copies only what was written since the checkpoint thread's last pass (a few
+            # pages and a sync, ~1 ms), so that this transaction starts the log over.
+            self._restart = False
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
         try:
             conn.execute("BEGIN IMMEDIATE")
             result = work(conn)
@@ -242,6 +315,10 @@ class Database:
     def _run_sqlite(self, work: Work[T], write: bool) -> T:
         assert self._sync is not None
         if write:
+            if self._restart:  # as in _write_sqlite
+                self._restart = False
+                with self._sync.connect() as conn:
+                    conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").all()
             with self._sync.execution_options(**{_WRITE: True}).begin() as conn:
                 return work(conn)
         with self._sync.connect() as conn:
@@ -273,6 +350,12 @@ class Database:
         if self._thread is not None:
             assert self._sync is not None
             loop = asyncio.get_running_loop()
+            if self._checkpointer is not None:
+                if self._checkpointing is not None:
+                    await asyncio.wait([self._checkpointing])
+                await loop.run_in_executor(self._checkpointer, self._close_checkpointer)
+                self._checkpointer.shutdown(wait=True)
+            # The last connection to close checkpoints the whole log and removes it.
             await loop.run_in_executor(self._thread, self._dispose_sqlite)
             self._thread.shutdown(wait=True)
 
@@ -378,6 +461,8 @@ def _configure_sqlite(engine: sa.Engine) -> None:
         # commits, and it saves an fsync per commit.
         cursor.execute("PRAGMA synchronous = NORMAL")
         cursor.execute("PRAGMA foreign_keys = ON")
+        # Checkpoints of the write-ahead log run on a thread of their own (Database._committed).
+        cursor.execute("PRAGMA wal_autocheckpoint = 0")
         cursor.close()
 
     @event.listens_for(engine, "begin")
