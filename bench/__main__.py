@@ -47,9 +47,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--runs", type=int, help="runs per figure (default 3; --quick: 1)")
     parser.add_argument(
-        "--warmup", type=float, help="seconds of load before each measurement (1.5)"
+        "--warmup", type=float, help="seconds of load before each measurement (0.75)"
     )
-    parser.add_argument("--measure", type=float, help="seconds measured per rate step (3)")
+    parser.add_argument("--measure", type=float, help="seconds measured per rate step (2)")
+    parser.add_argument(
+        "--fixed-measure", type=float, help="seconds measured at B's fixed rate (6)"
+    )
     parser.add_argument("--drain", type=float, help="max seconds to wait for late deliveries (1)")
     parser.add_argument("--generators", type=int, default=2, help="load generator processes (2)")
     parser.add_argument("--clients", type=int, help="clients in A/B/C (1000)")
@@ -95,6 +98,7 @@ def build_config(args: argparse.Namespace) -> Config:
             cfg,
             warmup=0.5,
             measure=1.5,
+            fixed_measure=1.5,
             drain=0.5,
             quiet_limit=5.0,
             max_steps=6,
@@ -105,7 +109,7 @@ def build_config(args: argparse.Namespace) -> Config:
             e_window=1.5,
         )
     overrides: dict[str, Any] = {}
-    for name in ("warmup", "measure", "drain", "clients", "idle_clients"):
+    for name in ("warmup", "measure", "fixed_measure", "drain", "clients", "idle_clients"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.e_nodes:

@@ -59,7 +59,8 @@ def _run_section(results: dict[str, Any]) -> str:
             f"- **Versions**: {versions}.",
             f"- **Method**: every figure is the median of {results['runs']} run(s) with "
             "[min-max]; each run starts the servers afresh. A rate step offers a fixed rate "
-            f"for {c['warmup']:g} s of warm-up and {c['measure']:g} s measured, then waits up "
+            f"for {c['warmup']:g} s of warm-up and {c['measure']:g} s measured "
+            f"({c.get('fixed_measure', c['measure']):g} s at B's fixed rate), then waits up "
             f"to {c['drain']:g} s for late deliveries; a step passes with p99 <= "
             f"{c['p99_limit_ms']:g} ms and >= {c['min_delivered']:.0%} of the expected "
             "deliveries (messages sent x room members, the sender included). Rates step along "
