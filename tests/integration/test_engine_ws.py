@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import urllib.error
 import urllib.request
 
@@ -227,6 +228,47 @@ async def test_origins_are_checked_as_python_engineio_checks_them(tmp_path):
             assert (await recv(ws)).startswith("0{")
         finally:
             await ws.close()
+
+
+async def test_a_client_that_stops_reading_is_cut_off_and_the_room_goes_on(tmp_path):
+    """A member that stops reading its socket is disconnected once 4 MiB wait for it (the
+    others' traffic is not held up, nor the server's memory), and the room sees it leave."""
+    ping = ("--ping-interval", "60", "--ping-timeout", "60")  # no ping drops it meanwhile
+    with run_server("--rate-limit", "0", *ping, log_dir=tmp_path) as srv:
+        # A raw client that reads its first answers, then nothing: websockets stops reading
+        # the socket once one message waits, and the socket's receive buffer is small.
+        sleeper, _ = await opened(srv.port, max_queue=1)
+        sock = sleeper.transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        talker = await ChatClient(srv.url, "talker", transports=["websocket"]).connect()
+        try:
+            await sleeper.send("40" + json.dumps({"name": "sleeper"}))
+            assert (await recv(sleeper)).startswith("40{")
+            assert (await recv(sleeper)).startswith('42["welcome",')
+            await sleeper.send('421["join",{"room":"flood"}]')
+            assert (await ack(sleeper, 1))["ok"] is True
+            room = (await talker.ok("join", {"room": "flood"}))["room"]["id"]
+
+            def left() -> bool:
+                return any(
+                    p.get("event") == "leave" and p["user"]["name"] == "sleeper"
+                    for p in talker.of("presence")
+                )
+
+            text = "\U0001f4ac" * 4000  # 16 KB a message in UTF-8
+            sent = 0
+            while not left() and sent < 3000:  # ~48 MB at most; 4 MiB + socket buffers cut it
+                await talker.ok("send", {"room": room, "text": text})
+                sent += 1
+            assert left(), f"still a member after {sent} messages of 16 KB"
+            # The talker got every one of its messages, in order, while it happened.
+            await talker.wait_for(lambda: len(talker.messages(room)) == sent)
+            seqs = [m["seq"] for m in talker.messages(room)]
+            assert seqs == list(range(1, sent + 1))
+            assert "does not read" in srv.output()
+        finally:
+            sleeper.transport.abort()
+            await talker.close()
 
 
 async def test_by_default_only_the_same_origin_may_connect(server):
