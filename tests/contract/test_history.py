@@ -468,3 +468,37 @@ async def test_sqlite_write_ahead_log_stays_bounded_under_steady_appends(tmp_pat
     finally:
         await history.close()
     assert not (tmp_path / "steady.db-wal").exists()  # the last close checkpoints it all
+
+
+async def test_sqlite_append_waits_for_another_writer_without_stopping_the_loop(
+    tmp_path: Path,
+) -> None:
+    """Another process holds SQLite's write lock: an append waits for it (it is not
+    refused), the event loop goes on meanwhile, and the append lands once the lock is
+    released."""
+    import sqlite3
+
+    from roomcast.adapters.sql import SqlHistory
+
+    path = tmp_path / "shared.db"
+    history = SqlHistory(f"sqlite:///{path}")
+    await history.start()
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        room = await history.room_by_name("shared", create=True)
+        assert room is not None
+        assert seqs(await history.append([draft(room)])) == [1]
+
+        other.execute("BEGIN IMMEDIATE")  # as a second roomcast process would, mid-commit
+        pending = asyncio.ensure_future(history.append([draft(room, "after the lock")]))
+        ticks = 0
+        for _ in range(20):  # the loop keeps turning while the append waits
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert ticks == 20 and not pending.done()
+        other.execute("COMMIT")
+        assert seqs(await asyncio.wait_for(pending, 5)) == [2]
+        assert [m.text for m in await history.after(room.id, 0, 10)] == ["hello", "after the lock"]
+    finally:
+        other.close()
+        await history.close()

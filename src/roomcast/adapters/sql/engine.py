@@ -9,7 +9,8 @@ for writes), run by :meth:`Database.run`:
   lock up front with ``BEGIN IMMEDIATE``, so processes sharing the file (``--workers``)
   never have to upgrade a read lock, which SQLite refuses at once. The hottest write,
   appending a batch of messages, goes through :meth:`Database.write_sqlite`: the same
-  transaction on a sqlite3 connection of the thread's own, without SQLAlchemy.
+  transaction on a bare sqlite3 connection, without SQLAlchemy — on the event loop's
+  thread when the write lock is free at once, else on the store thread.
 - PostgreSQL (asyncpg) runs it through ``AsyncConnection.run_sync``: the same code, each
   statement awaited on the event loop. An optional schema isolates a cluster (or a test)
   in one database.
@@ -93,9 +94,12 @@ class Database:
         """SQLite file: the thread that checkpoints the write-ahead log."""
         self._checkpoint_conn: Any = None
         self._checkpointing: asyncio.Future[None] | None = None
+        self._checkpoint_busy = False
         self._commits = 0
         self._restart = False
         """Set by the checkpoint thread: the log has grown past RESTART_FRAMES."""
+        self._inline: Any = None
+        """SQLite file: the pooled connection write_sqlite uses on the event loop's thread."""
         if self.postgres:
             try:
                 # asyncpg waits 60 s for a silent host by default; fail fast instead. The
@@ -152,13 +156,40 @@ class Database:
             raise
 
     async def write_sqlite(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """SQLite's hot write path: ``work(connection)`` on the store thread's own sqlite3
-        connection, between ``BEGIN IMMEDIATE`` and ``COMMIT`` (rolled back if it raises).
+        """SQLite's hot write path: ``work(connection)`` between ``BEGIN IMMEDIATE`` and
+        ``COMMIT`` (rolled back if it raises) on a sqlite3 connection of its own.
 
         The same transaction as :meth:`run` with ``write=True`` gives, without SQLAlchemy's
         per-transaction bookkeeping (a checkout, a transaction object, events): ~50 µs a
         transaction, which a busy node pays hundreds of times a second.
+
+        It runs on the event loop's own thread when the write lock is free at once — a
+        commit in WAL mode writes the log without a sync (``synchronous = NORMAL``, and
+        checkpoints run elsewhere), so it costs the loop tens of µs, where handing it to
+        the store thread and back cost ~0.4 ms of latency and more CPU in thread switches.
+        When another connection (another process, or the store thread) holds the lock, it
+        goes to the store thread, which waits for it without blocking the loop.
         """
+        inline = self._inline_writer()
+        if inline is not None:
+            try:
+                inline.execute("BEGIN IMMEDIATE")  # busy_timeout 0: never waits
+            except sqlite3.OperationalError:
+                pass  # the lock is taken: wait for it on the store thread
+            else:
+                try:
+                    result = work(inline)
+                    inline.execute("COMMIT")
+                except BaseException as error:
+                    if inline.in_transaction:
+                        inline.execute("ROLLBACK")
+                    if isinstance(error, sqlite3.OperationalError):  # I/O errors, disk full
+                        raise UnavailableError(
+                            f"the history store cannot be reached: {error}"
+                        ) from error
+                    raise
+                self._committed()
+                return result
         assert self._thread is not None
         loop = asyncio.get_running_loop()
         try:
@@ -167,6 +198,18 @@ class Database:
             raise UnavailableError(f"the history store cannot be reached: {error}") from error
         self._committed()
         return result
+
+    def _inline_writer(self) -> sqlite3.Connection | None:
+        """The event loop thread's connection for :meth:`write_sqlite` (SQLite files only;
+        None while the log waits to be started over, which the store thread does)."""
+        if not self._sqlite_file or self._restart:
+            return None
+        if self._inline is None:
+            assert self._sync is not None
+            self._inline = self._sync.raw_connection()  # set up by the pool, kept
+            self._inline.driver_connection.execute("PRAGMA busy_timeout = 0")
+        conn: sqlite3.Connection = self._inline.driver_connection
+        return conn
 
     def _committed(self) -> None:
         """Count a commit; every :data:`CHECKPOINT_EVERY`, checkpoint the write-ahead log.
@@ -181,30 +224,32 @@ class Database:
         if self._checkpointer is None:
             return
         self._commits += 1
-        if self._commits < CHECKPOINT_EVERY or self._checkpointing is not None:
+        if self._commits < CHECKPOINT_EVERY or self._checkpoint_busy:
             return
         self._commits = 0
+        # Cleared by the checkpoint thread itself: appends that never yield to the loop
+        # (each one inline) must not starve the next checkpoint of a loop callback.
+        self._checkpoint_busy = True
         loop = asyncio.get_running_loop()
         self._checkpointing = loop.run_in_executor(self._checkpointer, self._checkpoint)
-        self._checkpointing.add_done_callback(self._checkpointed)
 
     def _checkpoint(self) -> None:
         assert self._sync is not None
-        if self._checkpoint_conn is None:
-            self._checkpoint_conn = self._sync.raw_connection()  # kept, like the writer's
-        conn = self._checkpoint_conn.driver_connection
-        _busy, frames, _copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        # The writer starts the log over only when its transaction begins with every frame
-        # copied; under steady load it has always written more by the time this is done.
-        # Past a size, it makes a last small checkpoint itself first (see _write_sqlite).
-        if frames >= RESTART_FRAMES:
-            self._restart = True
-
-    def _checkpointed(self, done: asyncio.Future[None]) -> None:
-        self._checkpointing = None
-        error = None if done.cancelled() else done.exception()
-        if error is not None:  # the next one tries again; the log only grows meanwhile
+        try:
+            if self._checkpoint_conn is None:
+                self._checkpoint_conn = self._sync.raw_connection()  # kept, like the writer's
+            conn = self._checkpoint_conn.driver_connection
+            _busy, frames, _copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            # The writer starts the log over only when its transaction begins with every
+            # frame copied; under steady load it has always written more by the time this
+            # is done. Past a size, the store thread makes a last small checkpoint itself
+            # first (see _write_sqlite).
+            if frames >= RESTART_FRAMES:
+                self._restart = True
+        except Exception as error:  # the next one tries again; the log only grows meanwhile
             log.warning("checkpoint of the SQLite write-ahead log failed: %s", error)
+        finally:
+            self._checkpoint_busy = False
 
     def _close_checkpointer(self) -> None:
         if self._checkpoint_conn is not None:
@@ -350,6 +395,10 @@ class Database:
         if self._thread is not None:
             assert self._sync is not None
             loop = asyncio.get_running_loop()
+            if self._inline is not None:
+                # busy_timeout 0 would go back to the pool with it: closed instead.
+                self._inline.invalidate()
+                self._inline = None
             if self._checkpointer is not None:
                 if self._checkpointing is not None:
                     await asyncio.wait([self._checkpointing])

@@ -10,9 +10,9 @@ The room row is the room's lock: ``append`` bumps ``rooms.seq`` with
 ``UPDATE ... RETURNING`` and inserts the messages in the same transaction, so a room's
 messages get 1, 2, 3, ... with no gap and no duplicate however many processes append at
 once. PostgreSQL serialises appenders on the row lock (appends to other rooms run in
-parallel); SQLite has one writer per database, taken up front with ``BEGIN IMMEDIATE`` and,
-within a process, handed out in turn by an :class:`asyncio.Lock` rather than by SQLite's
-busy-wait polling.
+parallel); SQLite has one writer per database, taken up front with ``BEGIN IMMEDIATE``:
+on the event loop's thread when it is free at once, else awaited on the store's thread
+(see :meth:`~roomcast.adapters.sql.engine.Database.write_sqlite`).
 """
 
 from __future__ import annotations
