@@ -243,7 +243,7 @@ class Database:
             # The writer starts the log over only when its transaction begins with every
             # frame copied; under steady load it has always written more by the time this
             # is done. Past a size, the store thread makes a last small checkpoint itself
-            # first (see _write_sqlite).
+            # first (see _restart_log).
             if frames >= RESTART_FRAMES:
                 self._restart = True
         except Exception as error:  # the next one tries again; the log only grows meanwhile
@@ -329,17 +329,8 @@ class Database:
         return f"{quote(self.schema)}.{quote(table)}" if self.schema else quote(table)
 
     def _write_sqlite(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        assert self._sync is not None
-        if self._writer is None:
-            # Checked out on this thread and kept: the pool set it up (pragmas, no implicit
-            # transactions), and sqlite3 objects belong to the thread that made them.
-            self._writer = self._sync.raw_connection()
-        conn: sqlite3.Connection = self._writer.driver_connection
-        if self._restart:
-            # Copies only what was written since the checkpoint thread's last pass (a few
-            # pages and a sync, ~1 ms), so that this transaction starts the log over.
-            self._restart = False
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        conn = self._thread_writer()
+        self._restart_log(conn)
         try:
             conn.execute("BEGIN IMMEDIATE")
             result = work(conn)
@@ -349,6 +340,23 @@ class Database:
                 conn.execute("ROLLBACK")
             raise
         return result
+
+    def _thread_writer(self) -> sqlite3.Connection:
+        """The store thread's own connection for writes, checked out once and kept: the pool
+        set it up (pragmas, no implicit transactions)."""
+        assert self._sync is not None
+        if self._writer is None:
+            self._writer = self._sync.raw_connection()
+        conn: sqlite3.Connection = self._writer.driver_connection
+        return conn
+
+    def _restart_log(self, conn: sqlite3.Connection) -> None:
+        """On the store thread, before a write transaction, if the checkpoint thread asked:
+        copy what was written since its last pass (a few pages and a sync, ~1 ms), so that
+        the transaction starts the write-ahead log over."""
+        if self._restart:
+            self._restart = False
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def _dispose_sqlite(self) -> None:
         assert self._sync is not None
@@ -360,10 +368,8 @@ class Database:
     def _run_sqlite(self, work: Work[T], write: bool) -> T:
         assert self._sync is not None
         if write:
-            if self._restart:  # as in _write_sqlite
-                self._restart = False
-                with self._sync.connect() as conn:
-                    conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").all()
+            if self._restart:
+                self._restart_log(self._thread_writer())
             with self._sync.execution_options(**{_WRITE: True}).begin() as conn:
                 return work(conn)
         with self._sync.connect() as conn:
