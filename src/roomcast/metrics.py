@@ -7,8 +7,15 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+
+from .core.timing import Durations
 
 if TYPE_CHECKING:
     from .node import Node
@@ -53,6 +60,26 @@ class NodeCollector(Collector):
         )
         conns.add_metric([node.id], len(node.service.sessions()))
         yield conns
+        sequencer = node.service.sequencer
+        stored = CounterMetricFamily(
+            "roomcast_messages_stored",
+            "Messages this node sequenced and stored (acknowledged to their senders)",
+            labels=labels,
+        )
+        stored.add_metric([node.id], sequencer.messages_stored)
+        yield stored
+        yield _histogram(
+            "roomcast_store_append_seconds",
+            "Time to append one batch of messages to the store (seqs given, durably written)",
+            node.id,
+            sequencer.append_seconds,
+        )
+        yield _histogram(
+            "roomcast_broker_publish_seconds",
+            "Time to publish one stored batch to the broker, its reply awaited",
+            node.id,
+            sequencer.publish_seconds,
+        )
         if self.socketio is not None:
             writes = CounterMetricFamily(
                 "roomcast_socketio_writes",
@@ -73,6 +100,17 @@ class NodeCollector(Collector):
             events.add_metric([node.id, "direct"], direct_events)
             events.add_metric([node.id, "queued"], self.socketio.events - direct_events)
             yield events
+
+
+def _histogram(name: str, documentation: str, node: str, durations: Durations) -> Metric:
+    family = HistogramMetricFamily(name, documentation, labels=["node"])
+    buckets = [(_bound(bound), count) for bound, count in durations.cumulative()]
+    family.add_metric([node], buckets, durations.total)
+    return family
+
+
+def _bound(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(bound)
 
 
 class Metrics:

@@ -11,8 +11,8 @@ import pytest
 from roomcast.adapters.memory import MemoryBroker, MemoryHistory, MemoryPresence
 from roomcast.core.events import Frame, Kind
 from roomcast.core.hub import Hub
-from roomcast.core.models import ConnId, NodeId, Position
-from roomcast.core.service import ChatService
+from roomcast.core.models import ConnId, Draft, NodeId, Position, RoomId, User, UserId
+from roomcast.core.service import ChatService, Sequencer
 from roomcast.exceptions import ChatError, ErrorCode
 
 _names = itertools.count()
@@ -240,3 +240,47 @@ async def test_direct_message_to_nobody_is_not_found_and_bad_text_is_refused(one
     with pytest.raises(ChatError) as info:
         await service.dm(alice, alice.user.id, "")
     assert info.value.code is ErrorCode.INVALID_TEXT
+
+
+class SteppingClock:
+    """A clock that returns the given instants, one per call."""
+
+    def __init__(self, *instants: float) -> None:
+        self._instants = list(instants)
+
+    def __call__(self) -> float:
+        return self._instants.pop(0)
+
+
+async def test_the_sequencer_times_each_batch_it_stores_and_publishes():
+    history, broker = MemoryHistory(), MemoryBroker(f"bus{next(_names)}")
+    await broker.start(NodeId("n0"), _ignore, _ignore, _no_reconnect)
+    room = await history.room_by_name("lobby", create=True)
+    # append: 1.000 -> 1.004 (4 ms); publish: 1.004 -> 1.0045 (0.5 ms)
+    sequencer = Sequencer(history, broker, clock=SteppingClock(1.0, 1.004, 1.0045))
+    message = await sequencer.append(Draft(room.id, "m1", User(UserId(1), "ada"), "hi", 0))
+    assert message.seq == 1
+    assert sequencer.messages_stored == 1
+    assert sequencer.append_seconds.count == 1
+    assert sequencer.append_seconds.total == pytest.approx(0.004)
+    assert dict(sequencer.append_seconds.cumulative())[0.005] == 1
+    assert dict(sequencer.append_seconds.cumulative())[0.0025] == 0
+    assert sequencer.publish_seconds.count == 1
+    assert sequencer.publish_seconds.total == pytest.approx(0.0005)
+    await broker.close()
+
+
+async def test_a_batch_the_store_refuses_is_neither_counted_nor_timed():
+    history, broker = MemoryHistory(), MemoryBroker(f"bus{next(_names)}")
+    await broker.start(NodeId("n0"), _ignore, _ignore, _no_reconnect)
+    sequencer = Sequencer(history, broker, clock=SteppingClock(1.0))
+    with pytest.raises(ChatError) as error:
+        await sequencer.append(Draft(RoomId(999), "m1", User(UserId(1), "ada"), "hi", 0))
+    assert error.value.code is ErrorCode.NOT_FOUND
+    assert sequencer.messages_stored == 0
+    assert sequencer.append_seconds.count == sequencer.publish_seconds.count == 0
+    await broker.close()
+
+
+async def _no_reconnect() -> None:
+    return None

@@ -44,6 +44,7 @@ from .models import (
 )
 from .ports import Broker, History, Presence
 from .ratelimit import TokenBucket
+from .timing import Durations
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +96,25 @@ class Sequencer:
     each room's messages in the order their seqs were given.
     """
 
-    def __init__(self, history: History, broker: Broker, *, max_batch: int = 256) -> None:
+    def __init__(
+        self,
+        history: History,
+        broker: Broker,
+        *,
+        max_batch: int = 256,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         self._history = history
         self._broker = broker
         self._max_batch = max_batch
+        self._clock = clock
         self._queue: list[tuple[Draft, asyncio.Future[Message]]] = []
         self._task: asyncio.Task[None] | None = None
+        self.append_seconds = Durations()
+        """How long each stored batch took to append (seq given and durably written)."""
+        self.publish_seconds = Durations()
+        """How long each published batch took to reach the broker (its reply awaited)."""
+        self.messages_stored = 0
 
     async def append(self, draft: Draft) -> Message:
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
@@ -119,6 +133,8 @@ class Sequencer:
             self._task = None
 
     async def _store_and_publish(self, batch: list[tuple[Draft, asyncio.Future[Message]]]) -> None:
+        clock = self._clock
+        started = clock()
         try:
             messages = await self._history.append([draft for draft, _ in batch])
         except Exception as exc:
@@ -126,6 +142,9 @@ class Sequencer:
                 if not future.done():
                     future.set_exception(_as_chat_error(exc))
             return
+        stored = clock()
+        self.append_seconds.observe(stored - started)
+        self.messages_stored += len(messages)
         try:
             # The whole batch in one round trip to the broker, in seq order.
             await self._broker.publish_many(
@@ -134,6 +153,8 @@ class Sequencer:
         except Exception:
             # Stored, so acknowledged: members that missed them recover them by seq.
             log.warning("publish of a batch of %d failed", len(messages), exc_info=True)
+        else:
+            self.publish_seconds.observe(clock() - stored)
         for message, (_, future) in zip(messages, batch, strict=True):
             if not future.done():
                 future.set_result(message)
@@ -171,7 +192,7 @@ class ChatService:
         self._clock = clock
         self._rate = rate_limit
         self._burst = max(rate_burst, 1)
-        self._sequencer = Sequencer(history, broker)
+        self.sequencer = Sequencer(history, broker)
         self._sessions: dict[ConnId, Session] = {}
         self._id_prefix = secrets.token_hex(6)
         self._message_ids = itertools.count(1)
@@ -343,7 +364,7 @@ class ChatService:
             if not self.broker.healthy:
                 raise ChatError(ErrorCode.UNAVAILABLE, "the broker is unavailable, try again")
             draft = Draft(room_id, self._message_id(), session.user, body, self._now_ms())
-            return await self._sequencer.append(draft)
+            return await self.sequencer.append(draft)
 
     def _message_id(self) -> str:
         # Unique across the cluster: a random prefix per node process and a counter.
