@@ -137,6 +137,9 @@ def _latency(steps: list[dict[str, Any]]) -> dict[str, Any]:
         "p99_ms": stats([s["p99_ms"] for s in steps]),
         "delivered": stats([s["delivered"] for s in steps]),
         "deliveries_per_s": stats([s["deliveries_per_s"] for s in steps]),
+        # roomcast only (results written before these figures existed have none)
+        "store_append_ms": stats([s.get("store_append_ms") for s in steps]),
+        "broker_publish_ms": stats([s.get("broker_publish_ms") for s in steps]),
     }
 
 

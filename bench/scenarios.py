@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .generator import GeneratorPool, merge_histograms, percentile_ms
-from .targets import Cluster, TargetSpec, machine_busy_seconds
+from .targets import HOT_PATH_STEPS, Cluster, TargetSpec, machine_busy_seconds
 
 
 @dataclass(frozen=True)
@@ -163,8 +163,10 @@ def step(
     pool.start([cmd] * pool.size)
     time.sleep(cfg.warmup)
     cpu0, busy0 = cluster.cpu_seconds(), machine_busy_seconds()
+    steps0 = cluster.hot_path_seconds()
     time.sleep(cfg.measure)
     cpu1, busy1 = cluster.cpu_seconds(), machine_busy_seconds()
+    steps1 = cluster.hot_path_seconds()
     replies = pool.collect(cfg.drain + 30)
     settled = quiet(pool, cfg)
     healed = heal(pool, cfg)
@@ -213,11 +215,28 @@ def step(
         "other_cores": max(0.0, (busy1 - busy0) - (cpu1 - cpu0) - gen_cpu) / cfg.measure,
         "server_cpu_s": cpu1 - cpu0,
         "server_us_per_delivery": 1e6 * (cpu1 - cpu0) / received if received else None,
+        **_hot_path_ms(steps0, steps1),
         "generator_limited": rate * cfg.measure >= 100 and sent < 0.95 * rate * cfg.measure,
         "settled": settled,
         "passed": not reasons,
         "reasons": reasons,
     }
+
+
+def _hot_path_ms(
+    before: dict[str, tuple[float, float]] | None, after: dict[str, tuple[float, float]] | None
+) -> dict[str, float | None]:
+    """roomcast's mean milliseconds per batch of each hot-path step in the window (the
+    store's append, the broker's publish); None for a baseline, which exports no such
+    figures."""
+    out: dict[str, float | None] = {f"{step}_ms": None for step in HOT_PATH_STEPS}
+    if before is None or after is None:
+        return out
+    for step in HOT_PATH_STEPS:
+        seconds = after[step][0] - before[step][0]
+        batches = after[step][1] - before[step][1]
+        out[f"{step}_ms"] = 1e3 * seconds / batches if batches else None
+    return out
 
 
 def measured_step(
@@ -258,7 +277,13 @@ def _log_step(key: str, r: dict[str, Any]) -> None:
         f"  {key:22s} {r['rate']:8.0f} msgs/s -> {r['deliveries_per_s']:9.0f} deliveries/s "
         f"{r['delivered']:7.2%}  p99 {p99:>7s} ms  generator "
         f"{'-' if gen is None else f'{gen:.1f}'} us/delivery  {'ok' if r['passed'] else 'FAIL'}"
-        + (f" ({', '.join(r['reasons'])})" if r["reasons"] else ""),
+        + (f" ({', '.join(r['reasons'])})" if r["reasons"] else "")
+        + (
+            f"  [per batch: store {r['store_append_ms']:.2f} ms,"
+            f" broker {r['broker_publish_ms']:.2f} ms]"
+            if r.get("store_append_ms") is not None and r.get("broker_publish_ms") is not None
+            else ""
+        ),
         flush=True,
     )
 

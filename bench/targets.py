@@ -77,6 +77,9 @@ class TargetSpec:
 
 
 _RC, _PY, _NODE = "roomcast", "python-socketio", "node"
+
+HOT_PATH_STEPS = ("store_append", "broker_publish")
+"""roomcast's per-batch steps whose durations its /metrics exports (``roomcast_*_seconds``)."""
 TARGETS: dict[str, TargetSpec] = {
     t.key: t
     for t in [
@@ -348,6 +351,23 @@ class Cluster:
             match = pattern.search(text)
             counts.append(int(float(match.group(1))) if match else 0)
         return counts
+
+    def hot_path_seconds(self) -> dict[str, tuple[float, float]] | None:
+        """roomcast's per-batch durations so far, summed over its processes:
+        ``{"store_append": (seconds, batches), "broker_publish": (seconds, batches)}``
+        from the ``roomcast_*_seconds`` histograms of ``/metrics``; None for a baseline."""
+        if self.spec.server != "roomcast":
+            return None
+        totals = {step: [0.0, 0.0] for step in HOT_PATH_STEPS}
+        for port in self.ports:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                text = r.read().decode()
+            for step, sums in totals.items():
+                for i, kind in enumerate(("sum", "count")):
+                    pattern = rf"^roomcast_{step}_seconds_{kind}\{{[^}}]*\}}\s+(\S+)"
+                    found = re.search(pattern, text, re.M)
+                    sums[i] += float(found.group(1)) if found else 0.0
+        return {step: (seconds, batches) for step, (seconds, batches) in totals.items()}
 
     def broker_bytes(self) -> list[int]:
         """Bytes each process has received on its TCP connections to the broker
