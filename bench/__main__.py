@@ -67,8 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--shared-store",
         choices=["postgres", "sqlite"],
-        default="postgres",
-        help="history shared by roomcast's processes: a PostgreSQL schema or one SQLite file",
+        default="sqlite",
+        help="history shared by roomcast's processes (default sqlite: one file, the store of "
+        "one host's workers; roomcast-redis-pg-2 always uses a PostgreSQL schema)",
     )
     parser.add_argument(
         "--e-store",

@@ -45,7 +45,9 @@ def _run_section(results: dict[str, Any]) -> str:
     shared = (
         "one PostgreSQL schema per cluster"
         if results["shared_store"] == "postgres"
-        else "one SQLite file per cluster"
+        else "one SQLite file per cluster (the store of one host's workers), but for "
+        "`roomcast-redis-pg-2`, whose processes share one PostgreSQL schema (the store of "
+        "many hosts)"
     )
     versions = ", ".join(f"{k} {val}" for k, val in v.items() if val and k not in ("executable",))
     return "\n".join(

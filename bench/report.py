@@ -17,6 +17,7 @@ KIB = 1024
 ROOMCAST_VS = {
     "roomcast-1": ["psio-1", "node-1"],
     "roomcast-redis-2": ["psio-redis-2", "node-redis-2"],
+    "roomcast-redis-pg-2": ["psio-redis-2", "node-redis-2"],
     "roomcast-rabbitmq-2": ["psio-aiopika-2", "psio-redis-2", "node-redis-2"],
     "roomcast-nats-2": ["psio-redis-2", "node-redis-2"],
 }

@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +58,13 @@ class TargetSpec:
     """``memory`` (one process), ``redis``, ``rabbitmq`` or ``nats``."""
     processes: int
     label: str
+    store: str | None = None
+    """roomcast on several processes: the history they share, ``postgres`` or ``sqlite``;
+    None follows ``--shared-store``."""
 
     def services(self, shared_store: str) -> list[tuple[str, tuple[str, int]]]:
         """The external services this target needs."""
+        shared_store = self.store or shared_store
         needed = []
         if self.broker == "redis":
             needed.append(("Redis", REDIS))
@@ -73,7 +77,7 @@ class TargetSpec:
         return needed
 
     def with_processes(self, n: int) -> TargetSpec:
-        return TargetSpec(self.key, self.server, self.broker, n, self.label)
+        return replace(self, processes=n)
 
 
 _RC, _PY, _NODE = "roomcast", "python-socketio", "node"
@@ -85,6 +89,14 @@ TARGETS: dict[str, TargetSpec] = {
     for t in [
         TargetSpec("roomcast-1", _RC, "memory", 1, "roomcast, 1 process"),
         TargetSpec("roomcast-redis-2", _RC, "redis", 2, "roomcast, 2 processes, Redis"),
+        TargetSpec(
+            "roomcast-redis-pg-2",
+            _RC,
+            "redis",
+            2,
+            "roomcast, 2 processes, Redis + PostgreSQL",
+            store="postgres",
+        ),
         TargetSpec("roomcast-rabbitmq-2", _RC, "rabbitmq", 2, "roomcast, 2 processes, RabbitMQ"),
         TargetSpec("roomcast-nats-2", _RC, "nats", 2, "roomcast, 2 processes, NATS"),
         TargetSpec("psio-1", _PY, "memory", 1, "python-socketio, 1 process"),
@@ -139,7 +151,7 @@ class Cluster:
 
     def __init__(self, spec: TargetSpec, *, shared_store: str = "postgres") -> None:
         self.spec = spec
-        self.shared_store = shared_store
+        self.shared_store = spec.store or shared_store
         self.prefix = f"bench{secrets.token_hex(4)}"
         self.workdir = Path(tempfile.mkdtemp(prefix="roomcast-bench-"))
         self.ports: list[int] = []
