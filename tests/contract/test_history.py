@@ -502,3 +502,39 @@ async def test_sqlite_append_waits_for_another_writer_without_stopping_the_loop(
     finally:
         other.close()
         await history.close()
+
+
+@pytest.mark.parametrize(("query", "expected"), [("", 1), ("?synchronous=full", 2)])
+async def test_sqlite_synchronous_is_chosen_in_the_url(
+    tmp_path: Path, query: str, expected: int
+) -> None:
+    """``normal`` (SQLite's 1) unless the URL asks for ``full`` (2), which syncs the log at
+    every commit; either way appends land and survive a reopen."""
+    from roomcast.adapters.sql import SqlHistory
+
+    url = f"sqlite:///{tmp_path / 'sync.db'}{query}"
+    history = SqlHistory(url)
+    await history.start()
+    try:
+        mode = await history._db.run(lambda conn: conn.exec_driver_sql("PRAGMA synchronous"))
+        assert mode.scalar() == expected
+        room = await history.room_by_name("synced", create=True)
+        assert room is not None
+        assert seqs(await history.append([draft(room), draft(room, "two")])) == [1, 2]
+    finally:
+        await history.close()
+    reopened = SqlHistory(url)
+    await reopened.start()
+    try:
+        assert [m.text for m in await reopened.after(room.id, 0, 10)] == ["hello", "two"]
+    finally:
+        await reopened.close()
+
+
+def test_sqlite_synchronous_must_be_normal_or_full(tmp_path: Path) -> None:
+    from roomcast.adapters.sql import SqlHistory
+    from roomcast.exceptions import ConfigError
+
+    with pytest.raises(ConfigError, match="invalid SQLite synchronous 'off'"):
+        SqlHistory(f"sqlite:///{tmp_path / 'x.db'}?synchronous=off")
+    assert not (tmp_path / "x.db").exists()

@@ -122,15 +122,18 @@ class Database:
                 ) from error
             self._async = engine.execution_options(**translate) if translate else engine
         else:
+            target, synchronous = _sqlite_synchronous(target)
             memory = target.database in (None, "", ":memory:")
             options: dict[str, Any] = {}
             if memory:
                 # One connection, or every connection would open a database of its own.
                 options = {"poolclass": StaticPool, "connect_args": {"check_same_thread": False}}
             self._sync = sa.create_engine(target, **options)
-            _configure_sqlite(self._sync)
+            _configure_sqlite(self._sync, synchronous)
             self._thread = ThreadPoolExecutor(1, thread_name_prefix="roomcast-sqlite")
             self._sqlite_file = not memory
+            self._sync_commits = synchronous == "full"
+            """Every commit syncs the log to disk: never on the event loop's thread."""
             if not memory:
                 self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="roomcast-wal")
 
@@ -167,6 +170,8 @@ class Database:
         commit in WAL mode writes the log without a sync (``synchronous = NORMAL``, and
         checkpoints run elsewhere), so it costs the loop tens of µs, where handing it to
         the store thread and back cost ~0.4 ms of latency and more CPU in thread switches.
+        With ``?synchronous=full`` every commit waits for the disk, so it always runs on the
+        store thread.
         When another connection (another process, or the store thread) holds the lock, it
         goes to the store thread, which waits for it without blocking the loop.
         """
@@ -201,8 +206,9 @@ class Database:
 
     def _inline_writer(self) -> sqlite3.Connection | None:
         """The event loop thread's connection for :meth:`write_sqlite` (SQLite files only;
-        None while the log waits to be started over, which the store thread does)."""
-        if not self._sqlite_file or self._restart:
+        None while the log waits to be started over, which the store thread does, and when
+        every commit syncs the disk)."""
+        if not self._sqlite_file or self._restart or self._sync_commits:
             return None
         if self._inline is None:
             assert self._sync is not None
@@ -500,8 +506,27 @@ def _parse_url(url: str, schema: str | None) -> tuple[URL, str | None]:
     )
 
 
-def _configure_sqlite(engine: sa.Engine) -> None:
+SQLITE_SYNCHRONOUS = ("normal", "full")
+"""``?synchronous=`` of a SQLite URL. ``normal`` (the default): in WAL mode a commit
+survives a crash of any roomcast process, and only a power cut or an operating-system
+crash can lose the last commits; ``full``: a commit also survives those, for an fsync of
+the log per commit."""
+
+
+def _sqlite_synchronous(target: URL) -> tuple[URL, str]:
+    """The URL without roomcast's ``synchronous`` parameter (the driver knows none such),
+    and the mode it names."""
+    mode = target.query.get("synchronous", "normal")
+    if not isinstance(mode, str) or mode.lower() not in SQLITE_SYNCHRONOUS:
+        raise ConfigError(
+            f"invalid SQLite synchronous {mode!r}: one of {', '.join(SQLITE_SYNCHRONOUS)}"
+        )
+    return target.difference_update_query(["synchronous"]), mode.lower()
+
+
+def _configure_sqlite(engine: sa.Engine, synchronous: str = "normal") -> None:
     """Set each new SQLite connection up for several writers and take over ``BEGIN``."""
+    pragma = f"PRAGMA synchronous = {synchronous.upper()}"
 
     @event.listens_for(engine, "connect")
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -513,8 +538,8 @@ def _configure_sqlite(engine: sa.Engine) -> None:
         # Wait for another process's write transaction instead of failing at once.
         cursor.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
         # In WAL mode NORMAL survives a process crash; only a power cut can lose the last
-        # commits, and it saves an fsync per commit.
-        cursor.execute("PRAGMA synchronous = NORMAL")
+        # commits, and it saves an fsync per commit (see SQLITE_SYNCHRONOUS).
+        cursor.execute(pragma)
         cursor.execute("PRAGMA foreign_keys = ON")
         # Checkpoints of the write-ahead log run on a thread of their own (Database._committed).
         cursor.execute("PRAGMA wal_autocheckpoint = 0")
