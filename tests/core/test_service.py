@@ -284,3 +284,44 @@ async def test_a_batch_the_store_refuses_is_neither_counted_nor_timed():
 
 async def _no_reconnect() -> None:
     return None
+
+
+class HeldBroker(MemoryBroker):
+    """A broker whose publishes wait until the test lets them through, recording each
+    batch's seqs in the order they were published."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.gate = asyncio.Event()
+        self.published: list[list[int]] = []
+
+    async def publish_many(self, frames):
+        await self.gate.wait()
+        self.published.append([Frame.decode(data).seq for _, data in frames])
+        await super().publish_many(frames)
+
+
+async def test_a_batch_is_stored_while_the_previous_one_is_still_being_published():
+    history, broker = MemoryHistory(), HeldBroker(f"bus{next(_names)}")
+    await broker.start(NodeId("n0"), _ignore, _ignore, _no_reconnect)
+    room = await history.room_by_name("lobby", create=True)
+    sequencer = Sequencer(history, broker)
+    user = User(UserId(1), "ada")
+
+    async def stored(seq: int) -> bool:
+        for _ in range(100):  # bounded: storing needs a few turns of the loop, no broker
+            if await history.latest(room.id) >= seq:
+                return True
+            await asyncio.sleep(0)
+        return False
+
+    first = asyncio.ensure_future(sequencer.append(Draft(room.id, "m1", user, "one", 0)))
+    assert await stored(1)
+    second = asyncio.ensure_future(sequencer.append(Draft(room.id, "m2", user, "two", 0)))
+    assert await stored(2)
+    assert not first.done() and not second.done()  # acknowledged once handed to the broker
+    assert broker.published == []
+    broker.gate.set()
+    assert [(await first).seq, (await second).seq] == [1, 2]
+    assert broker.published == [[1], [2]]  # one publish at a time, in seq order
+    await broker.close()

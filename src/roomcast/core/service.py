@@ -92,8 +92,12 @@ class Sequencer:
     """Batches concurrent appends into one History call, then publishes in seq order.
 
     While one batch is being stored, new drafts queue up and form the next batch, so the
-    store sees one transaction per batch instead of one per message, and this node publishes
-    each room's messages in the order their seqs were given.
+    store sees one transaction per batch instead of one per message. Storing and
+    publishing overlap: the next batch is stored while the previous one is on its way to
+    the broker, so a message that arrives during a publish waits for no broker round trip
+    before its own append. Publishes themselves go one at a time, in the order the batches
+    were stored, so this node publishes each room's messages in seq order. A sender is
+    acknowledged once its batch is stored and handed to the broker.
     """
 
     def __init__(
@@ -110,6 +114,9 @@ class Sequencer:
         self._clock = clock
         self._queue: list[tuple[Draft, asyncio.Future[Message]]] = []
         self._task: asyncio.Task[None] | None = None
+        self._wakeup: asyncio.Future[None] | None = None
+        """Set while the drain task waits for a publish with nothing to store: a new draft
+        wakes it, to be stored while that publish is still in flight."""
         self.append_seconds = Durations()
         """How long each stored batch took to append (seq given and durably written)."""
         self.publish_seconds = Durations()
@@ -121,30 +128,67 @@ class Sequencer:
         self._queue.append((draft, future))
         if self._task is None:
             self._task = asyncio.create_task(self._drain())
+        elif self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
         return await future
 
     async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        publishing: asyncio.Task[None] | None = None
         try:
-            while self._queue:
+            while self._queue or publishing is not None:
+                if not self._queue:
+                    assert publishing is not None
+                    self._wakeup = loop.create_future()
+                    await asyncio.wait(
+                        (publishing, self._wakeup), return_when=asyncio.FIRST_COMPLETED
+                    )
+                    self._wakeup = None
+                    if publishing.done():
+                        publishing = None
+                    continue
                 batch = self._queue[: self._max_batch]
                 del self._queue[: self._max_batch]
-                await self._store_and_publish(batch)
+                stored = await self._store(batch)
+                if publishing is not None:
+                    await publishing  # one publish at a time: the node's frames in seq order
+                    publishing = None
+                if stored is not None:
+                    messages, at = stored
+                    publishing = loop.create_task(self._publish(batch, messages, at))
+                    # Let the publish write its frames before the next append holds the loop.
+                    await asyncio.sleep(0)
         finally:
-            self._task = None
+            try:
+                if publishing is not None and not publishing.done():
+                    # Cancelled mid-publish (shutdown): the stored batch still gets its answers.
+                    await asyncio.shield(publishing)
+            finally:
+                self._task = self._wakeup = None
 
-    async def _store_and_publish(self, batch: list[tuple[Draft, asyncio.Future[Message]]]) -> None:
-        clock = self._clock
-        started = clock()
+    async def _store(
+        self, batch: list[tuple[Draft, asyncio.Future[Message]]]
+    ) -> tuple[list[Message], float] | None:
+        """Append the batch; on failure answer its senders with the error and return None."""
+        started = self._clock()
         try:
             messages = await self._history.append([draft for draft, _ in batch])
         except Exception as exc:
             for _, future in batch:
                 if not future.done():
                     future.set_exception(_as_chat_error(exc))
-            return
-        stored = clock()
+            return None
+        stored = self._clock()
         self.append_seconds.observe(stored - started)
         self.messages_stored += len(messages)
+        return messages, stored
+
+    async def _publish(
+        self,
+        batch: list[tuple[Draft, asyncio.Future[Message]]],
+        messages: list[Message],
+        stored: float,
+    ) -> None:
         try:
             # The whole batch in one round trip to the broker, in seq order.
             await self._broker.publish_many(
@@ -154,10 +198,11 @@ class Sequencer:
             # Stored, so acknowledged: members that missed them recover them by seq.
             log.warning("publish of a batch of %d failed", len(messages), exc_info=True)
         else:
-            self.publish_seconds.observe(clock() - stored)
-        for message, (_, future) in zip(messages, batch, strict=True):
-            if not future.done():
-                future.set_result(message)
+            self.publish_seconds.observe(self._clock() - stored)
+        finally:
+            for message, (_, future) in zip(messages, batch, strict=True):
+                if not future.done():
+                    future.set_result(message)
 
 
 def _as_chat_error(exc: Exception) -> Exception:
