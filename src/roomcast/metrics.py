@@ -29,14 +29,13 @@ class NodeCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         node, hub = self._node, self._node.hub
-        labels = ["node"]
-        frames = CounterMetricFamily(
+        yield _single(
+            CounterMetricFamily,
             "roomcast_broker_frames_received",
             "Room frames this node received from the broker",
-            labels=labels,
+            node.id,
+            hub.frames_received,
         )
-        frames.add_metric([node.id], hub.frames_received)
-        yield frames
         by_room = CounterMetricFamily(
             "roomcast_broker_room_frames_received",
             "Room frames this node received from the broker, per room",
@@ -45,29 +44,35 @@ class NodeCollector(Collector):
         for room, count in sorted(hub.frames_by_room.items()):
             by_room.add_metric([node.id, str(room)], count)
         yield by_room
-        deliveries = CounterMetricFamily(
-            "roomcast_deliveries", "Frames written to local connections", labels=labels
+        yield _single(
+            CounterMetricFamily,
+            "roomcast_deliveries",
+            "Frames written to local connections",
+            node.id,
+            hub.deliveries,
         )
-        deliveries.add_metric([node.id], hub.deliveries)
-        yield deliveries
-        rooms = GaugeMetricFamily(
-            "roomcast_subscribed_rooms", "Rooms this node is subscribed to", labels=labels
+        yield _single(
+            GaugeMetricFamily,
+            "roomcast_subscribed_rooms",
+            "Rooms this node is subscribed to",
+            node.id,
+            len(hub.local_rooms()),
         )
-        rooms.add_metric([node.id], len(hub.local_rooms()))
-        yield rooms
-        conns = GaugeMetricFamily(
-            "roomcast_connections", "Client connections on this node", labels=labels
+        yield _single(
+            GaugeMetricFamily,
+            "roomcast_connections",
+            "Client connections on this node",
+            node.id,
+            len(node.service.sessions()),
         )
-        conns.add_metric([node.id], len(node.service.sessions()))
-        yield conns
         sequencer = node.service.sequencer
-        stored = CounterMetricFamily(
+        yield _single(
+            CounterMetricFamily,
             "roomcast_messages_stored",
             "Messages this node sequenced and stored (acknowledged to their senders)",
-            labels=labels,
+            node.id,
+            sequencer.messages_stored,
         )
-        stored.add_metric([node.id], sequencer.messages_stored)
-        yield stored
         yield _histogram(
             "roomcast_store_append_seconds",
             "Time to append one batch of messages to the store (seqs given, durably written)",
@@ -100,6 +105,19 @@ class NodeCollector(Collector):
             events.add_metric([node.id, "direct"], direct_events)
             events.add_metric([node.id, "queued"], self.socketio.events - direct_events)
             yield events
+
+
+def _single(
+    family: type[CounterMetricFamily | GaugeMetricFamily],
+    name: str,
+    documentation: str,
+    node: str,
+    value: float,
+) -> Metric:
+    """A counter or gauge with one sample, labelled by node."""
+    metric = family(name, documentation, labels=["node"])
+    metric.add_metric([node], value)
+    return metric
 
 
 def _histogram(name: str, documentation: str, node: str, durations: Durations) -> Metric:
