@@ -149,7 +149,7 @@ def ensure_node_modules(timeout: float = 300.0) -> None:
 class Cluster:
     """One running target: its processes, ports and broker namespace."""
 
-    def __init__(self, spec: TargetSpec, *, shared_store: str = "postgres") -> None:
+    def __init__(self, spec: TargetSpec, *, shared_store: str = "sqlite") -> None:
         self.spec = spec
         self.shared_store = spec.store or shared_store
         self.prefix = f"bench{secrets.token_hex(4)}"
