@@ -227,8 +227,9 @@ def generated_block(results: dict[str, Any], images: dict[str, str]) -> str:
             "every delivery, the sender's own included. For roomcast, the mean time per "
             "stored batch of its two steps between receiving a message and the other nodes "
             "receiving it: the store's append (seq given, committed durably) and the "
-            "broker's publish (read from its `/metrics` over the same window); the "
-            "baselines store nothing and number nothing.",
+            "broker's publish (read from its `/metrics` over the same window; in one process "
+            "the in-memory broker's publish is the local fan-out itself); the baselines store "
+            "nothing and number nothing.",
             "",
             _latency_section(results, s["fixed_rate"]),
         ]
