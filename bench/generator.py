@@ -35,8 +35,8 @@ from typing import Any
 
 from picows import WSListener, WSMsgType
 
-BUCKET_NS = 100_000
-"""Latency histogram resolution: 0.1 ms."""
+from .histogram import histogram, merge
+
 _TEXT = WSMsgType.TEXT
 
 Command = dict[str, Any]
@@ -358,13 +358,13 @@ class Worker:
             if c.received != last:
                 last, last_change = c.received, time.monotonic()
         c.tag = -1  # anything later is stray
-        histogram = Counter(x // BUCKET_NS for x in c.latencies)
+        counts = histogram(c.latencies)
         expected = sum(n * sizes.get(room, 0) for room, n in sent_per_room.items())
         return {
             "sent": sent_window,
             "expected": expected,
             "received": c.received,
-            "histogram": dict(histogram),
+            "histogram": dict(counts),
             "acks_ok": c.acks_ok,
             "acks_error": c.acks_error,
             "error_sample": c.error_sample,
@@ -546,21 +546,5 @@ class GeneratorPool:
 
 
 def merge_histograms(replies: list[Reply]) -> Counter[int]:
-    """One latency histogram (0.1 ms buckets) from every process's reply."""
-    total: Counter[int] = Counter()
-    for reply in replies:
-        total.update({int(k): v for k, v in reply["histogram"].items()})
-    return total
-
-
-def percentile_ms(histogram: Counter[int], q: float) -> float | None:
-    """The ``q`` quantile (0..1) of a 0.1 ms histogram, in milliseconds."""
-    n = sum(histogram.values())
-    if n == 0:
-        return None
-    rank, seen = q * (n - 1), 0
-    for bucket in sorted(histogram):
-        seen += histogram[bucket]
-        if seen > rank:
-            return (bucket + 0.5) * BUCKET_NS / 1e6
-    return max(histogram) * BUCKET_NS / 1e6
+    """One latency histogram (see :mod:`bench.histogram`) from every process's reply."""
+    return merge(reply["histogram"] for reply in replies)

@@ -110,8 +110,8 @@ def _latency_section(results: dict[str, Any], data: dict[str, Any]) -> str:
     rows = [
         [
             _label(results, key),
-            _fmt(d["p50_ms"], digits=1),
-            _fmt(d["p99_ms"], digits=1),
+            _fmt(d["p50_ms"], digits=2),
+            _fmt(d["p99_ms"], digits=2),
             _fmt(d["delivered"], scale=100, digits=2, unit=" %"),
             _fmt(d.get("store_append_ms"), digits=2),
             _fmt(d.get("broker_publish_ms"), digits=2),

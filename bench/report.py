@@ -211,7 +211,7 @@ def _goals(summary: dict[str, Any]) -> list[dict[str, Any]]:
             goals.append(
                 {
                     "goal": f"B: {ours} p99 <= best baseline ({other})",
-                    "measured": f"{mine:.1f} ms vs {value:.1f} ms",
+                    "measured": f"{mine:.2f} ms vs {value:.2f} ms",
                     "met": mine <= value,
                 }
             )
@@ -273,7 +273,7 @@ def console(results: dict[str, Any]) -> str:
         p99 = s["fixed_rate"].get(key, {}).get("p99_ms")
         mem = s["memory"].get(key, {}).get("kib_per_connection")
         lines.append(
-            f"  {key:22s} A {_fmt(tput):>28s}   B p99 {_fmt(p99, digits=1, unit=' ms'):>28s}"
+            f"  {key:22s} A {_fmt(tput):>28s}   B p99 {_fmt(p99, digits=2, unit=' ms'):>28s}"
             f"   D {_fmt(mem, digits=1):>20s}"
         )
     for ours, per in s["ratios"].items():

@@ -20,7 +20,8 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .generator import GeneratorPool, merge_histograms, percentile_ms
+from .generator import GeneratorPool, merge_histograms
+from .histogram import percentile_ms
 from .targets import HOT_PATH_STEPS, Cluster, TargetSpec, machine_busy_seconds
 
 
@@ -271,7 +272,7 @@ def measured_step(
 
 
 def _log_step(key: str, r: dict[str, Any]) -> None:
-    p99 = "-" if r["p99_ms"] is None else f"{r['p99_ms']:.1f}"
+    p99 = "-" if r["p99_ms"] is None else f"{r['p99_ms']:.2f}"
     gen = r["generator_us_per_delivery"]
     print(
         f"  {key:22s} {r['rate']:8.0f} msgs/s -> {r['deliveries_per_s']:9.0f} deliveries/s "
