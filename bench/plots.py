@@ -40,8 +40,15 @@ def _bars(
     highs = [entries[k]["max"] * scale - m for k, m in zip(keys, meds, strict=True)]  # type: ignore[index]
     ax.barh(keys, meds, xerr=[lows, highs], color=[_color(results, k) for k in keys], capsize=3)
     ax.invert_yaxis()
-    for y, m in enumerate(meds):
-        ax.text(m, y, f"  {m:,.0f}" if m >= 100 else f"  {m:,.1f}", va="center", fontsize=8)
+    for y, (m, hi) in enumerate(zip(meds, highs, strict=True)):
+        # The median's label past the end of its error bar, so the two never overlap.
+        ax.text(
+            m + hi,
+            y,
+            f"  {m:,.0f}" if m >= 100 else f"  {m:,.2f}" if m < 10 else f"  {m:,.1f}",
+            va="center",
+            fontsize=8,
+        )
     ax.grid(axis="x", alpha=0.3)
 
 
