@@ -52,9 +52,8 @@ def percentile_ms(counts: Mapping[int, int], q: float) -> float | None:
     if n == 0:
         return None
     rank, seen = q * (n - 1), 0
-    start = max(counts)
     for start in sorted(counts):
         seen += counts[start]
         if seen > rank:
-            break
-    return (start + width(start) / 2) / 1e6
+            return (start + width(start) / 2) / 1e6
+    raise AssertionError("unreachable: the last bucket brings seen to n > rank")
