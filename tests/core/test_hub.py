@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from roomcast.adapters.memory import MemoryBroker, MemoryHistory
-from roomcast.core.events import message_frame
+from roomcast.core.events import Frame, message_frame
 from roomcast.core.hub import Hub
 from roomcast.core.models import ConnId, Draft, NodeId, RoomId, User, UserId
 
@@ -69,3 +69,19 @@ async def test_resync_after_a_broker_outage_delivers_what_was_missed():
     assert seqs(conn) == [1, 2, 3]
     await hub.on_frame(f[2])
     assert seqs(conn) == [1, 2, 3]
+
+
+async def test_a_message_handed_over_by_its_own_node_is_delivered_once_in_seq_order():
+    history, hub, conn, room = await setup()
+    f = await store(history, room, 3)
+    # Stored on this node right after seq 1 was stored on another, whose frame is late.
+    await hub.deliver_stored(Frame.decode(f[1]))
+    assert seqs(conn) == []
+    await hub.on_frame(f[0])
+    assert seqs(conn) == [1, 2]
+    await hub.on_frame(f[1])  # the broker's copy of the one handed over
+    await hub.deliver_stored(Frame.decode(f[2]))
+    await hub.on_frame(f[2])
+    assert seqs(conn) == [1, 2, 3]
+    assert hub.duplicates_dropped == 2
+    assert hub.frames_received == 3  # counts what the broker brought, nothing else

@@ -325,3 +325,28 @@ async def test_a_batch_is_stored_while_the_previous_one_is_still_being_published
     assert [(await first).seq, (await second).seq] == [1, 2]
     assert broker.published == [[1], [2]]  # one publish at a time, in seq order
     await broker.close()
+
+
+async def test_with_local_first_the_node_own_members_get_a_batch_before_the_broker_has_it():
+    history, broker = MemoryHistory(), HeldBroker(f"bus{next(_names)}")
+    await broker.start(NodeId("n0"), _ignore, _ignore, _no_reconnect)
+    room = await history.room_by_name("lobby", create=True)
+    handed: list[int] = []
+
+    async def local(frame: Frame) -> None:
+        handed.append(frame.seq)
+
+    sequencer = Sequencer(history, broker, local=local)
+    user = User(UserId(1), "ada")
+    first = asyncio.ensure_future(sequencer.append(Draft(room.id, "m1", user, "one", 0)))
+    for _ in range(100):  # bounded: a few turns of the loop, no broker
+        if handed:
+            break
+        await asyncio.sleep(0)
+    assert handed == [1]
+    assert broker.published == []  # the broker has not got it yet
+    assert not first.done()  # the sender is answered once the broker has it
+    broker.gate.set()
+    assert (await first).seq == 1
+    assert broker.published == [[1]]
+    await broker.close()

@@ -110,6 +110,19 @@ class Hub:
             return
         self.frames_received += 1
         self.frames_by_room[frame.room] += 1
+        await self._route(frame)
+
+    async def deliver_stored(self, frame: Frame) -> None:
+        """Hand a message this node has just stored to its local members, without waiting
+        for the broker to bring it back.
+
+        It takes the same path as a frame from the broker — in seq order, each seq once —
+        so the broker's copy, when it arrives, is dropped as a duplicate, and a message
+        stored here before an earlier one from another node has arrived waits for it.
+        """
+        await self._route(frame)
+
+    async def _route(self, frame: Frame) -> None:
         room = self._rooms.get(frame.room)
         if room is None:
             return

@@ -5,6 +5,7 @@ engines are reached only through the ports. The flow of a message::
 
     send -> validate -> Sequencer (History.append: seq, durable) -> Broker.publish_many(frames)
          -> every node with local members: Hub.on_frame -> Transport.deliver (encode once)
+    (with ``local_first``, the sending node's own members: Hub.deliver_stored, meanwhile)
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from ..exceptions import ChatError, ErrorCode, UnavailableError
@@ -97,7 +98,8 @@ class Sequencer:
     the broker, so a message that arrives during a publish waits for no broker round trip
     before its own append. Publishes themselves go one at a time, in the order the batches
     were stored, so this node publishes each room's messages in seq order. A sender is
-    acknowledged once its batch is stored and handed to the broker.
+    acknowledged once its batch is stored and handed to the broker. With ``local``, each
+    stored batch also goes to that handler while its publish is on its way.
     """
 
     def __init__(
@@ -107,9 +109,13 @@ class Sequencer:
         *,
         max_batch: int = 256,
         clock: Callable[[], float] = time.perf_counter,
+        local: Callable[[Frame], Awaitable[None]] | None = None,
     ) -> None:
         self._history = history
         self._broker = broker
+        self._local = local
+        """Given: each stored message is also handed to this node's own members here, while
+        its publish is on its way (see :meth:`~roomcast.core.hub.Hub.deliver_stored`)."""
         self._max_batch = max_batch
         self._clock = clock
         self._queue: list[tuple[Draft, asyncio.Future[Message]]] = []
@@ -190,10 +196,24 @@ class Sequencer:
         stored: float,
     ) -> None:
         try:
+            frames = [message_frame(message) for message in messages]
             # The whole batch in one round trip to the broker, in seq order.
-            await self._broker.publish_many(
-                [(message.room, message_frame(message).encode()) for message in messages]
-            )
+            publish = self._broker.publish_many([(frame.room, frame.encode()) for frame in frames])
+            if self._local is None:
+                await publish
+            else:
+                # The publish goes first, up to its first wait for the broker; this node's
+                # own members get the batch meanwhile instead of after a broker round trip.
+                sending = asyncio.ensure_future(publish)
+                await asyncio.sleep(0)
+                try:
+                    for frame in frames:
+                        await self._local(frame)
+                except Exception:
+                    log.warning(
+                        "local delivery of a batch of %d failed", len(frames), exc_info=True
+                    )
+                await sending
         except Exception:
             # Stored, so acknowledged: members that missed them recover them by seq.
             log.warning("publish of a batch of %d failed", len(messages), exc_info=True)
@@ -228,7 +248,11 @@ class ChatService:
         rate_limit: float = 0.0,
         rate_burst: int = 1,
         clock: Callable[[], float] = time.time,
+        local_first: bool = False,
     ) -> None:
+        """``local_first``: a message this node stores goes to its own members at once, not
+        after the broker has brought it back — for a broker in another process, where
+        that round trip is the longest step between a ``send`` and its delivery."""
         self.node = node
         self.history = history
         self.broker = broker
@@ -237,7 +261,9 @@ class ChatService:
         self._clock = clock
         self._rate = rate_limit
         self._burst = max(rate_burst, 1)
-        self.sequencer = Sequencer(history, broker)
+        self.sequencer = Sequencer(
+            history, broker, local=hub.deliver_stored if local_first else None
+        )
         self._sessions: dict[ConnId, Session] = {}
         self._id_prefix = secrets.token_hex(6)
         self._message_ids = itertools.count(1)
