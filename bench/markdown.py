@@ -192,7 +192,8 @@ def _health_section(results: dict[str, Any], s: dict[str, Any]) -> str:
             ]
         )
     return _table(
-        ["target", "errors, refusals, losses seen", "CPU cores used by other processes"], rows
+        ["target", "errors, refusals, losses seen", "CPU cores busy outside server and generator"],
+        rows,
     )
 
 
@@ -285,10 +286,11 @@ def generated_block(results: dict[str, Any], images: dict[str, str]) -> str:
         "",
         "The load generator's own CPU time (user + system, all its processes) per delivery: "
         + (_fmt(gen, digits=1, unit=" µs") if gen else "—")
-        + " over every measured step (median [min-max]). Processes outside the benchmark "
-        "kept "
+        + " over every measured step (median [min-max]). Outside the servers and the "
+        "generator, "
         + (_fmt(other, digits=2) if other else "—")
-        + " CPU cores busy during the measured windows (machine busy time minus the servers' "
-        "and the generator's).",
+        + " CPU cores were busy during the measured windows (machine busy time minus the "
+        "servers' and the generator's: the brokers and databases, other processes, interrupt "
+        "work, and time the hypervisor took from this machine, /proc/stat's steal).",
     ]
     return "\n".join(parts)

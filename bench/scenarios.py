@@ -212,7 +212,8 @@ def step(
         "generator_us_per_delivery": 1e6 * gen_cpu / received if received else None,
         "generator_cores": gen_cpu / cfg.measure,
         "server_cores": (cpu1 - cpu0) / cfg.measure,
-        # Whatever else kept the machine's CPUs busy in the window (other processes).
+        # Whatever else kept the machine's CPUs busy in the window (services, other processes,
+        # interrupt work, the hypervisor's steal).
         "other_cores": max(0.0, (busy1 - busy0) - (cpu1 - cpu0) - gen_cpu) / cfg.measure,
         "server_cpu_s": cpu1 - cpu0,
         "server_us_per_delivery": 1e6 * (cpu1 - cpu0) / received if received else None,
