@@ -45,19 +45,20 @@ def steps(spec: TargetSpec, prefix: str, queues: list[str], shared_store: str) -
     if spec.broker == "rabbitmq":
 
         def rabbitmq() -> None:
-            asyncio.run(asyncio.wait_for(_rabbit_delete(prefix, queues), 15))
+            asyncio.run(asyncio.wait_for(rabbit_delete(prefix, queues), 15))
 
         out.append(rabbitmq)
     if spec.server == "roomcast" and spec.processes > 1 and shared_store == "postgres":
 
         def postgres_schema() -> None:
-            asyncio.run(asyncio.wait_for(_drop_schema(POSTGRES_URL, prefix), 15))
+            asyncio.run(asyncio.wait_for(drop_schema(POSTGRES_URL, prefix), 15))
 
         out.append(postgres_schema)
     return out
 
 
-async def _rabbit_delete(exchange: str, queues: list[str]) -> None:
+async def rabbit_delete(exchange: str, queues: list[str]) -> None:
+    """Delete a RabbitMQ exchange and the named queues, each if it is still there."""
     import aio_pika
 
     connection = await aio_pika.connect("amqp://guest:guest@127.0.0.1:5672/")
@@ -77,7 +78,8 @@ async def _rabbit_delete(exchange: str, queues: list[str]) -> None:
         await connection.close()
 
 
-async def _drop_schema(url: str, schema: str) -> None:
+async def drop_schema(url: str, schema: str) -> None:
+    """Drop a PostgreSQL schema and everything in it, if it exists."""
     import asyncpg
 
     conn = await asyncpg.connect(url)
