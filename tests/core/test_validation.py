@@ -1,5 +1,8 @@
 """Validation of everything a client sends: each failure has its code."""
 
+import sys
+import unicodedata
+
 import pytest
 
 from roomcast.core import validation
@@ -43,6 +46,20 @@ def test_room_ref_is_an_id_or_a_name():
     assert code_of(validation.room_ref, {}) == ErrorCode.BAD_REQUEST
     assert code_of(validation.room_ref, {"room": 0}) == ErrorCode.INVALID_ROOM
     assert code_of(validation.room_ref, {"room": -3}) == ErrorCode.INVALID_ROOM
+
+
+def test_a_text_is_refused_for_exactly_the_control_characters_and_lone_surrogates():
+    # Every code point, in a text around it: refused when Unicode calls it a control
+    # character (but tab, line feed, carriage return) or a surrogate, accepted otherwise.
+    for code in range(sys.maxunicode + 1):
+        ch = chr(code)
+        forbidden = unicodedata.category(ch) in ("Cc", "Cs") and ch not in "\t\n\r"
+        try:
+            accepted = validation.text({"text": f"a{ch}b"}) == f"a{ch}b"
+        except ChatError as error:
+            assert error.code == ErrorCode.INVALID_TEXT, hex(code)
+            accepted = False
+        assert accepted is not forbidden, hex(code)
 
 
 def test_text_limits():

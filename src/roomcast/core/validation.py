@@ -5,6 +5,7 @@ Lengths count Unicode code points (Python ``len``), not bytes.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from typing import Any
 
@@ -22,7 +23,11 @@ HISTORY_LIMIT_DEFAULT = 50
 _FORBIDDEN = frozenset({"Cc", "Cs", "Co", "Cn", "Zl", "Zp"})
 # Bidirectional overrides and isolates let a name display as something it is not.
 _BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-_TEXT_CONTROLS_ALLOWED = frozenset("\n\t\r")
+# What a message text must not contain: the control characters (category Cc: C0, DEL,
+# C1) but tab, line feed and carriage return, and lone surrogates (Cs). Both categories
+# are fixed ranges in every Unicode version; one regular-expression search checks a text
+# at C speed, where asking unicodedata about each character cost ~3 % of a busy node's CPU.
+_TEXT_FORBIDDEN = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
 _INT_MAX = 2**31 - 1
 
 
@@ -89,10 +94,7 @@ def text(data: dict[str, Any]) -> str:
         raise ChatError(ErrorCode.INVALID_TEXT, "'text' must not be empty")
     if len(value) > TEXT_MAX:
         raise ChatError(ErrorCode.INVALID_TEXT, f"'text' must be at most {TEXT_MAX} characters")
-    if any(
-        unicodedata.category(ch) in ("Cc", "Cs") and ch not in _TEXT_CONTROLS_ALLOWED
-        for ch in value
-    ):
+    if _TEXT_FORBIDDEN.search(value) is not None:
         raise ChatError(ErrorCode.INVALID_TEXT, "'text' must not contain control characters")
     return value
 
