@@ -6,6 +6,7 @@ Without it the tests are skipped, except on CI (CI=true), where that is a failur
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -145,6 +146,55 @@ async def seqs(chat: Chat) -> list[int]:
         "nodes => nodes.map(n => Number(n.dataset.seq))"
     )
     return [int(v) for v in values]
+
+
+async def test_a_room_typed_while_the_last_one_loads_its_history_is_joined(
+    browser: Browser, chat_server: Server
+) -> None:
+    # alice's history requests are held back until the test lets them through.
+    held: list[str | bytes] = []
+    holding = {"on": True}
+    to_server: list[WebSocketRoute] = []
+    both_held = asyncio.Event()
+
+    async def route_websocket(ws: WebSocketRoute) -> None:
+        server = ws.connect_to_server()
+        to_server.append(server)
+
+        def from_page(message: str | bytes) -> None:
+            if holding["on"] and isinstance(message, str) and '"history"' in message:
+                held.append(message)
+                if len(held) == 2:
+                    both_held.set()
+            else:
+                server.send(message)
+
+        ws.on_message(from_page)
+
+    async def intercept(page: Page) -> None:
+        await page.route_web_socket(SOCKETIO_URL, route_websocket)
+
+    alice = await open_chat(browser, chat_server.url, "alice", before_load=intercept)
+    await join(alice, "random")
+    edge = alice.page.locator("#messages .history-edge")
+    await expect(edge).to_have_text("Loading…")  # random's history is on its way
+
+    # The next room, typed and submitted meanwhile, is joined, and what was typed stays
+    # until it is.
+    await join(alice, "lobby")
+    await expect(alice.page.locator("#room-name")).to_have_value("")
+    # The route sees lobby's history request a moment after the page sends it.
+    await asyncio.wait_for(both_held.wait(), TIMEOUT_MS / 1000)
+    assert len(held) == 2, held  # the history of random, then of lobby
+
+    holding["on"] = False
+    for message in held:
+        to_server[-1].send(message)
+    await expect(edge).to_have_text("No messages in lobby yet. Say hello!")
+    await alice.page.locator('#joined .joined-room[data-room-name="random"]').click()
+    await expect(edge).to_have_text("No messages in random yet. Say hello!")
+    assert alice.dialogs == [], alice.dialogs
+    assert alice.errors == [], alice.errors
 
 
 async def test_two_users_chat_in_a_room(browser: Browser, chat_server: Server) -> None:

@@ -306,7 +306,9 @@
     return length >= 1 && length <= MAX_ROOM_NAME && !/[\u0000-\u001f\u007f]/.test(name);
   }
 
-  async function joinRoom(name, { activate = true } = {}) {
+  // Resolves once the room is joined and shown; with waitHistory (the default) only after
+  // its first page of history has loaded too (that load reports its own errors).
+  async function joinRoom(name, { activate = true, waitHistory = true } = {}) {
     const existing = findRoomByName(name);
     if (existing) {
       if (activate) setActive(existing.id);
@@ -337,7 +339,8 @@
     else renderJoined();
     drainPending(room);
     scheduleRoomsRefresh();
-    await loadInitialHistory(room);
+    const loading = loadInitialHistory(room);
+    if (waitHistory) await loading;
     return room;
   }
 
@@ -1159,10 +1162,12 @@
       ui.nickname.focus();
       return;
     }
+    // Disabled only until the join is answered: while the room's history loads, the next
+    // name can be typed and submitted (Enter does nothing while the button is disabled).
     ui.join.disabled = true;
     try {
-      await joinRoom(name);
-      ui.roomName.value = "";
+      await joinRoom(name, { waitHistory: false });
+      if (ui.roomName.value.trim() === name) ui.roomName.value = ""; // not what was typed since
       closeDrawers();
     } catch (err) {
       showNotice(`Could not join ${name}: ${err.message}`);
