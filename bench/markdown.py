@@ -189,10 +189,16 @@ def _health_section(results: dict[str, Any], s: dict[str, Any]) -> str:
                 _label(results, key),
                 "; ".join(notes) or "none",
                 _fmt(h.get("other_cores"), digits=2),
+                _fmt(h.get("steal_cores"), digits=2),
             ]
         )
     return _table(
-        ["target", "errors, refusals, losses seen", "CPU cores busy outside server and generator"],
+        [
+            "target",
+            "errors, refusals, losses seen",
+            "CPU cores busy outside server and generator",
+            "of them, the hypervisor's steal",
+        ],
         rows,
     )
 
@@ -278,6 +284,7 @@ def generated_block(results: dict[str, Any], images: dict[str, str]) -> str:
             parts += ["", f"![cross-node]({images['crossnode']})"]
     gen = s.get("generator_us_per_delivery")
     other = s.get("other_cores")
+    steal = s.get("steal_cores")
     parts += [
         "",
         "## Health under load",
@@ -291,6 +298,7 @@ def generated_block(results: dict[str, Any], images: dict[str, str]) -> str:
         + (_fmt(other, digits=2) if other else "—")
         + " CPU cores were busy during the measured windows (machine busy time minus the "
         "servers' and the generator's: the brokers and databases, other processes, interrupt "
-        "work, and time the hypervisor took from this machine, /proc/stat's steal).",
+        "work, and time the hypervisor took from this machine, /proc/stat's steal)"
+        + (f"; of them, {_fmt(steal, digits=2)} cores of steal." if steal else "."),
     ]
     return "\n".join(parts)

@@ -61,6 +61,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     }
     gen_us: list[float] = []
     other: list[float] = []
+    steal: list[float] = []
     for key, recs in _by_target(_records(results, "load")).items():
         sweeps = [r["sweep"] for r in recs if "sweep" in r]
         if sweeps and "A" in results["scenarios"]:
@@ -89,6 +90,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             st["generator_us_per_delivery"] for st in steps if st["generator_us_per_delivery"]
         ]
         other += [st["other_cores"] for st in steps if st.get("other_cores") is not None]
+        steal += [st["steal_cores"] for st in steps if st.get("steal_cores") is not None]
         summary["health"][key] = _health(recs, steps)
     for key, recs in _by_target(_records(results, "memory")).items():
         mems = [r["memory"] for r in recs if "memory" in r]
@@ -118,6 +120,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         }
     summary["generator_us_per_delivery"] = stats(gen_us)
     summary["other_cores"] = stats(other)
+    summary["steal_cores"] = stats(steal)
     summary["ratios"] = _ratios(summary)
     summary["goals"] = _goals(summary)
     return summary
@@ -150,6 +153,8 @@ def _health(recs: list[dict[str, Any]], steps: list[dict[str, Any]]) -> dict[str
     steps = steps + repeated
     return {
         "other_cores": stats([s["other_cores"] for s in steps if s.get("other_cores") is not None]),
+        # Results of runs before this reading existed have none.
+        "steal_cores": stats([s["steal_cores"] for s in steps if s.get("steal_cores") is not None]),
         "repeated_steps": len(repeated),
         "errors": [r["error"] for r in recs if r.get("error")],
         "died": sum(1 for r in recs if r.get("alive") is False),

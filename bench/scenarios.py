@@ -22,7 +22,7 @@ from typing import Any
 
 from .generator import GeneratorPool, merge_histograms
 from .histogram import percentile_ms
-from .targets import HOT_PATH_STEPS, Cluster, TargetSpec, machine_busy_seconds
+from .targets import HOT_PATH_STEPS, Cluster, TargetSpec, machine_cpu_seconds
 
 
 @dataclass(frozen=True)
@@ -163,10 +163,10 @@ def step(
     }
     pool.start([cmd] * pool.size)
     time.sleep(cfg.warmup)
-    cpu0, busy0 = cluster.cpu_seconds(), machine_busy_seconds()
+    cpu0, (busy0, steal0) = cluster.cpu_seconds(), machine_cpu_seconds()
     steps0 = cluster.hot_path_seconds()
     time.sleep(cfg.measure)
-    cpu1, busy1 = cluster.cpu_seconds(), machine_busy_seconds()
+    cpu1, (busy1, steal1) = cluster.cpu_seconds(), machine_cpu_seconds()
     steps1 = cluster.hot_path_seconds()
     replies = pool.collect(cfg.drain + 30)
     settled = quiet(pool, cfg)
@@ -215,6 +215,8 @@ def step(
         # Whatever else kept the machine's CPUs busy in the window (services, other processes,
         # interrupt work, the hypervisor's steal).
         "other_cores": max(0.0, (busy1 - busy0) - (cpu1 - cpu0) - gen_cpu) / cfg.measure,
+        # Of it, the time the hypervisor ran something else on this machine's CPUs.
+        "steal_cores": (steal1 - steal0) / cfg.measure,
         "server_cpu_s": cpu1 - cpu0,
         "server_us_per_delivery": 1e6 * (cpu1 - cpu0) / received if received else None,
         **_hot_path_ms(steps0, steps1),

@@ -126,11 +126,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def machine_busy_seconds() -> float:
-    """CPU seconds the whole machine has spent busy (every CPU, every process) since boot."""
-    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+def machine_cpu_seconds() -> tuple[float, float]:
+    """CPU seconds the whole machine has spent busy since boot (every CPU, every process,
+    interrupt work, and the hypervisor's steal), and of them, the steal."""
+    return cpu_seconds_of(Path("/proc/stat").read_text(), os.sysconf("SC_CLK_TCK"))
+
+
+def cpu_seconds_of(stat: str, ticks_per_second: int) -> tuple[float, float]:
+    """Busy and steal seconds from the text of ``/proc/stat`` (its first, all-CPU line)."""
+    fields = stat.splitlines()[0].split()[1:]
     user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    busy = user + nice + system + irq + softirq + steal
+    return busy / ticks_per_second, steal / ticks_per_second
 
 
 def ensure_node_modules(timeout: float = 300.0) -> None:
