@@ -26,9 +26,7 @@ from .histogram import percentile_ms
 from .targets import HOT_PATH_STEPS, Cluster, TargetSpec, machine_cpu_seconds
 
 
-def later_knee(
-    prior: int, run: Callable[[int], bool], *, budget: int, most: int
-) -> int | None:
+def later_knee(prior: int, run: Callable[[int], bool], *, budget: int, most: int) -> int | None:
     """The knee (grid index) of a run after the first, searched from the first run's knee.
 
     ``run(k)`` measures step ``k`` and says whether it passed. From ``prior`` the search
