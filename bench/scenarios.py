@@ -17,59 +17,13 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from .generator import GeneratorPool, merge_histograms
 from .histogram import percentile_ms
+from .sweep import later_knee
 from .targets import HOT_PATH_STEPS, Cluster, TargetSpec, machine_cpu_seconds
-
-
-def later_knee(prior: int, run: Callable[[int], bool], *, budget: int, most: int) -> int | None:
-    """The knee (grid index) of a run after the first, searched from the first run's knee.
-
-    ``run(k)`` measures step ``k`` and says whether it passed. From ``prior`` the search
-    moves one step at a time — up while steps pass, down while they fail — for at most
-    ``budget`` steps. When every step down failed (a run far below the first, which would
-    otherwise report only B's rate), it halves the rate until a step passes and bisects
-    between that step and the lowest failed one, within ``most`` steps in all. None when
-    no step above B's passed.
-    """
-    calls = 0
-
-    def step(k: int) -> bool:
-        nonlocal calls
-        calls += 1
-        return run(k)
-
-    k = max(1, prior)
-    if step(k):
-        knee = k
-        while calls < budget and step(k + 1):
-            k += 1
-            knee = k
-        return knee
-    while k > 1 and calls < budget:
-        k -= 1
-        if step(k):
-            return k
-    failed = k  # the lowest step that failed
-    while True:
-        if k <= 1 or calls >= most:
-            return None
-        k //= 2
-        if step(k):
-            break
-        failed = k
-    passed = k
-    while failed - passed > 1 and calls < most:
-        mid = (passed + failed) // 2
-        if step(mid):
-            passed = mid
-        else:
-            failed = mid
-    return passed
 
 
 @dataclass(frozen=True)
@@ -91,7 +45,7 @@ class Config:
     max_steps: int = 14
     max_steps_later: int = 4
     """Steps of runs 2, 3, ... (B included), which start at run 1's knee; more, up to
-    ``max_steps``, only when every step down from it fails (see :func:`later_knee`)."""
+    ``max_steps``, only when every step down from it fails (see :func:`bench.sweep.later_knee`)."""
     p99_limit_ms: float = 250.0
     min_delivered: float = 0.99
     one_room_rate: float = 5.0
@@ -355,7 +309,7 @@ def fan_out(
     C is measured first, on fresh connections. Then the sweep: its first step is B's fixed
     rate. Without a ``prior`` knee (grid index) the rate doubles until a step fails, then
     bisects ``cfg.bisect_steps`` times; with one it starts there and moves one grid step at
-    a time (see :func:`later_knee`). The knee is the highest passing step.
+    a time (see :func:`bench.sweep.later_knee`). The knee is the highest passing step.
     """
     key, prefix = cluster.spec.key, cluster.prefix
     everyone = f"{prefix}-all"

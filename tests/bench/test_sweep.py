@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from bench.scenarios import later_knee
+from bench.sweep import later_knee
 
 
 def search(prior: int, passes_up_to: int, budget: int = 3, most: int = 13):

@@ -1,0 +1,51 @@
+"""How a later run of scenario A searches for its knee (no I/O: the measuring is passed in)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+
+def later_knee(prior: int, run: Callable[[int], bool], *, budget: int, most: int) -> int | None:
+    """The knee (grid index) of a run after the first, searched from the first run's knee.
+
+    ``run(k)`` measures step ``k`` and says whether it passed. From ``prior`` the search
+    moves one step at a time — up while steps pass, down while they fail — for at most
+    ``budget`` steps. When every step down failed (a run far below the first, which would
+    otherwise report only B's rate), it halves the rate until a step passes and bisects
+    between that step and the lowest failed one, within ``most`` steps in all. None when
+    no step above B's passed.
+    """
+    calls = 0
+
+    def step(k: int) -> bool:
+        nonlocal calls
+        calls += 1
+        return run(k)
+
+    k = max(1, prior)
+    if step(k):
+        knee = k
+        while calls < budget and step(k + 1):
+            k += 1
+            knee = k
+        return knee
+    while k > 1 and calls < budget:
+        k -= 1
+        if step(k):
+            return k
+    failed = k  # the lowest step that failed
+    while True:
+        if k <= 1 or calls >= most:
+            return None
+        k //= 2
+        if step(k):
+            break
+        failed = k
+    passed = k
+    while failed - passed > 1 and calls < most:
+        mid = (passed + failed) // 2
+        if step(mid):
+            passed = mid
+        else:
+            failed = mid
+    return passed
