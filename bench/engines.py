@@ -1,7 +1,7 @@
 """What one step through each engine costs, measured with roomcast's own adapters.
 
-``python -m bench.engines`` paces single operations at a fixed rate (100/s by default, the
-per-node batch rate of scenario B) and records each one's latency:
+``python -m bench.engines`` paces single operations at fixed rates (100/s, the per-node
+batch rate of scenario B, and 1000/s by default) and records each one's latency:
 
 - **broker hop**: node ``a`` publishes a frame to a room that node ``b`` is subscribed to,
   both through roomcast's broker adapter for the engine, in one process; the latency runs
@@ -12,8 +12,11 @@ per-node batch rate of scenario B) and records each one's latency:
   durably written.
 
 These are the floors under scenario B: a message to a room whose members sit on two nodes
-is appended once, and its remote half crosses the broker once. Every figure is the median
-over ``--rounds`` rounds with min-max; the results go to ``bench/results/engines.json``.
+is appended once, and its remote half crosses the broker once. The faster rate shows how
+much of each figure is the cost of waking the processes involved (this client's event loop
+and the engine's server) rather than the operation itself: at 1000/s they seldom sleep.
+Every figure is the median over ``--rounds`` rounds with min-max; the results go to
+``bench/results/engines.json``.
 """
 
 from __future__ import annotations
@@ -153,64 +156,71 @@ async def store_append(name: str, rate: float, seconds: float, warmup: float) ->
 
 
 def _table(results: dict[str, Any]) -> str:
-    def cell(rounds: list[dict[str, Any]], part: str, key: str) -> str:
+    rates = list(results["rates"])
+
+    def cell(part: str, key: str, rounds: list[dict[str, Any]]) -> str:
         s = stats([r[part][key] for r in rounds])
         if s is None:
             return "-"
         return f"{s['median']:.2f} [{s['min']:.2f}-{s['max']:.2f}]"
 
-    lines = [
-        "| engine | step | p50 ms | p99 ms |",
-        "|---|---|---|---|",
-    ]
-    for name, rounds in results["brokers"].items():
-        lines.append(
-            f"| {name} | broker hop | {cell(rounds, 'hop', 'p50_ms')} | "
-            f"{cell(rounds, 'hop', 'p99_ms')} |"
-        )
-        lines.append(
-            f"| {name} | publish returns | {cell(rounds, 'publish', 'p50_ms')} | "
-            f"{cell(rounds, 'publish', 'p99_ms')} |"
-        )
-    for name, rounds in results["stores"].items():
-        lines.append(
-            f"| {name} | store append | {cell(rounds, 'append', 'p50_ms')} | "
-            f"{cell(rounds, 'append', 'p99_ms')} |"
-        )
+    def row(name: str, step: str, kind: str, part: str) -> str:
+        cells = [
+            cell(part, key, results["rates"][rate][kind][name])
+            for rate in rates
+            for key in QUANTILES
+        ]
+        return f"| {name} | {step} | " + " | ".join(cells) + " |"
+
+    head = " | ".join(f"p50 ms at {rate}/s | p99 ms at {rate}/s" for rate in rates)
+    lines = [f"| engine | step | {head} |", "|---|---|" + "---|" * (2 * len(rates))]
+    first = results["rates"][rates[0]]
+    for name in first["brokers"]:
+        lines.append(row(name, "broker hop", "brokers", "hop"))
+        lines.append(row(name, "publish returns", "brokers", "publish"))
+    for name in first["stores"]:
+        lines.append(row(name, "store append", "stores", "append"))
     return "\n".join(lines)
 
 
 async def _main(args: argparse.Namespace) -> dict[str, Any]:
     brokers = [b for b in args.brokers.split(",") if b]
     stores = [s for s in args.stores.split(",") if s]
+    rates = [float(r) for r in args.rates.split(",") if r]
     results: dict[str, Any] = {
         "command": "python -m bench.engines " + " ".join(args.argv),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "rate": args.rate,
         "seconds": args.seconds,
         **args.environment,
-        "brokers": {name: [] for name in brokers},
-        "stores": {name: [] for name in stores},
+        "rates": {
+            f"{rate:g}": {
+                "brokers": {name: [] for name in brokers},
+                "stores": {name: [] for name in stores},
+            }
+            for rate in rates
+        },
     }
     for round_ in range(1, args.rounds + 1):
-        # Alternate the engines within each round, so a slow minute hits all of them.
-        for name in brokers:
-            one = await broker_hop(name, args.rate, args.seconds, args.warmup)
-            results["brokers"][name].append(one)
-            print(
-                f"[round {round_}] {name:9} hop p50 {one['hop']['p50_ms']:.2f} ms "
-                f"p99 {one['hop']['p99_ms']:.2f} ms; publish returns p99 "
-                f"{one['publish']['p99_ms']:.2f} ms; lost {one['lost']}",
-                flush=True,
-            )
-        for name in stores:
-            one = await store_append(name, args.rate, args.seconds, args.warmup)
-            results["stores"][name].append(one)
-            print(
-                f"[round {round_}] {name:10} append p50 {one['append']['p50_ms']:.2f} ms "
-                f"p99 {one['append']['p99_ms']:.2f} ms",
-                flush=True,
-            )
+        # Alternate the engines and rates within each round, so a slow minute hits all.
+        for rate in rates:
+            at = results["rates"][f"{rate:g}"]
+            for name in brokers:
+                one = await broker_hop(name, rate, args.seconds, args.warmup)
+                at["brokers"][name].append(one)
+                print(
+                    f"[round {round_}, {rate:g}/s] {name:9} hop p50 {one['hop']['p50_ms']:.2f} "
+                    f"ms p99 {one['hop']['p99_ms']:.2f} ms; publish returns p99 "
+                    f"{one['publish']['p99_ms']:.2f} ms; lost {one['lost']}",
+                    flush=True,
+                )
+            for name in stores:
+                one = await store_append(name, rate, args.seconds, args.warmup)
+                at["stores"][name].append(one)
+                print(
+                    f"[round {round_}, {rate:g}/s] {name:10} append p50 "
+                    f"{one['append']['p50_ms']:.2f} ms p99 {one['append']['p99_ms']:.2f} ms",
+                    flush=True,
+                )
     return results
 
 
@@ -223,7 +233,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--brokers", default=",".join(BROKERS), help="of redis,rabbitmq,nats")
     parser.add_argument("--stores", default=",".join(STORES), help="of sqlite,postgresql")
-    parser.add_argument("--rate", type=float, default=100.0, help="operations per second")
+    parser.add_argument(
+        "--rates", default="100,1000", help="operations per second, one or more (100,1000)"
+    )
     parser.add_argument("--seconds", type=float, default=6.0, help="measured per round")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring")
     parser.add_argument("--rounds", type=int, default=3)

@@ -17,18 +17,24 @@ def test_every_engine_is_measured_with_nothing_lost(tmp_path: Path) -> None:
     services.require("PostgreSQL", services.POSTGRES_HOST, services.POSTGRES_PORT)
     output = tmp_path / "engines.json"
 
-    quick = ["--rounds", "1", "--rate", "100", "--seconds", "0.3", "--warmup", "0.1"]
+    quick = ["--rounds", "1", "--rates", "100,400", "--seconds", "0.3", "--warmup", "0.1"]
     engines.main([*quick, "--output", str(output)])
 
     results = json.loads(output.read_text())
-    assert set(results["brokers"]) == {"redis", "rabbitmq", "nats"}
-    for name, (one,) in results["brokers"].items():
-        assert one["lost"] == 0, name
-        assert one["hop"]["n"] == 30, name
-        assert one["publish"]["n"] == 30, name
-        assert 0 < one["hop"]["p50_ms"] <= one["hop"]["p99_ms"], name
-    assert set(results["stores"]) == {"sqlite", "postgresql"}
-    for name, (one,) in results["stores"].items():
-        assert one["append"]["n"] == 30, name
-        assert 0 < one["append"]["p50_ms"] <= one["append"]["p99_ms"], name
+    assert set(results["rates"]) == {"100", "400"}
+    for rate, expected in (("100", 30), ("400", 120)):
+        at = results["rates"][rate]
+        assert set(at["brokers"]) == {"redis", "rabbitmq", "nats"}
+        for name, (one,) in at["brokers"].items():
+            assert one["lost"] == 0, (rate, name)
+            assert one["hop"]["n"] == expected, (rate, name)
+            assert one["publish"]["n"] == expected, (rate, name)
+            assert 0 < one["hop"]["p50_ms"] <= one["hop"]["p99_ms"], (rate, name)
+        assert set(at["stores"]) == {"sqlite", "postgresql"}
+        for name, (one,) in at["stores"].items():
+            assert one["append"]["n"] == expected, (rate, name)
+            assert 0 < one["append"]["p50_ms"] <= one["append"]["p99_ms"], (rate, name)
+    assert results["table"].startswith(
+        "| engine | step | p50 ms at 100/s | p99 ms at 100/s | p50 ms at 400/s | p99 ms at 400/s |"
+    )
     assert "| rabbitmq | broker hop |" in results["table"]
