@@ -22,7 +22,7 @@ from typing import Any
 
 from .generator import GeneratorPool, merge_histograms
 from .histogram import percentile_ms
-from .sweep import later_knee
+from .sweep import first_knee, later_knee
 from .targets import HOT_PATH_STEPS, Cluster, TargetSpec, machine_cpu_seconds
 
 
@@ -41,7 +41,6 @@ class Config:
     base_rate: float = 200.0
     grid: float = 2 ** (1 / 6)
     jump: int = 6
-    bisect_steps: int = 2
     max_steps: int = 14
     max_steps_later: int = 4
     """Steps of runs 2, 3, ... (B included), which start at run 1's knee; more, up to
@@ -308,8 +307,9 @@ def fan_out(
 
     C is measured first, on fresh connections. Then the sweep: its first step is B's fixed
     rate. Without a ``prior`` knee (grid index) the rate doubles until a step fails, then
-    bisects ``cfg.bisect_steps`` times; with one it starts there and moves one grid step at
-    a time (see :func:`bench.sweep.later_knee`). The knee is the highest passing step.
+    bisects down to one grid step (see :func:`bench.sweep.first_knee`); with one it starts
+    there and moves one grid step at a time (see :func:`bench.sweep.later_knee`). The knee
+    is the highest passing step.
     """
     key, prefix = cluster.spec.key, cluster.prefix
     everyone = f"{prefix}-all"
@@ -360,22 +360,7 @@ def fan_out(
 
     knee: int | None = 0 if run(0) else None
     if knee is not None and prior is None:
-        hi = None
-        k = 2 * cfg.jump
-        while len(steps) < cfg.max_steps:
-            if run(k):
-                knee, k = k, k + cfg.jump
-            else:
-                hi = k
-                break
-        for _ in range(cfg.bisect_steps):
-            if hi is None or hi - knee <= 1 or len(steps) >= cfg.max_steps:
-                break
-            mid = (knee + hi) // 2
-            if run(mid):
-                knee = mid
-            else:
-                hi = mid
+        knee = first_knee(run, passed=0, start=2 * cfg.jump, jump=cfg.jump, most=cfg.max_steps - 1)
     elif knee is not None and prior is not None:
         taken = len(steps)
         later = later_knee(

@@ -1,8 +1,42 @@
-"""How a later run of scenario A searches for its knee (no I/O: the measuring is passed in)."""
+"""How scenario A searches for its knee on the rate grid (no I/O: the measuring is passed in)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+
+
+def first_knee(run: Callable[[int], bool], *, passed: int, start: int, jump: int, most: int) -> int:
+    """The knee (grid index) of the first run, which knows nothing of the target.
+
+    ``run(k)`` measures step ``k`` and says whether it passed; step ``passed`` is known to
+    have passed (B's fixed rate). From ``start`` the rate doubles (``jump`` steps of the
+    grid) while steps pass, then bisects between the highest step that passed and the
+    lowest that failed until they are one grid step apart — the knee is exact on the
+    grid, not a step or two short — all within ``most`` steps.
+    """
+    calls = 0
+
+    def step(k: int) -> bool:
+        nonlocal calls
+        calls += 1
+        return run(k)
+
+    knee, failed = passed, None
+    k = start
+    while calls < most:
+        if not step(k):
+            failed = k
+            break
+        knee, k = k, k + jump
+    if failed is None:
+        return knee
+    while failed - knee > 1 and calls < most:
+        mid = (knee + failed) // 2
+        if step(mid):
+            knee = mid
+        else:
+            failed = mid
+    return knee
 
 
 def later_knee(prior: int, run: Callable[[int], bool], *, budget: int, most: int) -> int | None:

@@ -1,9 +1,9 @@
-"""How a later run of scenario A finds its knee, starting from the first run's."""
+"""How scenario A finds its knee: the first run from scratch, later runs from the first's."""
 
 from __future__ import annotations
 
 import pytest
-from bench.sweep import later_knee
+from bench.sweep import first_knee, later_knee
 
 
 def search(prior: int, passes_up_to: int, budget: int = 3, most: int = 13):
@@ -48,3 +48,37 @@ def test_the_knee_found_is_the_highest_passing_step_tried_and_the_budget_holds(
 
 def test_with_no_budget_beyond_the_descent_a_far_slower_run_reports_none() -> None:
     assert search(27, passes_up_to=10, most=3) == (None, [27, 26, 25])
+
+
+def first(passes_up_to: int, most: int = 13):
+    tried: list[int] = []
+
+    def run(k: int) -> bool:
+        tried.append(k)
+        return k <= passes_up_to
+
+    return first_knee(run, passed=0, start=12, jump=6, most=most), tried
+
+
+def test_the_first_run_doubles_then_bisects_to_the_exact_grid_step() -> None:
+    # 12, 18, 24, 30 pass, 36 fails; 33, 34, 35 resolve the last doubling to one step.
+    assert first(35) == (35, [12, 18, 24, 30, 36, 33, 34, 35])
+    assert first(31) == (31, [12, 18, 24, 30, 36, 33, 31, 32])
+
+
+@pytest.mark.parametrize("passes_up_to", range(0, 50))
+def test_the_first_runs_knee_is_the_highest_passing_step_within_the_budget(
+    passes_up_to: int,
+) -> None:
+    knee, tried = first(passes_up_to)
+    assert len(tried) <= 13
+    assert knee == max([0] + [k for k in tried if k <= passes_up_to])
+    if passes_up_to < 12 + 6 * 6:
+        # Within reach of the doubling, the knee is exact: a step above it was tried and failed.
+        assert knee == passes_up_to
+
+
+def test_a_first_run_that_keeps_passing_stops_at_its_budget() -> None:
+    knee, tried = first(1000, most=5)
+    assert tried == [12, 18, 24, 30, 36]
+    assert knee == 36
