@@ -30,6 +30,23 @@ def test_bad_room_names_are_invalid_room(name):
     assert code_of(validation.room_name, name) == ErrorCode.INVALID_ROOM
 
 
+@pytest.mark.parametrize("check", [validation.room_name, validation.nickname])
+def test_names_refuse_exactly_the_ascii_control_characters(check):
+    # Every ASCII code point inside a name: refused when Unicode calls it a control (Cc).
+    for cp in range(128):
+        name = f"a{chr(cp)}b"
+        if unicodedata.category(chr(cp)) == "Cc":
+            with pytest.raises(ChatError):
+                check(name)
+        else:
+            assert check(name) == name
+
+
+def test_names_refuse_non_ascii_controls_and_bidi_overrides_next_to_ascii():
+    for bad in ("\x85", "\x9f", "\u2028", "\u2029", "\u202e", "\u2066", "\ue000"):
+        assert code_of(validation.room_name, f"lob{bad}by") == ErrorCode.INVALID_ROOM
+
+
 def test_room_name_length_counts_characters_not_bytes():
     assert validation.room_name("한" * 64) == "한" * 64
     assert code_of(validation.room_name, "한" * 65) == ErrorCode.INVALID_ROOM

@@ -101,8 +101,13 @@ def write_frame(transport: Any, frame: bytes) -> None:
     :data:`MAX_BUFFERED` bytes pile up is cut off."""
     transport.write(frame)
     if transport.get_write_buffer_size() > MAX_BUFFERED:
-        log.warning("dropping a client that does not read (%d bytes waiting)", MAX_BUFFERED)
-        transport.abort()
+        drop_slow_reader(transport)
+
+
+def drop_slow_reader(transport: Any) -> None:
+    """Cut off a client with more than :data:`MAX_BUFFERED` bytes waiting to be sent."""
+    log.warning("dropping a client that does not read (%d bytes waiting)", MAX_BUFFERED)
+    transport.abort()
 
 
 def _frame(data: str | bytes) -> bytes:
@@ -147,7 +152,9 @@ class DirectWriter:
         return self.active
 
     def write(self, frame: bytes) -> bool:
-        """Write one serialized frame; False if the connection is closing."""
+        """Write one serialized frame; False if not :meth:`ready` or closing."""
+        if not self.active and not self.ready():
+            return False
         proto = self.proto
         assert proto is not None
         transport = proto.transport

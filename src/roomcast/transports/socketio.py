@@ -37,9 +37,13 @@ log = logging.getLogger(__name__)
 class FrameWriter(Protocol):
     """Writes serialized WebSocket frames straight to a client's connection."""
 
-    def ready(self) -> bool: ...
+    def ready(self) -> bool:
+        """Whether frames can be written this way now."""
+        ...
 
-    def write(self, frame: bytes) -> bool: ...
+    def write(self, frame: bytes) -> bool:
+        """Write one frame if :meth:`ready`; False (and nothing written) if not."""
+        ...
 
 
 Reply = dict[str, Any]
@@ -221,10 +225,11 @@ class SocketIOTransport:
         direct = 0
         for conn in conns:
             writer = conn.writer  # type: ignore[attr-defined]
-            if writer is not None and writer.ready():
+            if writer is not None:
                 if data is None:
                     # One WebSocket frame for every member on the fast path.
                     data = text_frame(pkt.encode())
+                # One call per member: write() checks readiness itself.
                 if writer.write(data):
                     direct += 1
                     continue
