@@ -5,6 +5,30 @@ from __future__ import annotations
 from collections.abc import Callable
 
 
+class _Steps:
+    """``run`` that counts the steps it has measured."""
+
+    def __init__(self, run: Callable[[int], bool]) -> None:
+        self._run = run
+        self.calls = 0
+
+    def __call__(self, k: int) -> bool:
+        self.calls += 1
+        return self._run(k)
+
+
+def _bisect(step: _Steps, passed: int, failed: int, most: int) -> int:
+    """The highest passing step between ``passed`` and ``failed``, down to one grid step
+    apart unless ``most`` steps have been measured first."""
+    while failed - passed > 1 and step.calls < most:
+        mid = (passed + failed) // 2
+        if step(mid):
+            passed = mid
+        else:
+            failed = mid
+    return passed
+
+
 def first_knee(run: Callable[[int], bool], *, passed: int, start: int, jump: int, most: int) -> int:
     """The knee (grid index) of the first run, which knows nothing of the target.
 
@@ -14,28 +38,12 @@ def first_knee(run: Callable[[int], bool], *, passed: int, start: int, jump: int
     lowest that failed until they are one grid step apart — the knee is exact on the
     grid, not a step or two short — all within ``most`` steps.
     """
-    calls = 0
-
-    def step(k: int) -> bool:
-        nonlocal calls
-        calls += 1
-        return run(k)
-
-    knee, failed = passed, None
-    k = start
-    while calls < most:
+    step = _Steps(run)
+    knee, k = passed, start
+    while step.calls < most:
         if not step(k):
-            failed = k
-            break
+            return _bisect(step, knee, k, most)
         knee, k = k, k + jump
-    if failed is None:
-        return knee
-    while failed - knee > 1 and calls < most:
-        mid = (knee + failed) // 2
-        if step(mid):
-            knee = mid
-        else:
-            failed = mid
     return knee
 
 
@@ -49,37 +57,24 @@ def later_knee(prior: int, run: Callable[[int], bool], *, budget: int, most: int
     between that step and the lowest failed one, within ``most`` steps in all. None when
     no step above B's passed.
     """
-    calls = 0
-
-    def step(k: int) -> bool:
-        nonlocal calls
-        calls += 1
-        return run(k)
-
+    step = _Steps(run)
     k = max(1, prior)
     if step(k):
         knee = k
-        while calls < budget and step(k + 1):
+        while step.calls < budget and step(k + 1):
             k += 1
             knee = k
         return knee
-    while k > 1 and calls < budget:
+    while k > 1 and step.calls < budget:
         k -= 1
         if step(k):
             return k
     failed = k  # the lowest step that failed
     while True:
-        if k <= 1 or calls >= most:
+        if k <= 1 or step.calls >= most:
             return None
         k //= 2
         if step(k):
             break
         failed = k
-    passed = k
-    while failed - passed > 1 and calls < most:
-        mid = (passed + failed) // 2
-        if step(mid):
-            passed = mid
-        else:
-            failed = mid
-    return passed
+    return _bisect(step, k, failed, most)
