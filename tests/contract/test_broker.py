@@ -112,6 +112,18 @@ async def test_a_batch_of_frames_for_several_rooms_arrives_in_order(cluster):
     assert b.room_frames == room2
 
 
+async def test_a_node_keeps_receiving_far_past_a_flow_control_window(cluster):
+    """Thousands of frames, more than any prefetch window (RabbitMQ: 256 unacknowledged,
+    acknowledged in batches): every one arrives, in order."""
+    a, c = await cluster(), await cluster()
+    await a.broker.subscribe(RoomId(1))
+    sent = [frame(1, i) for i in range(2000)]
+    for start in range(0, len(sent), 100):
+        await c.broker.publish_many([(RoomId(1), data) for data in sent[start : start + 100]])
+    await a.wait(lambda: len(a.room_frames) >= len(sent))
+    assert a.room_frames == sent
+
+
 async def test_the_publisher_receives_its_own_frames_when_subscribed(cluster):
     a = await cluster()
     await a.broker.subscribe(RoomId(5))
