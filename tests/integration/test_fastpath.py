@@ -260,3 +260,25 @@ async def test_a_burst_of_sends_past_the_in_flight_bound_is_answered_in_full(ser
     finally:
         await client.ws.close()
         await reader.close()
+
+
+async def test_a_long_polling_client_that_disconnects_is_let_go_at_once(server):
+    """Its pending poll is answered when its session ends: the client's disconnect, which
+    waits for that poll, returns without waiting out a ping interval (25 s)."""
+    poller = await ChatClient(server.url, "leaving-poller", transports=["polling"]).connect()
+    watcher = await ChatClient(server.url, "watcher", transports=["websocket"]).connect()
+    try:
+        room = (await watcher.ok("join", {"room": "leaving"}))["room"]["id"]
+        await poller.ok("join", {"room": "leaving"})
+        await asyncio.wait_for(poller.sio.disconnect(), WAIT)
+        assert not poller.sio.connected
+        await watcher.wait_for(
+            lambda: any(
+                p["room"] == room
+                and p["user"]["name"] == "leaving-poller"
+                and p["event"] == "leave"
+                for p in watcher.of("presence")
+            )
+        )
+    finally:
+        await watcher.close()

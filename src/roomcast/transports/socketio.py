@@ -301,7 +301,20 @@ class SocketIOTransport:
                 writer.proto.receiver = None
             self._upgrades.pop(eio_sid, None)
             self._by_eio.pop(eio_sid, None)
+            if not session.conn.native:  # type: ignore[attr-defined]
+                self._end_poll(eio_sid)
             await self.service.disconnect(session.conn.id)
+
+    def _end_poll(self, eio_sid: str) -> None:
+        """Answer the pending GET of a long-polling session that has ended.
+
+        python-engineio leaves it waiting for a packet until its ping interval and timeout
+        have passed, and a client waits for it before its disconnect returns; as Node's
+        Engine.IO does, the poll is answered (with a NOOP, as Engine.IO ends a poll before
+        an upgrade) at once."""
+        sock = self.sio.eio.sockets.get(eio_sid)
+        if sock is not None and not sock.upgraded:
+            sock.queue.put_nowait(eio_packet.Packet(eio_packet.NOOP))
 
     async def disconnect(self, sid: str) -> None:
         """Disconnect a client from the server's side."""
