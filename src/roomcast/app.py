@@ -21,7 +21,7 @@ from .node import Node
 from .transports import fastjson
 from .transports.forward import Forwarder
 from .transports.http import create_http_app
-from .transports.socketio import JsonPacket, SocketIOTransport
+from .transports.socketio import JsonPacket, PollQueue, SocketIOTransport
 from .workers import WorkerInfo
 
 if TYPE_CHECKING:
@@ -49,6 +49,9 @@ class RoomcastApp:
             ping_interval=settings.ping_interval,
             ping_timeout=settings.ping_timeout,
         )
+        # Each session's outgoing queue: a long-polling response carries no more packets
+        # than a Python client accepts.
+        self.sio.eio.create_queue = PollQueue
         self.socketio = SocketIOTransport(self.node.service, self.sio)
         self.node.metrics.collector.socketio = self.socketio
         self.http = create_http_app(self.node)

@@ -75,13 +75,129 @@ async def test_a_message_handed_over_by_its_own_node_is_delivered_once_in_seq_or
     history, hub, conn, room = await setup()
     f = await store(history, room, 3)
     # Stored on this node right after seq 1 was stored on another, whose frame is late.
-    await hub.deliver_stored(Frame.decode(f[1]))
+    await hub.deliver_stored([Frame.decode(f[1])])
     assert seqs(conn) == []
     await hub.on_frame(f[0])
     assert seqs(conn) == [1, 2]
     await hub.on_frame(f[1])  # the broker's copy of the one handed over
-    await hub.deliver_stored(Frame.decode(f[2]))
+    await hub.deliver_stored([Frame.decode(f[2])])
     await hub.on_frame(f[2])
     assert seqs(conn) == [1, 2, 3]
     assert hub.duplicates_dropped == 2
     assert hub.frames_received == 3  # counts what the broker brought, nothing else
+
+
+async def test_a_batch_reaches_each_member_as_one_run_per_room_in_seq_order():
+    history, hub, conn, room = await setup()
+    other = (await history.room_by_name("s", create=True)).id
+    both = Conn(ConnId("n.2"), conn.transport)  # a member of both rooms, same transport
+    for r in (room, other):
+        await hub.begin_join(r, both)
+        hub.activate(r, both, after=0)
+    f = await store(history, room, 4)
+    g = await store(history, other, 2)
+    before = conn.transport.handovers
+    # One batch: the rooms interleaved, room r's seq 3 before its 2, and its 1 twice.
+    await hub.on_frames([f[0], g[0], f[2], f[1], g[1], f[0], f[3]])
+    assert seqs(conn) == [1, 2, 3, 4]
+    assert [(m["room"], m["seq"]) for m in both.messages()] == [
+        (room, 1),
+        (room, 2),
+        (room, 3),
+        (room, 4),
+        (other, 1),
+        (other, 2),
+    ]
+    # Each room's frames went to the transport once, for every member of the room at once.
+    assert conn.transport.handovers - before == 2
+    assert hub.duplicates_dropped == 1
+    assert hub.frames_received == 7
+
+
+async def test_a_batch_that_leaves_a_gap_holds_the_frames_after_it():
+    history, hub, conn, room = await setup()
+    f = await store(history, room, 5)
+    await hub.on_frames([f[0], f[2], f[3]])  # 2 is still on its way
+    assert seqs(conn) == [1]
+    await hub.on_frames([f[1], f[4]])
+    assert seqs(conn) == [1, 2, 3, 4, 5]
+
+
+async def test_a_joiner_is_held_the_whole_run_and_gets_what_it_has_not_seen():
+    history, hub, conn, room = await setup()
+    f = await store(history, room, 3)
+    joiner = Conn(ConnId("n.3"), conn.transport)
+    await hub.begin_join(room, joiner)
+    await hub.on_frames(f)
+    assert seqs(joiner) == []  # held until its join is answered
+    held = hub.activate(room, joiner, after=1)  # its join reply showed up to seq 1
+    assert [frame.seq for frame in held] == [2, 3]
+    assert seqs(conn) == [1, 2, 3]
+
+
+async def test_the_in_process_broker_hands_a_published_batch_over_in_one_call():
+    bus = f"batches{id(object())}"
+    batched, single = MemoryBroker(bus), MemoryBroker(bus)
+    calls: list[list[bytes]] = []
+    one_by_one: list[bytes] = []
+
+    async def on_frames(frames: list[bytes]) -> None:
+        calls.append(list(frames))
+
+    async def on_frame(frame: bytes) -> None:
+        one_by_one.append(frame)
+
+    await batched.start(NodeId("a"), _ignore, _ignore, _no_reconnect)
+    batched.hand_batches_to(on_frames)
+    await single.start(NodeId("b"), on_frame, _ignore, _no_reconnect)
+    for broker in (batched, single):
+        await broker.subscribe(RoomId(1))
+    await batched.subscribe(RoomId(2))
+    await single.publish_many([(RoomId(1), b"x1"), (RoomId(2), b"y1"), (RoomId(1), b"x2")])
+    assert calls == [[b"x1", b"y1", b"x2"]]
+    assert one_by_one == [b"x1", b"x2"]  # room 2 is not subscribed there
+    assert (batched.received, single.received) == (3, 2)
+    await batched.close()
+    await single.close()
+    await single.start(NodeId("a"), on_frame, _ignore, _no_reconnect)  # a's id, per frame now
+    await single.subscribe(RoomId(1))
+    await single.publish_many([(RoomId(1), b"x3"), (RoomId(1), b"x4")])
+    assert one_by_one[-2:] == [b"x3", b"x4"]
+    assert calls == [[b"x1", b"y1", b"x2"]]
+    await single.close()
+
+
+async def _no_reconnect() -> None:
+    return None
+
+
+class WaitingRecorder(Recorder):
+    """A transport whose writes wait (as Engine.IO's queue may), while ``during`` runs."""
+
+    def __init__(self, during):
+        super().__init__()
+        self.during = during
+
+    async def deliver(self, frame, conns):
+        await super().deliver(frame, conns)
+        if self.during is not None:
+            during, self.during = self.during, None
+            await during()
+
+
+async def test_a_member_of_another_transport_joining_while_a_delivery_waits_gets_later_frames():
+    history, hub, conn, room = await setup()
+    late = Conn(ConnId("n.2"), Recorder())
+
+    async def join_late() -> None:
+        await hub.begin_join(room, late)
+        hub.activate(room, late, after=1)
+
+    waiting = Conn(ConnId("n.3"), WaitingRecorder(join_late))
+    await hub.begin_join(room, waiting)
+    hub.activate(room, waiting, after=0)
+    f = await store(history, room, 2)
+    await hub.on_frame(f[0])  # a new transport joins the room during this delivery
+    await hub.on_frame(f[1])
+    assert seqs(conn) == seqs(waiting) == [1, 2]
+    assert seqs(late) == [2]

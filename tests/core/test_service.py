@@ -33,11 +33,20 @@ class Recorder:
 
     def __init__(self):
         self.encodes = 0
+        self.handovers = 0
+        """Calls of deliver and deliver_many: what a socket transport writes once per member."""
 
     async def deliver(self, frame, conns):
         self.encodes += 1
+        self.handovers += 1
         for conn in conns:
             conn.frames.append(frame)
+
+    async def deliver_many(self, frames, conns):
+        self.encodes += len(frames)
+        self.handovers += 1
+        for conn in conns:
+            conn.frames.extend(frames)
 
     async def deliver_one(self, frame, conn):
         conn.frames.append(frame)
@@ -333,8 +342,8 @@ async def test_with_local_first_the_node_own_members_get_a_batch_before_the_brok
     room = await history.room_by_name("lobby", create=True)
     handed: list[int] = []
 
-    async def local(frame: Frame) -> None:
-        handed.append(frame.seq)
+    async def local(frames: list[Frame]) -> None:
+        handed.extend(frame.seq for frame in frames)
 
     sequencer = Sequencer(history, broker, local=local)
     user = User(UserId(1), "ada")

@@ -49,7 +49,9 @@ class RawClient:
     @classmethod
     async def connect(cls, port: int, name: str) -> RawClient:
         url = f"ws://127.0.0.1:{port}/ws/socket.io/?EIO=4&transport=websocket"
-        ws = await websockets.connect(url, open_timeout=WAIT, compression=None)
+        # Unbounded receive queue: a client that is sent more than it reads still sees
+        # the server's closing handshake when it closes.
+        ws = await websockets.connect(url, open_timeout=WAIT, compression=None, max_queue=None)
         client = cls(ws)
         assert (await client.recv()).startswith("0")
         await ws.send("40" + json.dumps({"name": name}))
@@ -260,6 +262,47 @@ async def test_a_burst_of_sends_past_the_in_flight_bound_is_answered_in_full(ser
     finally:
         await client.ws.close()
         await reader.close()
+
+
+async def test_bursts_stored_in_batches_reach_every_kind_of_member_whole_and_in_order(server):
+    """30 senders write 10 messages each without waiting for acks: the server stores what
+    comes in while a batch is being stored as the next batch, and hands each batch's
+    messages of the room over at once — to a WebSocket member in one write, to a
+    long-polling member through Engine.IO's queue, which a Python client takes in
+    payloads of at most 16 packets. Every member sees every message once, in seq order."""
+    members = [
+        ChatClient(server.url, "batch-ws", transports=["websocket"]),
+        ChatClient(server.url, "batch-upgraded"),  # starts on polling, then upgrades
+        ChatClient(server.url, "batch-poller", transports=["polling"]),
+    ]
+    senders = [await RawClient.connect(server.port, f"batch-sender-{i}") for i in range(30)]
+    try:
+        for member in members:
+            await member.connect()
+            joined = await member.ok("join", {"room": "batches"})
+        room, first = joined["room"]["id"], joined["seq"] + 1
+        for sender in senders:
+            await sender.call("0", '["join",{"room":"batches"}]')
+        per_sender = 10
+        for i in range(1, per_sender + 1):
+            for k, sender in enumerate(senders):
+                await sender.ws.send(f'42{i}["send",{{"room":"batches","text":"s{k}-{i}"}}]')
+        n = per_sender * len(senders)
+        for member in members:
+            await member.wait_messages(room, n)
+            seqs = [m["seq"] for m in member.messages(room)]
+            assert seqs == list(range(first, first + n))
+            texts = member.texts(room)
+            for k in range(len(senders)):  # each sender's messages in its sending order
+                assert [t for t in texts if t.startswith(f"s{k}-")] == [
+                    f"s{k}-{i}" for i in range(1, per_sender + 1)
+                ]
+            assert member.sio.connected
+    finally:
+        for sender in senders:
+            await sender.ws.close()
+        for member in members:
+            await member.close()
 
 
 async def test_a_long_polling_client_that_disconnects_is_let_go_at_once(server):

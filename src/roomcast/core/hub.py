@@ -12,7 +12,12 @@ holds a frame that arrives early, and when a gap does not close by itself within
 the same for every local room.
 
 Delivery does nothing per recipient but the write: a frame is handed to each transport once
-with that transport's connections in the room, and the transport encodes it once.
+with that transport's connections in the room, and the transport encodes it once. Frames
+that come in a batch (a stored batch on its way to this node's own members, a batch the
+in-process broker hands over) go out as runs: every run of a room's frames is handed over
+at once, and a transport writes it to each member in one write. A busy room's members then
+cost one write per batch instead of one per message, which is what lets a node catch up
+when it falls behind.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -48,6 +53,12 @@ class Transport(Protocol):
 
     async def deliver(self, frame: Frame, conns: Collection[Connection]) -> None:
         """Encode the frame once and write it to every connection given."""
+        ...
+
+    async def deliver_many(self, frames: Sequence[Frame], conns: Collection[Connection]) -> None:
+        """Write several frames of one room, in order, to every connection given: each
+        frame encoded once, and all of them in one write per connection where the
+        transport can."""
         ...
 
     async def deliver_one(self, frame: Frame, conn: Connection) -> None:
@@ -103,31 +114,70 @@ class Hub:
 
     async def on_frame(self, data: bytes) -> None:
         """The broker's room handler."""
+        frame = self._received(data)
+        if frame is not None:
+            await self._route(frame)
+
+    async def on_frames(self, data: Sequence[bytes]) -> None:
+        """The in-process broker's handler for a batch of room frames, in publish order."""
+        frames = [frame for one in data if (frame := self._received(one)) is not None]
+        await self._route_many(frames)
+
+    def _received(self, data: bytes) -> Frame | None:
+        """A frame from the broker, decoded and counted; None (logged) if malformed."""
         try:
             frame = Frame.decode(data)
         except (ValueError, KeyError):
             log.warning("dropped a malformed frame (%d bytes)", len(data))
-            return
+            return None
         self.frames_received += 1
         self.frames_by_room[frame.room] += 1
-        await self._route(frame)
+        return frame
 
-    async def deliver_stored(self, frame: Frame) -> None:
-        """Hand a message this node has just stored to its local members, without waiting
-        for the broker to bring it back.
+    async def deliver_stored(self, frames: Sequence[Frame]) -> None:
+        """Hand a batch of messages this node has just stored, in seq order, to its local
+        members, without waiting for the broker to bring them back.
 
-        It takes the same path as a frame from the broker — in seq order, each seq once —
-        so the broker's copy, when it arrives, is dropped as a duplicate, and a message
+        They take the same path as frames from the broker — in seq order, each seq once —
+        so the broker's copies, when they arrive, are dropped as duplicates, and a message
         stored here before an earlier one from another node has arrived waits for it.
         """
-        await self._route(frame)
+        await self._route_many(frames)
 
     async def _route(self, frame: Frame) -> None:
         room = self._rooms.get(frame.room)
         if room is None:
             return
+        run: list[Frame] = []
+        self._accept(room, frame, run)
+        await self._fan_out(room, run)
+
+    async def _route_many(self, frames: Sequence[Frame]) -> None:
+        """Route a batch: each room's frames in their order, each room's deliverable ones
+        handed over as one run."""
+        if len(frames) == 1:
+            await self._route(frames[0])
+            return
+        by_room: dict[RoomId, list[Frame]] = {}
+        for frame in frames:
+            if frame.room in by_room:
+                by_room[frame.room].append(frame)
+            else:
+                by_room[frame.room] = [frame]
+        for room_id, frames_of_room in by_room.items():
+            room = self._rooms.get(room_id)
+            if room is None:
+                continue
+            run: list[Frame] = []
+            for frame in frames_of_room:
+                self._accept(room, frame, run)
+            await self._fan_out(room, run)
+
+    def _accept(self, room: _LocalRoom, frame: Frame, run: list[Frame]) -> None:
+        """Add ``frame`` to ``run`` if it is next in the room's order (with the early frames
+        it lets through after it); hold it if it is early; drop it if it was delivered."""
         if frame.kind is not Kind.MESSAGE:
-            await self._fan_out(room, frame)
+            run.append(frame)
             return
         expected = room.next_seq
         if expected is None or frame.seq > expected:
@@ -136,32 +186,48 @@ class Hub:
                 self._schedule_gap_fill(frame.room, room)
         elif frame.seq == expected:
             room.next_seq = expected + 1
-            await self._fan_out(room, frame)
+            run.append(frame)
             if room.early:
-                await self._drain_early(room)
+                self._take_early(room, run)
         else:
             self.duplicates_dropped += 1
 
-    async def _fan_out(self, room: _LocalRoom, frame: Frame) -> None:
-        for frames in room.pending.values():
-            frames.append(frame)
-        for transport, conns in room.groups.items():
+    async def _fan_out(self, room: _LocalRoom, run: list[Frame]) -> None:
+        """Hand a run of the room's frames, in order, to every transport with members in
+        it, and to every joiner whose frames are being held."""
+        if not run:
+            return
+        for held in room.pending.values():
+            held.extend(run)
+        single = run[0] if len(run) == 1 else None
+        # A copy of the (one or two) groups: a delivery may wait, and a member of a new
+        # transport may join meanwhile.
+        for transport, conns in list(room.groups.items()):
             if conns:
-                self.deliveries += len(conns)
-                await transport.deliver(frame, conns.values())
+                self.deliveries += len(conns) * len(run)
+                if single is not None:
+                    await transport.deliver(single, conns.values())
+                else:
+                    await transport.deliver_many(run, conns.values())
 
-    async def _drain_early(self, room: _LocalRoom) -> None:
+    def _take_early(self, room: _LocalRoom, run: list[Frame]) -> None:
+        """Move the held frames that are now next in order onto ``run``; drop those that
+        were delivered meanwhile."""
         assert room.next_seq is not None
         for seq in [s for s in room.early if s < room.next_seq]:
             del room.early[seq]
             self.duplicates_dropped += 1
         while room.next_seq in room.early:
-            frame = room.early.pop(room.next_seq)
+            run.append(room.early.pop(room.next_seq))
             room.next_seq += 1
-            await self._fan_out(room, frame)
         if not room.early and room.gap is not None:
             room.gap.cancel()
             room.gap = None
+
+    async def _drain_early(self, room: _LocalRoom) -> None:
+        run: list[Frame] = []
+        self._take_early(room, run)
+        await self._fan_out(room, run)
 
     def _schedule_gap_fill(self, room_id: RoomId, room: _LocalRoom) -> None:
         if room.gap is None:
@@ -194,7 +260,7 @@ class Hub:
                     room.next_seq += 1
                     room.early.pop(message.seq, None)
                     self.gaps_filled += 1
-                    await self._fan_out(room, message_frame(message))
+                    await self._fan_out(room, [message_frame(message)])
         await self._drain_early(room)
         if room.early:
             self._schedule_gap_fill(room_id, room)

@@ -5,7 +5,8 @@ engines are reached only through the ports. The flow of a message::
 
     send -> validate -> Sequencer (History.append: seq, durable) -> Broker.publish_many(frames)
          -> every node with local members: Hub.on_frame -> Transport.deliver (encode once)
-    (with ``local_first``, the sending node's own members: Hub.deliver_stored, meanwhile)
+    (with ``local_first``, the sending node's own members: Hub.deliver_stored, meanwhile,
+    the whole batch at once)
 """
 
 from __future__ import annotations
@@ -109,12 +110,12 @@ class Sequencer:
         *,
         max_batch: int = 256,
         clock: Callable[[], float] = time.perf_counter,
-        local: Callable[[Frame], Awaitable[None]] | None = None,
+        local: Callable[[list[Frame]], Awaitable[None]] | None = None,
     ) -> None:
         self._history = history
         self._broker = broker
         self._local = local
-        """Given: each stored message is also handed to this node's own members here, while
+        """Given: each stored batch is also handed to this node's own members here, while
         its publish is on its way (see :meth:`~roomcast.core.hub.Hub.deliver_stored`)."""
         self._max_batch = max_batch
         self._clock = clock
@@ -207,8 +208,7 @@ class Sequencer:
                 sending = asyncio.ensure_future(publish)
                 await asyncio.sleep(0)
                 try:
-                    for frame in frames:
-                        await self._local(frame)
+                    await self._local(frames)
                 except Exception:
                     log.warning(
                         "local delivery of a batch of %d failed", len(frames), exc_info=True

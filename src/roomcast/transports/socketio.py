@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -74,6 +74,41 @@ class JsonPacket(socketio.packet.Packet):  # type: ignore[misc]
     """
 
     uses_binary_events = False
+
+
+MAX_PACKETS_PER_POLL = 16
+"""Most packets in one long-polling response: python-engineio's clients refuse a payload
+of more (``Payload.max_decode_packets``) and drop the connection."""
+
+
+class PollQueue(asyncio.Queue[Any]):
+    """Engine.IO's queue of one session's outgoing packets, handing at most
+    :data:`MAX_PACKETS_PER_POLL` to each poll.
+
+    python-engineio's poll takes one packet with :meth:`get`, then every other waiting
+    packet with :meth:`get_nowait` until the queue says it is empty. A burst of a busy
+    room, queued at once for a long-polling member, would go out as one payload too many
+    packets long for a Python client; this queue says "empty" after the limit, and the
+    rest go with the client's next poll, which it sends at once. On a WebSocket upgraded
+    from polling the same limit only splits the queue's writes.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._taken = 0
+
+    async def get(self) -> Any:
+        self._taken = 0
+        item = await super().get()
+        self._taken = 1
+        return item
+
+    def get_nowait(self) -> Any:
+        if self._taken >= MAX_PACKETS_PER_POLL:
+            raise asyncio.QueueEmpty
+        item = super().get_nowait()
+        self._taken += 1
+        return item
 
 
 MAX_IN_FLIGHT = 64
@@ -220,24 +255,47 @@ class SocketIOTransport:
         return eio_packet.Packet(eio_packet.MESSAGE, text)
 
     async def deliver(self, frame: Frame, conns: Collection[Connection]) -> None:
-        pkt = self._packet(frame)
+        await self.deliver_many((frame,), conns)
+
+    async def deliver_many(self, frames: Sequence[Frame], conns: Collection[Connection]) -> None:
+        packets = [self._packet(frame) for frame in frames]
         data: bytes | None = None
         direct = 0
+        queued: list[Connection] | None = None
         for conn in conns:
             writer = conn.writer  # type: ignore[attr-defined]
             if writer is not None:
                 if data is None:
-                    # One WebSocket frame for every member on the fast path.
-                    data = text_frame(pkt.encode())
+                    # Encoded once for every member on the fast path: one WebSocket frame
+                    # per packet, all of them in one write.
+                    data = b"".join([text_frame(pkt.encode()) for pkt in packets])
                 # One call per member: write() checks readiness itself.
                 if writer.write(data):
                     direct += 1
                     continue
             if conn.native:  # type: ignore[attr-defined]  # closing: no other way to it
                 continue
-            self.queued_writes += 1
-            await self.sio.eio.send_packet(conn.eio_sid, pkt)  # type: ignore[attr-defined]
-        self.direct_writes += direct
+            if queued is None:
+                queued = [conn]
+            else:
+                queued.append(conn)
+        self.direct_writes += direct * len(frames)
+        if queued is not None:
+            await self._send_queued(packets, queued)
+
+    async def _send_queued(
+        self, packets: Sequence[eio_packet.Packet], conns: list[Connection]
+    ) -> None:
+        """Engine.IO's queue, for members off the fast path (long-polling, upgrading).
+
+        Called once the loop over the room's members is done: a send may wait (Engine.IO
+        closes a session whose pings stopped, and its disconnect changes the room's
+        members), so it must not run while that loop is iterating them."""
+        send_packet = self.sio.eio.send_packet
+        for conn in conns:
+            for pkt in packets:
+                self.queued_writes += 1
+                await send_packet(conn.eio_sid, pkt)  # type: ignore[attr-defined]
 
     async def deliver_one(self, frame: Frame, conn: Connection) -> None:
         await self.deliver(frame, (conn,))

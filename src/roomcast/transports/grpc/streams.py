@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -190,6 +190,11 @@ class GrpcTransport:
             self._deliver_chat(frame, conns)
         elif frame.kind is Kind.PRESENCE:
             self._deliver_status(frame, conns)
+
+    async def deliver_many(self, frames: Sequence[Frame], conns: Collection[Connection]) -> None:
+        # Streams are buffers of messages, not sockets: nothing to gain from joining them.
+        for frame in frames:
+            await self.deliver(frame, conns)
 
     async def deliver_one(self, frame: Frame, conn: Connection) -> None:
         await self.deliver(frame, (conn,))
