@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import multiprocessing.connection
+import random
 import resource
 import time
 from collections import Counter
@@ -38,6 +39,9 @@ from picows import WSListener, WSMsgType
 from .histogram import histogram, merge
 
 _TEXT = WSMsgType.TEXT
+
+SEND_ORDER_SEED = 20261204
+"""Seeds the order in which a generator process's clients take turns sending."""
 
 Command = dict[str, Any]
 Reply = dict[str, Any]
@@ -318,6 +322,10 @@ class Worker:
         c.error_sample = ""
         disconnects = c.disconnects
         senders = [cl for cl in self.clients if cl.rooms and not cl.transport.is_disconnected]
+        # Senders take turns in a fixed random order: in the order of the plan, a room's
+        # members are neighbours, and each tick's burst would go to a handful of rooms —
+        # a pattern that favours any server that writes a room's messages together.
+        random.Random(SEND_ORDER_SEED).shuffle(senders)
         sent_per_room: Counter[str] = Counter()
         room_of = {cl.index: target or cl.rooms[0] for cl in senders}
         rooms_b = {index: room.encode() for index, room in room_of.items()}
