@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
+import engineio.payload
 import socketio
 
 from .config import Settings
@@ -21,7 +22,7 @@ from .node import Node
 from .transports import fastjson
 from .transports.forward import Forwarder
 from .transports.http import create_http_app
-from .transports.socketio import JsonPacket, PollQueue, SocketIOTransport
+from .transports.socketio import MAX_PACKETS_PER_POST, JsonPacket, PollQueue, SocketIOTransport
 from .workers import WorkerInfo
 
 if TYPE_CHECKING:
@@ -52,6 +53,11 @@ class RoomcastApp:
         # Each session's outgoing queue: a long-polling response carries no more packets
         # than a Python client accepts.
         self.sio.eio.create_queue = PollQueue
+        # A long-polling POST may carry a client's whole burst (a class-wide setting of
+        # python-engineio, which has no per-server one).
+        engineio.payload.Payload.max_decode_packets = max(
+            engineio.payload.Payload.max_decode_packets, MAX_PACKETS_PER_POST
+        )
         self.socketio = SocketIOTransport(self.node.service, self.sio)
         self.node.metrics.collector.socketio = self.socketio
         self.http = create_http_app(self.node)

@@ -330,3 +330,36 @@ async def test_reconnect_recovers_missed_messages(browser: Browser, chat_server:
     for chat in (alice, bob):
         assert chat.dialogs == [], chat.dialogs
         assert chat.errors == [], chat.errors
+
+
+BURST_OVER_POLLING = """async ({room, n}) => {
+    const s = io({path: "/ws/socket.io", transports: ["polling"], auth: {name: "poller"},
+                  reconnection: false});
+    await new Promise((ok, fail) => { s.once("connect", ok); s.once("connect_error", fail); });
+    const call = (event, data) => s.timeout(10000).emitWithAck(event, data);
+    await call("join", {room});
+    // Emitted at once: the client sends what it emitted while a POST was under way in the
+    // next POST, many packets in one payload.
+    const replies = await Promise.all(
+        Array.from({length: n}, (_, i) => call("send", {room, text: `b${i}`})));
+    const history = await call("history", {room, limit: 100});
+    const transport = s.io.engine.transport.name;
+    s.disconnect();
+    return {replies, texts: history.messages.map(m => m.text), transport};
+}"""
+
+
+async def test_a_burst_sent_over_long_polling_is_stored_whole(
+    browser: Browser, chat_server: Server
+) -> None:
+    """The browser's Socket.IO client on long-polling (as behind a proxy that refuses
+    WebSockets) emits 30 messages at once: it packs them into a few POSTs, most packets
+    in one. Every one is acknowledged and stored, in the order it was emitted."""
+    page = await (await browser.new_context()).new_page()
+    await page.goto(chat_server.url + "/")
+    n = 30
+    result = await page.evaluate(BURST_OVER_POLLING, {"room": "poll-burst", "n": n})
+    assert result["transport"] == "polling"
+    assert [r["ok"] for r in result["replies"]] == [True] * n, result["replies"]
+    assert [r["message"]["text"] for r in result["replies"]] == [f"b{i}" for i in range(n)]
+    assert result["texts"] == [f"b{i}" for i in range(n)]

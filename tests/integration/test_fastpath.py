@@ -325,3 +325,27 @@ async def test_a_long_polling_client_that_disconnects_is_let_go_at_once(server):
         )
     finally:
         await watcher.close()
+
+
+async def test_a_long_polling_client_that_sends_a_burst_has_every_message_stored(server):
+    """A long-polling client sends what it emitted while a POST was under way in the next
+    POST, as one payload of many packets (a browser flushing the emits it buffered while
+    offline does the same). Every message of a 40-message burst is acknowledged, stored
+    and delivered, in the order it was sent."""
+    poller = await ChatClient(server.url, "burst-poller", transports=["polling"]).connect()
+    watcher = await ChatClient(server.url, "burst-watcher", transports=["websocket"]).connect()
+    try:
+        room = (await watcher.ok("join", {"room": "poll-burst"}))["room"]["id"]
+        await poller.ok("join", {"room": "poll-burst"})
+        n = 40
+        replies = await asyncio.gather(
+            *(poller.call("send", {"room": "poll-burst", "text": f"p{i}"}) for i in range(n))
+        )
+        assert [r["ok"] for r in replies] == [True] * n, replies
+        assert await watcher.wait_messages(room, n) == [f"p{i}" for i in range(n)]
+        history = await watcher.ok("history", {"room": "poll-burst"})
+        assert [m["text"] for m in history["messages"]][-n:] == [f"p{i}" for i in range(n)]
+        assert poller.sio.connected
+    finally:
+        await poller.close()
+        await watcher.close()

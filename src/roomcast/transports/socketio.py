@@ -111,6 +111,18 @@ class PollQueue(asyncio.Queue[Any]):
         return item
 
 
+MAX_PACKETS_PER_POST = 1000
+"""Most packets a client may send in one long-polling POST (python-engineio's
+``Payload.max_decode_packets``, set by :class:`~roomcast.app.RoomcastApp`).
+
+A client on long-polling sends everything it emitted while its last POST was under way
+in the next one: a burst, or the emits a browser buffered while it was offline. Past
+python-engineio's own limit of 16 the server refused the whole POST, yet answered it
+``200 OK``, so every message in it was lost without a word. The size of a POST stays
+bounded by ``max_http_buffer_size``, and a burst past the rate limit is refused message by
+message, each with its ``rate_limited`` reply."""
+
+
 MAX_IN_FLIGHT = 64
 """Events of one fast-path connection handled at once; past this its reading pauses."""
 
