@@ -127,6 +127,9 @@ class RoomcastApp:
         if self.worker is not None and await self._forwarded(scope, receive, send):
             return
         if scope["type"] != "websocket":
+            if scope["type"] == "http" and scope.get("method") == "POST":
+                await self._post(scope, receive, send)
+                return
             await self._asgi(scope, receive, send)
             return
         sid = _sid(scope)
@@ -137,6 +140,55 @@ class RoomcastApp:
         finally:
             if sid is not None:
                 self.socketio.websocket_closed(sid)
+
+    async def _post(self, scope: Scope, receive: Any, send: Any) -> None:
+        """A POST: a long-polling session's packets are counted before python-engineio
+        decodes them. Past :data:`MAX_PACKETS_PER_POST` python-engineio refuses the
+        payload inside a catch-all that still answers ``200 OK``, and every message in it
+        would be lost without the client knowing. Such a POST is answered ``413`` instead,
+        none of its packets is handled, and the session is closed, so the client sees a
+        transport error and connects again."""
+        sid = _sid(scope)
+        if sid is None or not (scope["path"] + "/").startswith(self._sio_prefix):
+            await self._asgi(scope, receive, send)
+            return
+        limit = self.sio.eio.max_http_buffer_size
+        body = bytearray()
+        more = True
+        while more and len(body) <= limit:  # a longer one is refused by its length
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client has gone
+            body += message.get("body", b"")
+            more = bool(message.get("more_body", False))
+        packets = _packet_count(bytes(body))
+        eio = self.sio.eio
+        session = eio.sockets.get(sid)
+        if packets > MAX_PACKETS_PER_POST and session is not None:
+            log.warning(
+                "session %s sent %d packets in one POST (at most %d): closed",
+                sid,
+                packets,
+                MAX_PACKETS_PER_POST,
+            )
+            # Not Engine.IO's disconnect, which waits, unbounded, for a poll to take the
+            # CLOSE packet: a pending poll gets it, a later one is told the session is gone.
+            await session.close(wait=False)
+            eio.sockets.pop(sid, None)
+            text = (
+                f"too many packets in one POST: {packets} (at most {MAX_PACKETS_PER_POST}); "
+                "none of them was handled and the session is closed"
+            )
+            await _plain(send, 413, text)
+            return
+        replay: list[dict[str, Any]] = [
+            {"type": "http.request", "body": bytes(body), "more_body": more}
+        ]
+
+        async def receive_again() -> Any:
+            return replay.pop() if replay else await receive()
+
+        await self._asgi(scope, receive_again, send)
 
     async def _forwarded(self, scope: Scope, receive: Any, send: Any) -> bool:
         """Hand an Engine.IO request to the sibling worker that owns its session."""
@@ -178,6 +230,25 @@ def _sid(scope: Scope) -> str | None:
         return None
     values = parse_qs(query.decode("latin-1")).get("sid")
     return values[0] if values else None
+
+
+def _packet_count(body: bytes) -> int:
+    """How many Engine.IO packets a long-polling POST body holds, counted the way
+    python-engineio splits it (JSONP's ``d=`` form included)."""
+    if body.startswith(b"d="):
+        values = parse_qs(body.decode("utf-8", "replace")).get("d")
+        return values[0].count("\x1e") + 1 if values else 1
+    return body.count(b"\x1e") + 1
+
+
+async def _plain(send: Any, status: int, text: str) -> None:
+    body = text.encode()
+    headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _redirect(send: Any, location: str) -> None:

@@ -9,6 +9,7 @@ import re
 import urllib.request
 from typing import Any
 
+import httpx
 import pytest
 import socketio
 import websockets
@@ -348,4 +349,48 @@ async def test_a_long_polling_client_that_sends_a_burst_has_every_message_stored
         assert poller.sio.connected
     finally:
         await poller.close()
+        await watcher.close()
+
+
+async def test_a_long_polling_post_past_the_packet_limit_is_refused_out_loud(server):
+    """A POST of 1000 packets is handled whole; one of 1001 is answered 413 with the
+    reason, none of its messages is stored or delivered, and its session is closed, so
+    the client knows (python-engineio alone answered such a POST 200 OK and dropped it)."""
+    watcher = await ChatClient(server.url, "limit-watcher", transports=["websocket"]).connect()
+    base = f"{server.url}/ws/socket.io/"
+    try:
+        room = (await watcher.ok("join", {"room": "post-limit"}))["room"]["id"]
+        async with httpx.AsyncClient(timeout=WAIT) as http:
+            opened = await http.get(base, params={"EIO": "4", "transport": "polling"})
+            sid = json.loads(opened.text[1:])["sid"]
+            session = {"EIO": "4", "transport": "polling", "sid": sid}
+
+            async def post(*packets: str) -> httpx.Response:
+                return await http.post(base, params=session, content="\x1e".join(packets))
+
+            assert (await post('40{"name":"limit-poller"}')).status_code == 200
+            assert (await http.get(base, params=session)).text.startswith("40{")
+            assert (await post('42["join",{"room":"post-limit"}]')).status_code == 200
+
+            def send(text: str) -> str:
+                return "42" + json.dumps(["send", {"room": "post-limit", "text": text}])
+
+            kept = [f"k{i}" for i in range(1000)]
+            assert (await post(*(send(t) for t in kept))).status_code == 200
+            assert (await watcher.wait_messages(room, 1000))[-1000:] == kept
+
+            refused = await post(*(send(f"x{i}") for i in range(1001)))
+            assert refused.status_code == 413
+            assert "too many packets in one POST: 1001 (at most 1000)" in refused.text
+            after = await http.get(base, params=session)
+            assert after.status_code == 400  # the session is gone
+
+        await watcher.ok("send", {"room": "post-limit", "text": "after"})
+        texts = await watcher.wait_messages(room, 1001)
+        assert texts[-1001:] == [*kept, "after"]
+        history = await watcher.ok("history", {"room": "post-limit", "limit": 100})
+        assert [m["text"] for m in history["messages"]][-2:] == ["k999", "after"]
+        members = await watcher.ok("members", {"room": "post-limit"})
+        assert [u["name"] for u in members["members"]] == ["limit-watcher"]
+    finally:
         await watcher.close()
