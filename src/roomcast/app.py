@@ -179,7 +179,10 @@ class RoomcastApp:
                 f"too many packets in one POST: {packets} (at most {MAX_PACKETS_PER_POST}); "
                 "none of them was handled and the session is closed"
             )
-            await _plain(send, 413, text)
+            # The CORS headers python-engineio gives its own answers, so a browser on
+            # another allowed origin can read the reason.
+            cors = eio._cors_headers(_environ(scope))
+            await _plain(send, 413, text, [(k.lower().encode(), v.encode()) for k, v in cors])
             return
         replay: list[dict[str, Any]] = [
             {"type": "http.request", "body": bytes(body), "more_body": more}
@@ -241,11 +244,27 @@ def _packet_count(body: bytes) -> int:
     return body.count(b"\x1e") + 1
 
 
-async def _plain(send: Any, status: int, text: str) -> None:
+def _environ(scope: Scope) -> dict[str, str]:
+    """The part of a WSGI environ python-engineio's CORS rules read, from an HTTP scope."""
+    environ = {
+        "REQUEST_METHOD": scope.get("method", "GET"),
+        "wsgi.url_scheme": scope.get("scheme", "http"),
+    }
+    for name, value in scope.get("headers", ()):
+        key = "HTTP_" + name.decode("latin-1").upper().replace("-", "_")
+        text = value.decode("latin-1")
+        environ[key] = f"{environ[key]},{text}" if key in environ else text
+    return environ
+
+
+async def _plain(
+    send: Any, status: int, text: str, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
     body = text.encode()
     headers = [
         (b"content-type", b"text/plain; charset=utf-8"),
         (b"content-length", str(len(body)).encode()),
+        *(extra or ()),
     ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -375,13 +375,26 @@ async def test_a_long_polling_post_past_the_packet_limit_is_refused_out_loud(ser
             def send(text: str) -> str:
                 return "42" + json.dumps(["send", {"room": "post-limit", "text": text}])
 
+            # As a browser sends them: with the page's origin, so both answers must let
+            # the page read them.
+            origin = {"origin": server.url}
             kept = [f"k{i}" for i in range(1000)]
-            assert (await post(*(send(t) for t in kept))).status_code == 200
+            accepted = await http.post(
+                base, params=session, content="\x1e".join(send(t) for t in kept), headers=origin
+            )
+            assert accepted.status_code == 200
+            assert accepted.headers["access-control-allow-origin"] == server.url
             assert (await watcher.wait_messages(room, 1000))[-1000:] == kept
 
-            refused = await post(*(send(f"x{i}") for i in range(1001)))
+            refused = await http.post(
+                base,
+                params=session,
+                content="\x1e".join(send(f"x{i}") for i in range(1001)),
+                headers=origin,
+            )
             assert refused.status_code == 413
             assert "too many packets in one POST: 1001 (at most 1000)" in refused.text
+            assert refused.headers.get("access-control-allow-origin") == server.url
             after = await http.get(base, params=session)
             assert after.status_code == 400  # the session is gone
 
