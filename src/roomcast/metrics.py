@@ -105,6 +105,14 @@ class NodeCollector(Collector):
             events.add_metric([node.id, "direct"], direct_events)
             events.add_metric([node.id, "queued"], self.socketio.events - direct_events)
             yield events
+            yield _single(
+                CounterMetricFamily,
+                "roomcast_socketio_upgrades",
+                "Long-polling sessions that upgraded to a WebSocket served by roomcast's own "
+                "Engine.IO path",
+                node.id,
+                self.socketio.upgrades_served,
+            )
 
 
 def _single(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from playwright.async_api import (
     expect,
 )
 
+from .clients import ChatClient
 from .servers import Server, run_server
 
 pytestmark = pytest.mark.browser
@@ -363,3 +365,60 @@ async def test_a_burst_sent_over_long_polling_is_stored_whole(
     assert [r["ok"] for r in result["replies"]] == [True] * n, result["replies"]
     assert [r["message"]["text"] for r in result["replies"]] == [f"b{i}" for i in range(n)]
     assert result["texts"] == [f"b{i}" for i in range(n)]
+
+
+UPGRADING_CLIENT = """async ({room}) => {
+    // socket.io-client's defaults: long-polling first, then the upgrade to a WebSocket.
+    const s = io({path: "/ws/socket.io", auth: {name: "upgrader"}, reconnection: false});
+    await new Promise((ok, fail) => { s.once("connect", ok); s.once("connect_error", fail); });
+    if (s.io.engine.transport.name !== "websocket") {
+        await new Promise((ok, fail) => {
+            s.io.engine.once("upgrade", ok);
+            setTimeout(() => fail(new Error("no upgrade within 10 s")), 10000);
+        });
+    }
+    window.upgrader = {socket: s, received: []};
+    s.on("message", m => window.upgrader.received.push(m.text));
+    const call = (event, data) => s.timeout(10000).emitWithAck(event, data);
+    const joined = await call("join", {room});
+    const sent = await call("send", {room, text: "from the browser"});
+    return {transport: s.io.engine.transport.name, joined: joined.ok, sent: sent.ok};
+}"""
+
+
+async def test_the_browser_clients_default_upgrade_is_served_by_roomcasts_path(
+    browser: Browser, chat_server: Server
+) -> None:
+    """socket.io-client with its default transports connects over long-polling and
+    upgrades; the upgraded session is served by roomcast's own WebSocket path, and chat
+    works both ways through it until the page disconnects."""
+    watcher = ChatClient(chat_server.url, "upgrade-watcher", transports=["websocket"])
+    await watcher.connect()
+    try:
+        room = (await watcher.ok("join", {"room": "browser-upgrade"}))["room"]["id"]
+        page = await (await browser.new_context()).new_page()
+        await page.goto(chat_server.url + "/")
+        result = await page.evaluate(UPGRADING_CLIENT, {"room": "browser-upgrade"})
+        assert result == {"transport": "websocket", "joined": True, "sent": True}
+        assert await watcher.wait_messages(room, 1) == ["from the browser"]
+        assert _metric(chat_server.url, "roomcast_socketio_upgrades_total") == 1
+        await watcher.ok("send", {"room": room, "text": "to the browser"})
+        await page.wait_for_function(
+            "window.upgrader.received.includes('to the browser')", timeout=10_000
+        )
+        await page.evaluate("window.upgrader.socket.disconnect()")
+        await watcher.wait_for(
+            lambda: any(
+                p["event"] == "leave" and p["user"]["name"] == "upgrader"
+                for p in watcher.of("presence")
+            )
+        )
+    finally:
+        await watcher.close()
+
+
+def _metric(url: str, name: str) -> float:
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as response:
+        text = response.read().decode()
+    values = re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)
+    return sum(float(v) for v in values)

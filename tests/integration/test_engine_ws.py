@@ -11,6 +11,7 @@ import socket
 import urllib.error
 import urllib.request
 
+import httpx
 import pytest
 import socketio
 import websockets
@@ -334,3 +335,100 @@ async def test_a_stopping_server_closes_its_websockets_with_1012(tmp_path):
             for _ in range(10):
                 await recv(ws)
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
+
+
+async def test_a_session_that_connects_on_long_polling_then_upgrades_is_served_whole(server):
+    """The browser's way: the Socket.IO connect over long-polling, then the probe and the
+    switch. What was sent to the client between the two arrives over the WebSocket, in
+    order, and from then on events, acks, room messages and the leave all go that way."""
+    base = f"{server.url}/ws/socket.io/"
+    before = metric(server.url, "roomcast_socketio_upgrades_total")
+    watcher = await ChatClient(server.url, "up-watcher", transports=["websocket"]).connect()
+    try:
+        room = (await watcher.ok("join", {"room": "upgrading"}))["room"]["id"]
+        async with httpx.AsyncClient(timeout=WAIT) as http:
+            opened = await http.get(base, params={"EIO": "4", "transport": "polling"})
+            info = json.loads(opened.text[1:])
+            assert info["upgrades"] == ["websocket"]
+            sid = info["sid"]
+            session = {"EIO": "4", "transport": "polling", "sid": sid}
+            assert (await http.post(base, params=session, content='40{"name":"up"}')).is_success
+            polled = (await http.get(base, params=session)).text
+            assert polled.startswith("40{") and '42["welcome"' in polled
+            joined = '42["join",{"room":"upgrading"}]'
+            assert (await http.post(base, params=session, content=joined)).is_success
+
+            ws = await websockets.connect(
+                ws_url(server.port, f"EIO=4&transport=websocket&sid={sid}"),
+                open_timeout=WAIT,
+                compression=None,
+            )
+            try:
+                await ws.send("2probe")
+                assert await recv(ws) == "3probe"
+                # Sent while the client switches: held by Engine.IO, then written first.
+                await watcher.ok("send", {"room": room, "text": "during"})
+                await ws.send("5")
+                await ws.send("421" + json.dumps(["send", {"room": room, "text": "after"}]))
+                seen: list[str] = []
+                reply = None
+                while reply is None:  # bounded by recv's timeout
+                    packet = await recv(ws)
+                    if packet.startswith('42["message"'):
+                        seen.append(json.loads(packet[2:])[1]["text"])
+                    elif packet.startswith("431["):
+                        reply = json.loads(packet[3:])[0]
+                assert reply["ok"] is True
+                while len(seen) < 2:
+                    packet = await recv(ws)
+                    if packet.startswith('42["message"'):
+                        seen.append(json.loads(packet[2:])[1]["text"])
+                assert seen == ["during", "after"]
+                assert await watcher.wait_messages(room, 2) == ["during", "after"]
+                assert metric(server.url, "roomcast_socketio_upgrades_total") == before + 1
+                # Long-polling is over for this session, as python-engineio has it.
+                late = await http.get(base, params=session)
+                assert late.status_code == 400 and "Unexpected HTTP request" in late.text
+            finally:
+                await ws.close()
+            await watcher.wait_for(
+                lambda: any(
+                    p["event"] == "leave" and p["user"]["name"] == "up"
+                    for p in watcher.of("presence")
+                )
+            )
+            # The session is gone everywhere: Engine.IO no longer knows it.
+            gone = await http.get(base, params=session)
+            assert gone.status_code == 400 and f"Invalid session {sid}" in gone.text
+        members = await watcher.ok("members", {"room": room})
+        assert [u["name"] for u in members["members"]] == ["up-watcher"]
+    finally:
+        await watcher.close()
+
+
+async def test_a_python_socketio_client_that_upgrades_keeps_its_session(tmp_path):
+    """python-socketio's client upgrades before its Socket.IO connect, which then comes
+    over the WebSocket; the session lives through many heartbeats, and a server-side
+    close reaches it."""
+    with run_server("--ping-interval", "0.3", "--ping-timeout", "1", log_dir=tmp_path) as srv:
+        watcher = await ChatClient(srv.url, "py-watcher", transports=["websocket"]).connect()
+        upgraded = ChatClient(srv.url, "py-upgraded")  # long-polling first, then upgrades
+        try:
+            await upgraded.connect()
+            assert upgraded.sio.transport() == "websocket"
+            room = (await watcher.ok("join", {"room": "py-up"}))["room"]["id"]
+            await upgraded.ok("join", {"room": "py-up"})
+            await upgraded.ok("send", {"room": room, "text": "one"})
+            assert await watcher.wait_messages(room, 1) == ["one"]
+            assert metric(srv.url, "roomcast_socketio_upgrades_total") == 1
+            # Ten ping intervals later it is still connected and answered.
+            deadline = asyncio.get_running_loop().time() + 3.0
+            while asyncio.get_running_loop().time() < deadline:
+                assert (await upgraded.ok("rooms"))["ok"] is True
+                await asyncio.sleep(0.3)
+            await watcher.ok("send", {"room": room, "text": "two"})
+            assert await upgraded.wait_messages(room, 2) == ["one", "two"]
+        finally:
+            await upgraded.close()
+        await watcher.wait_for(lambda: any(p["event"] == "leave" for p in watcher.of("presence")))
+        await watcher.close()

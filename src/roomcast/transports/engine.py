@@ -15,8 +15,14 @@ Socket.IO packets go to :class:`~roomcast.transports.socketio.SocketIOTransport`
 reads events with the same :class:`~roomcast.transports.socketio.EventReader` as the
 upgraded fast path and answers every other packet the way python-socketio does.
 
-Everything else — long-polling, upgrades from it, other Engine.IO versions, a rejected
-``Origin``, an application mounted under a root path — is handed, untouched, to
+A long-polling session that upgrades (socket.io-client's default) is served the same way
+once the switch is done: :class:`EngineWebSocket` answers the client's probe and, at its
+``UPGRADE`` packet, takes the session over from python-engineio (see
+:meth:`~roomcast.transports.socketio.SocketIOTransport.finish_upgrade`).
+
+Everything else — long-polling itself, an upgrade of a session another worker owns or
+whose client has not connected yet, other Engine.IO versions, a rejected ``Origin``, an
+application mounted under a root path — is handed, untouched, to
 :class:`~roomcast.transports.fastws.RoomcastWebSocketProtocol` and python-socketio.
 """
 
@@ -69,18 +75,22 @@ class EngineDoor:
         """The class uvicorn instantiates for each WebSocket (its ``ws`` setting)."""
         return type("NodeEngineWebSocket", (EngineWebSocket,), {"__slots__": (), "door": self})
 
-    def takes(self, target: bytes, root_path: str) -> bool:
-        """Whether a WebSocket request for ``target`` opens an Engine.IO session that
-        :class:`EngineWebSocket` serves."""
+    def takes(self, target: bytes, root_path: str) -> str | None:
+        """Whether :class:`EngineWebSocket` serves a WebSocket request for ``target``:
+        ``""`` for a new Engine.IO session, the session id for an upgrade of a
+        long-polling session of this process, None for neither."""
         path, _, query = target.partition(b"?")
         if root_path or path not in self._paths or not self.app.node.started:
-            return False
+            return None
         args = parse_qs(query.decode("latin-1"))
-        return (
-            args.get("EIO") == ["4"]
-            and args.get("transport") == ["websocket"]
-            and ("sid" not in args)
-        )
+        if args.get("EIO") != ["4"] or args.get("transport") != ["websocket"]:
+            return None
+        sids = args.get("sid")
+        if sids is None:
+            return ""
+        if len(sids) == 1 and sids[0] and self.app.socketio.upgradable(sids[0]):
+            return sids[0]
+        return None
 
     def origin_allowed(self, request: Request) -> bool:
         """python-engineio's check of the ``Origin`` header, with its own policy."""
@@ -131,13 +141,16 @@ class EngineWebSocket(asyncio.Protocol):
         "_pong_due",
         "_server_state",
         "_timer",
+        "_upgrade_pending",
         "closing",
         "conn",
         "connecting",
         "eio_sid",
         "reader",
+        "shell",
         "sid",
         "transport",
+        "upgrading",
         "ws",
     )
 
@@ -161,6 +174,13 @@ class EngineWebSocket(asyncio.Protocol):
         self.reader: EventReader | None = None
         self.connecting = False
         self.closing = False
+        self.upgrading: Any = None
+        """python-engineio's socket of the long-polling session being upgraded, between
+        the client's probe and its ``UPGRADE`` packet."""
+        self._upgrade_pending = False
+        self.shell: Any = None
+        """An upgraded long-polling session's python-engineio socket, kept registered
+        without a task (see ``SocketIOTransport.finish_upgrade``)."""
         self._timer: asyncio.TimerHandle | None = None
         self._ping_sent = 0.0
         self._pong_due = False
@@ -241,7 +261,8 @@ class EngineWebSocket(asyncio.Protocol):
     def _handshake(self, data: bytes) -> None:
         door = self.door
         parts = data.split(b" ", 2)
-        if len(parts) < 3 or not door.takes(parts[1], self._config.root_path):
+        upgrade = door.takes(parts[1], self._config.root_path) if len(parts) == 3 else None
+        if upgrade is None:
             self._delegate_to(data)
             return
         handshake = ServerProtocol(max_size=MAX_PAYLOAD)
@@ -263,9 +284,18 @@ class EngineWebSocket(asyncio.Protocol):
         # A fresh protocol in the OPEN state: nothing of the handshake is kept.
         self.ws = Protocol(Side.SERVER, state=State.OPEN, max_size=MAX_PAYLOAD)
         self._server_state.connections.add(self)
+        loop = asyncio.get_running_loop()
+        if upgrade:
+            # The client probes, then switches; python-engineio gives it as long.
+            self.eio_sid = upgrade
+            self._upgrade_pending = True
+            self._timer = loop.call_later(
+                door.ping_interval + door.ping_timeout, self._upgrade_expired
+            )
+            return
         self.eio_sid = door.app.sio.eio.generate_id()
         self.send_text(door.open_packet(self.eio_sid))
-        self._timer = asyncio.get_running_loop().call_later(door.ping_interval, self._ping)
+        self._timer = loop.call_later(door.ping_interval, self._ping)
 
     def _delegate_to(self, data: bytes) -> None:
         proto = RoomcastWebSocketProtocol(
@@ -279,6 +309,9 @@ class EngineWebSocket(asyncio.Protocol):
 
     def _message(self, text: bool, data: bytes) -> None:
         if self.closing:  # what a client sends after the close is not answered
+            return
+        if self._upgrade_pending:
+            self._upgrade_step(text, data)
             return
         if not text:
             self.door.app.socketio.native_binary(self, data)
@@ -303,6 +336,32 @@ class EngineWebSocket(asyncio.Protocol):
         elif kind != "6" and kind != "5":  # NOOP, and UPGRADE: nothing to do
             log.debug("closing a client that sent an unknown Engine.IO packet %r", kind)
             self.close(1002)
+
+    def _upgrade_step(self, text: bool, data: bytes) -> None:
+        """The upgrade of a long-polling session: ``2probe`` is answered ``3probe``, and
+        at ``5`` the session is served here. Anything else, or a session that has ended
+        meanwhile, closes this WebSocket; the session goes on over long-polling."""
+        socketio = self.door.app.socketio
+        if text and data == b"2probe" and self.upgrading is None:
+            if socketio.begin_upgrade(self):
+                self.send_text("3probe")
+                return
+        elif text and data == b"5" and self.upgrading is not None:
+            if socketio.finish_upgrade(self):
+                self._upgrade_pending = False
+                if self._timer is not None:
+                    self._timer.cancel()
+                loop = asyncio.get_running_loop()
+                self._timer = loop.call_later(self.door.ping_interval, self._ping)
+                return
+        log.debug("closing a WebSocket whose upgrade did not go through")
+        self.close(1000)
+
+    def _upgrade_expired(self) -> None:
+        self._timer = None
+        if self._upgrade_pending and not self.closing:
+            log.debug("closing a WebSocket whose client did not finish its upgrade")
+            self.close(1000)
 
     def _ping(self) -> None:
         if self.closing:

@@ -110,7 +110,8 @@ def drop_slow_reader(transport: Any) -> None:
     transport.abort()
 
 
-def _frame(data: str | bytes) -> bytes:
+def ws_frame(data: str | bytes) -> bytes:
+    """An encoded Engine.IO packet as one WebSocket frame: text for str, binary for bytes."""
     if isinstance(data, str):
         return text_frame(data)
     return Frame(Opcode.BINARY, data).serialize(mask=False)
@@ -171,6 +172,6 @@ class DirectWriter:
             # Engine.IO closes a socket whose client stopped answering pings here.
             if not await self._eio_socket.check_ping_timeout():
                 return
-            if self.write(_frame(pkt.encode())):
+            if self.write(ws_frame(pkt.encode())):
                 return
         await self._original_send(pkt)

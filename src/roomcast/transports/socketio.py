@@ -26,7 +26,14 @@ from ..core.models import ConnId, Message
 from ..core.service import ChatService, JoinResult, Session
 from ..exceptions import ChatError, ErrorCode, UnavailableError
 from . import fastjson
-from .fastws import DirectWriter, RoomcastWebSocketProtocol, protocol_of, text_frame, text_frame_of
+from .fastws import (
+    DirectWriter,
+    RoomcastWebSocketProtocol,
+    protocol_of,
+    text_frame,
+    text_frame_of,
+    ws_frame,
+)
 
 if TYPE_CHECKING:
     from .engine import EngineWebSocket
@@ -50,7 +57,7 @@ Reply = dict[str, Any]
 Handler = Callable[[Session, dict[str, Any]], Awaitable[Reply]]
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@dataclass(slots=True, eq=False)
 class SocketIOConnection:
     """A Socket.IO client on this node."""
 
@@ -61,8 +68,10 @@ class SocketIOConnection:
     writer: FrameWriter | None
     """The WebSocket fast path, where roomcast serves the connection itself."""
     native: bool = False
-    """Served by an :class:`~roomcast.transports.engine.EngineWebSocket` from the start:
-    python-engineio does not know it, and every write goes through ``writer``."""
+    """Served by an :class:`~roomcast.transports.engine.EngineWebSocket`: every write goes
+    through ``writer``. Set from the start for a session opened on a WebSocket (which
+    python-engineio does not know), or once a long-polling session has upgraded to one
+    (see :meth:`SocketIOTransport.finish_upgrade`)."""
 
 
 class JsonPacket(socketio.packet.Packet):  # type: ignore[misc]
@@ -237,6 +246,10 @@ class SocketIOTransport:
         """Client events handled, on either path."""
         self.direct_events = 0
         """Client events read straight off a fast-path WebSocket by an EventReader."""
+        self.upgrades_served = 0
+        """Long-polling sessions that upgraded to an EngineWebSocket."""
+        self._upgraded: dict[str, EngineWebSocket] = {}
+        """Upgraded sessions whose client has not connected to namespace "/" yet."""
         self._handlers: dict[str, Handler] = {
             "join": self._join,
             "leave": self._leave,
@@ -345,9 +358,18 @@ class SocketIOTransport:
             session = await self.service.connect(conn, name)
         except ChatError as exc:
             raise socketio.exceptions.ConnectionRefusedError(exc.message, exc.to_dict()) from None
+        if eio_sid not in self.sio.eio.sockets:
+            # The session ended while the service connected it; python-socketio calls no
+            # disconnect handler for a client that had not connected yet.
+            await self.service.disconnect(conn.id)
+            raise socketio.exceptions.ConnectionRefusedError("the session has ended")
         self._by_sid[sid] = session
         self._by_eio[eio_sid] = conn
-        self._read_events(conn)
+        upgraded = self._upgraded.pop(eio_sid, None)
+        if upgraded is not None:  # its session switched to a WebSocket meanwhile
+            self._serve_upgraded(conn, upgraded)
+        else:
+            self._read_events(conn)
         # After the handler returns python-socketio confirms the connection; the welcome
         # goes out right after that confirmation.
         self._spawn(self.sio.emit("welcome", {"user": session.user.to_wire()}, to=sid))
@@ -481,6 +503,7 @@ class SocketIOTransport:
         if sock.closing:  # gone while it was connecting
             await self.service.disconnect(conn.id)
             return
+        self._upgraded.pop(sock.eio_sid, None)
         self._by_sid[sid] = session
         self._by_eio[sock.eio_sid] = conn
         sock.sid = sid
@@ -494,6 +517,13 @@ class SocketIOTransport:
         sid, conn = sock.sid, sock.conn
         sock.sid = sock.conn = sock.reader = None
         sock._binary = None
+        if sock.upgrading is not None:  # the upgrade was not finished: polling goes on
+            sock.upgrading.upgrading = False
+            sock.upgrading = None
+        if sock.shell is not None:
+            # python-socketio knows the sid only if the connect came over long-polling.
+            self._upgraded.pop(sock.eio_sid, None)
+            self._forget_shell(sock, sid)
         if sid is None or conn is None:
             return
         self._by_sid.pop(sid, None)
@@ -514,6 +544,112 @@ class SocketIOTransport:
         task = asyncio.create_task(run())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    # -- long-polling sessions upgrading to an EngineWebSocket -------------------------
+
+    def upgradable(self, eio_sid: str) -> bool:
+        """Whether a WebSocket upgrade of this long-polling session can be served by an
+        :class:`EngineWebSocket`: the session lives in this process and no upgrade of it
+        is under way or done."""
+        eio_socket = self.sio.eio.sockets.get(eio_sid)
+        return (
+            eio_socket is not None
+            and not (eio_socket.upgraded or eio_socket.upgrading)
+            and not (eio_socket.closing or eio_socket.closed)
+        )
+
+    def begin_upgrade(self, sock: EngineWebSocket) -> bool:
+        """The client probed the new WebSocket (``2probe``): hold the session's packets
+        in Engine.IO's queue and end its pending poll, as python-engineio does."""
+        if not self.upgradable(sock.eio_sid):
+            return False
+        eio_socket = self.sio.eio.sockets[sock.eio_sid]
+        eio_socket.upgrading = True
+        eio_socket.queue.put_nowait(eio_packet.Packet(eio_packet.NOOP))  # ends the poll
+        sock.upgrading = eio_socket
+        return True
+
+    def finish_upgrade(self, sock: EngineWebSocket) -> bool:
+        """The client switched to the WebSocket (``5``): from here on the session is
+        served like one opened on a WebSocket, with no task of its own.
+
+        What Engine.IO queued meanwhile is written first, in order. python-engineio's
+        socket stays registered as the session's shell, without a task, for
+        python-socketio to answer what the client sent over long-polling before the
+        switch — its connect included: anything sent to the shell goes to the WebSocket,
+        but pings (the WebSocket has its own heartbeat)."""
+        eio_socket, sock.upgrading = sock.upgrading, None
+        if (
+            eio_socket is None
+            or self.sio.eio.sockets.get(sock.eio_sid) is not eio_socket
+            or eio_socket.closing
+            or eio_socket.closed
+        ):
+            if eio_socket is not None:
+                eio_socket.upgrading = False
+            return False
+        eio_socket.upgraded = True
+        eio_socket.upgrading = False
+        queue = eio_socket.queue
+        while not queue.empty():
+            pkt = asyncio.Queue.get_nowait(queue)  # past PollQueue's per-poll limit
+            queue.task_done()
+            if pkt is not None and pkt.packet_type not in (eio_packet.NOOP, eio_packet.PING):
+                sock.write(ws_frame(pkt.encode()))
+
+        async def send(pkt: Any) -> None:
+            if pkt.packet_type == eio_packet.CLOSE:
+                sock.close(1000)
+            elif pkt.packet_type != eio_packet.PING:
+                sock.write(ws_frame(pkt.encode()))
+
+        async def check_ping_timeout() -> bool:
+            return not sock.closing
+
+        eio_socket.send = send
+        eio_socket.check_ping_timeout = check_ping_timeout
+        eio_socket.last_ping = None
+        environ = self.sio.environ.get(sock.eio_sid)
+        if environ is not None:
+            # The request's headers and the like stay; the ASGI objects of the long-poll
+            # that opened the session (its scope, receive and send, and what they hold)
+            # are not kept alive for as long as the WebSocket lives.
+            self.sio.environ[sock.eio_sid] = {
+                k: v for k, v in environ.items() if isinstance(v, str | int | bool | tuple)
+            }
+        sock.shell = eio_socket
+        self._upgrades.pop(sock.eio_sid, None)
+        self.upgrades_served += 1
+        conn = self._by_eio.get(sock.eio_sid)
+        if conn is not None:
+            self._serve_upgraded(conn, sock)
+        else:  # its connect is still to come: over long-polling, or on the WebSocket
+            self._upgraded[sock.eio_sid] = sock
+        return True
+
+    def _serve_upgraded(self, conn: SocketIOConnection, sock: EngineWebSocket) -> None:
+        """Bind a Socket.IO connection to the EngineWebSocket its session upgraded to."""
+        conn.writer = sock
+        conn.native = True
+        sock.sid = conn.sid
+        sock.conn = conn
+        sock.reader = EventReader(self, conn.sid, sock, sock)
+
+    def _forget_shell(self, sock: EngineWebSocket, sid: str | None) -> None:
+        """An upgraded session has ended: forget it in python-engineio and
+        python-socketio without their disconnect handlers (the service is told once, by
+        the caller)."""
+        shell, sock.shell = sock.shell, None
+        if shell is None:
+            return
+        shell.closed = True
+        eio_sid = sock.eio_sid
+        if self.sio.eio.sockets.get(eio_sid) is shell:
+            del self.sio.eio.sockets[eio_sid]
+        if sid is not None:
+            self.sio.manager.basic_disconnect(sid, "/")
+        self.sio.environ.pop(eio_sid, None)
+        self.sio._binary_packet.pop(eio_sid, None)
 
     # -- events ------------------------------------------------------------------------
 
