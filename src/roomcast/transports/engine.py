@@ -33,6 +33,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
+from engineio import packet as eio_packet
 from websockets.frames import Opcode
 from websockets.http11 import Request
 from websockets.protocol import Protocol, Side, State
@@ -44,6 +45,7 @@ from .fastws import (
     RoomcastWebSocketProtocol,
     drop_slow_reader,
     text_frame,
+    ws_frame,
 )
 
 if TYPE_CHECKING:
@@ -406,6 +408,19 @@ class EngineWebSocket(asyncio.Protocol):
         if transport.get_write_buffer_size() > MAX_BUFFERED:
             drop_slow_reader(transport)
         return True
+
+    async def shell_send(self, pkt: Any) -> None:
+        """python-engineio's ``send`` for the shell of an upgraded session: a packet
+        goes to this WebSocket, a CLOSE closes it, pings are left to this heartbeat."""
+        kind = pkt.packet_type
+        if kind == eio_packet.CLOSE:
+            self.close(1000)
+        elif kind != eio_packet.PING:
+            self.write(ws_frame(pkt.encode()))
+
+    async def shell_alive(self) -> bool:
+        """python-engineio's ping check for the shell: this heartbeat decides."""
+        return not self.closing
 
     def send_text(self, text: str) -> bool:
         """Write one Engine.IO packet as a text message."""

@@ -229,6 +229,34 @@ def _messages(messages: list[Message]) -> list[dict[str, Any]]:
     return [m.to_wire() for m in messages]
 
 
+class _Drained:
+    """Engine.IO's queue of a session that has upgraded to an EngineWebSocket: everything
+    is written straight to the WebSocket, so it stays empty (one instance for all)."""
+
+    __slots__ = ()
+
+    def empty(self) -> bool:
+        return True
+
+    def qsize(self) -> int:
+        return 0
+
+    def put_nowait(self, item: Any) -> None:
+        log.debug("a packet for an upgraded session's Engine.IO queue was dropped")
+
+    async def put(self, item: Any) -> None:
+        self.put_nowait(item)
+
+    def get_nowait(self) -> Any:
+        raise asyncio.QueueEmpty
+
+    async def join(self) -> None:
+        return None
+
+
+_DRAINED = _Drained()
+
+
 class SocketIOTransport:
     """Binds a ChatService to a python-socketio AsyncServer."""
 
@@ -597,17 +625,9 @@ class SocketIOTransport:
             if pkt is not None and pkt.packet_type not in (eio_packet.NOOP, eio_packet.PING):
                 sock.write(ws_frame(pkt.encode()))
 
-        async def send(pkt: Any) -> None:
-            if pkt.packet_type == eio_packet.CLOSE:
-                sock.close(1000)
-            elif pkt.packet_type != eio_packet.PING:
-                sock.write(ws_frame(pkt.encode()))
-
-        async def check_ping_timeout() -> bool:
-            return not sock.closing
-
-        eio_socket.send = send
-        eio_socket.check_ping_timeout = check_ping_timeout
+        eio_socket.queue = _DRAINED  # an asyncio.Queue costs ~3 KiB, kept for nothing
+        eio_socket.send = sock.shell_send
+        eio_socket.check_ping_timeout = sock.shell_alive
         eio_socket.last_ping = None
         environ = self.sio.environ.get(sock.eio_sid)
         if environ is not None:
