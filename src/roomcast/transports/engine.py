@@ -20,9 +20,9 @@ once the switch is done: :class:`EngineWebSocket` answers the client's probe and
 ``UPGRADE`` packet, takes the session over from python-engineio (see
 :meth:`~roomcast.transports.socketio.SocketIOTransport.finish_upgrade`).
 
-Everything else — long-polling itself, an upgrade of a session another worker owns or
-whose client has not connected yet, other Engine.IO versions, a rejected ``Origin``, an
-application mounted under a root path — is handed, untouched, to
+Everything else — long-polling itself, an upgrade of a session another worker owns,
+other Engine.IO versions, a rejected ``Origin``, an application mounted under a root
+path — is handed, untouched, to
 :class:`~roomcast.transports.fastws.RoomcastWebSocketProtocol` and python-socketio.
 """
 
