@@ -21,6 +21,7 @@ from .config import Settings
 from .node import Node
 from .transports import fastjson
 from .transports.forward import Forwarder
+from .transports.handoff import HandoffSender
 from .transports.http import create_http_app
 from .transports.socketio import MAX_PACKETS_PER_POST, JsonPacket, PollQueue, SocketIOTransport
 from .workers import WorkerInfo
@@ -66,8 +67,12 @@ class RoomcastApp:
         )
         self._sio_prefix = settings.socketio_path.rstrip("/") + "/"
         self._forwarder: Forwarder | None = None
+        self.handoff: HandoffSender | None = None
+        """With workers: passes WebSocket upgrades to the worker that owns the session."""
         if worker is not None:
             self._forwarder = Forwarder()
+            self.handoff = HandoffSender()
+            self.node.metrics.collector.handoff_sender = self.handoff
             _tag_session_ids(self.sio, worker.tag())
         self._start_lock = asyncio.Lock()
         self.grpc: GrpcDoor | None = None

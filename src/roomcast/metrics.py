@@ -19,6 +19,7 @@ from .core.timing import Durations
 
 if TYPE_CHECKING:
     from .node import Node
+    from .transports.handoff import HandoffReceiver, HandoffSender
     from .transports.socketio import SocketIOTransport
 
 
@@ -26,6 +27,8 @@ class NodeCollector(Collector):
     def __init__(self, node: Node) -> None:
         self._node = node
         self.socketio: SocketIOTransport | None = None
+        self.handoff_sender: HandoffSender | None = None
+        self.handoff_receiver: HandoffReceiver | None = None
 
     def collect(self) -> Iterator[Metric]:
         node, hub = self._node, self._node.hub
@@ -113,6 +116,18 @@ class NodeCollector(Collector):
                 node.id,
                 self.socketio.upgrades_served,
             )
+        if self.handoff_sender is not None:
+            handoffs = CounterMetricFamily(
+                "roomcast_worker_handoffs",
+                "WebSocket upgrades of a long-polling session passed between sibling workers "
+                "with their TCP connection, by direction: sent (this worker accepted it, "
+                "another owns the session) or taken (this worker owns it)",
+                labels=["node", "direction"],
+            )
+            handoffs.add_metric([node.id, "sent"], self.handoff_sender.handed)
+            receiver = self.handoff_receiver
+            handoffs.add_metric([node.id, "taken"], receiver.adopted if receiver else 0)
+            yield handoffs
 
 
 def _single(

@@ -15,6 +15,7 @@ import uvicorn
 
 from .app import RoomcastApp
 from .transports.engine import EngineDoor
+from .transports.handoff import HandoffReceiver
 
 GC_THRESHOLDS = (20_000, 20, 20)
 """The cyclic garbage collector's thresholds in a roomcast process.
@@ -61,9 +62,30 @@ def uvicorn_config(app: RoomcastApp, **options: Any) -> uvicorn.Config:
     )
 
 
-def run(app: RoomcastApp, sockets: list[socket.socket] | None = None, **options: Any) -> None:
-    """Serve ``app`` in this process until it is told to stop."""
+def run(
+    app: RoomcastApp,
+    sockets: list[socket.socket] | None = None,
+    *,
+    handoff: socket.socket | None = None,
+    **options: Any,
+) -> None:
+    """Serve ``app`` in this process until it is told to stop; a worker also takes the
+    connections its siblings hand it on ``handoff`` (see :mod:`roomcast.transports.handoff`)."""
     gc.set_threshold(*GC_THRESHOLDS)
     sys.setswitchinterval(SWITCH_INTERVAL)
+    config = uvicorn_config(app, **options)
+    server = uvicorn.Server(config)
+    if handoff is not None:
+
+        def http_protocol() -> Any:
+            # What uvicorn gives a connection it accepted: its HTTP protocol, which hands
+            # a WebSocket upgrade on to roomcast's (config.ws).
+            return config.http_protocol_class(  # type: ignore[call-arg]
+                config=config, server_state=server.server_state, app_state=server.lifespan.state
+            )
+
+        receiver = HandoffReceiver(handoff, http_protocol)
+        app.node.metrics.collector.handoff_receiver = receiver
+        app.on_started.append(receiver.start)
     app.on_started.append(freeze_startup_objects)
-    uvicorn.Server(uvicorn_config(app, **options)).run(sockets=sockets)
+    server.run(sockets=sockets)

@@ -44,6 +44,10 @@ class WorkerInfo:
     def uds(self, index: int) -> str:
         return os.path.join(self.socket_dir, f"w{index}.sock")
 
+    def handoff(self, index: int) -> str:
+        """Where worker ``index`` takes the connections its siblings hand it."""
+        return os.path.join(self.socket_dir, f"w{index}.handoff")
+
     def tag(self) -> str:
         return f"w{self.index}."
 
@@ -120,6 +124,7 @@ def serve(settings: Settings, workers: int) -> int:
 def _worker_main(settings_data: dict[str, Any], info: WorkerInfo, listener: socket.socket) -> None:
     from .app import RoomcastApp
     from .server import run
+    from .transports.handoff import handoff_socket
 
     settings = Settings(**settings_data)
     logging.basicConfig(
@@ -132,4 +137,6 @@ def _worker_main(settings_data: dict[str, Any], info: WorkerInfo, listener: sock
     private = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     private.bind(path)
     private.listen(512)
-    run(RoomcastApp(settings, worker=info), [listener, private], log_level=settings.log_level)
+    handoff = handoff_socket(info.handoff(info.index))
+    app = RoomcastApp(settings, worker=info)
+    run(app, [listener, private], handoff=handoff, log_level=settings.log_level)

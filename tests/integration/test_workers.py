@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import uuid
 
 import httpx
 import pytest
+import websockets
 
 from tests import services
 
-from .clients import ChatClient
+from .clients import WAIT, ChatClient
 from .servers import run_server
 
 
@@ -83,3 +86,89 @@ async def test_polling_requests_reach_the_owning_worker_on_any_connection(tmp_pa
                 while f"43{i}[" not in reply:
                     reply += (await http.get(url)).text
                 assert '"ok":true' in reply
+
+
+def _every_workers_metrics(url: str, workers: int) -> dict[str, str]:
+    """Each worker's /metrics, by node id: fresh connections until all have answered
+    (the kernel picks the worker), bounded."""
+    seen: dict[str, str] = {}
+    for _ in range(500):
+        text = httpx.get(url + "/metrics", headers={"Connection": "close"}, timeout=10).text
+        node = re.search(r'^roomcast_connections\{node="([^"]+)"\}', text, re.MULTILINE)
+        assert node is not None, text[:500]
+        seen[node.group(1)] = text
+        if len(seen) == workers:
+            return seen
+    raise AssertionError(f"only {len(seen)} of {workers} workers answered /metrics")
+
+
+def _total(texts: dict[str, str], name: str, **labels: str) -> float:
+    """The sum over every worker of ``name``'s samples that carry ``labels``."""
+    total = 0.0
+    for text in texts.values():
+        for found, value in re.findall(rf"^{name}\{{([^}}]*)\}} (\S+)$", text, re.MULTILINE):
+            have = dict(re.findall(r'(\w+)="([^"]*)"', found))
+            if all(have.get(k) == v for k, v in labels.items()):
+                total += float(value)
+    return total
+
+
+async def _upgraded_session(url: str, port: int, name: str, room: str) -> None:
+    """A browser's way in, each request on a fresh connection: open and connect over
+    long-polling, then probe and switch to a WebSocket, join ``room`` and send to it."""
+    base = f"{url}/ws/socket.io/"
+    limits = httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(limits=limits, timeout=WAIT) as http:
+        opened = await http.get(base, params={"EIO": "4", "transport": "polling"})
+        sid = json.loads(opened.text[1:])["sid"]
+        session = {"EIO": "4", "transport": "polling", "sid": sid}
+        connect = await http.post(base, params=session, content="40" + json.dumps({"name": name}))
+        assert connect.is_success, connect.text
+        got = ""
+        while '"welcome"' not in got:  # the namespace ack, then the welcome; bounded by WAIT
+            got += (await http.get(base, params=session)).text
+    ws = await websockets.connect(
+        f"ws://127.0.0.1:{port}/ws/socket.io/?EIO=4&transport=websocket&sid={sid}",
+        open_timeout=WAIT,
+        compression=None,
+    )
+    try:
+        await ws.send("2probe")
+        assert await asyncio.wait_for(ws.recv(), WAIT) == "3probe"
+        await ws.send("5")
+        for ack_id, event in ((1, "join"), (2, "send")):
+            data = {"room": room, "text": name} if event == "send" else {"room": room}
+            await ws.send(f"42{ack_id}" + json.dumps([event, data]))
+            while True:  # bounded by recv's timeout
+                packet = str(await asyncio.wait_for(ws.recv(), WAIT))
+                if packet == "2":
+                    await ws.send("3")
+                elif packet.startswith(f"43{ack_id}["):
+                    reply = json.loads(packet[3:])[0]
+                    assert reply["ok"] is True, reply
+                    break
+    finally:
+        await ws.close()
+
+
+async def test_upgrades_landing_on_another_worker_are_served_by_the_owner(tmp_path, redis_url):
+    """A browser's upgrade reaches any of the workers; one that lands on a worker other
+    than the session's owner has its connection handed to the owner, which serves it on
+    roomcast's own WebSocket path as if it had accepted it (no frame-by-frame bridge):
+    every upgrade is served, and every hand-over sent is taken."""
+    workers, sessions = 4, 12
+    with run_server("--workers", str(workers), "--broker-url", redis_url, log_dir=tmp_path) as srv:
+        watcher = await ChatClient(srv.url, "handoff-watcher", transports=["websocket"]).connect()
+        try:
+            room = (await watcher.ok("join", {"room": "handed"}))["room"]["id"]
+            for i in range(sessions):
+                await _upgraded_session(srv.url, srv.port, f"up{i}", "handed")
+            texts = sorted(await watcher.wait_messages(room, sessions))
+            assert texts == sorted(f"up{i}" for i in range(sessions))
+        finally:
+            await watcher.close()
+        metrics = _every_workers_metrics(srv.url, workers)
+        assert _total(metrics, "roomcast_socketio_upgrades_total") == sessions
+        sent = _total(metrics, "roomcast_worker_handoffs_total", direction="sent")
+        taken = _total(metrics, "roomcast_worker_handoffs_total", direction="taken")
+        assert sent == taken and sent >= 1, (sent, taken)

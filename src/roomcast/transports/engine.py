@@ -20,9 +20,13 @@ once the switch is done: :class:`EngineWebSocket` answers the client's probe and
 ``UPGRADE`` packet, takes the session over from python-engineio (see
 :meth:`~roomcast.transports.socketio.SocketIOTransport.finish_upgrade`).
 
-Everything else — long-polling itself, an upgrade of a session another worker owns,
-other Engine.IO versions, a rejected ``Origin``, an application mounted under a root
-path — is handed, untouched, to
+With ``--workers``, an upgrade that reaches a worker other than the session's owner has
+its TCP connection passed to the owner (:mod:`roomcast.transports.handoff`), which then
+serves it here like its own.
+
+Everything else — long-polling itself, an upgrade the owner could not be handed (it then
+goes through the frame-by-frame bridge), other Engine.IO versions, a rejected
+``Origin``, an application mounted under a root path — is handed, untouched, to
 :class:`~roomcast.transports.fastws.RoomcastWebSocketProtocol` and python-socketio.
 """
 
@@ -93,6 +97,28 @@ class EngineDoor:
         if len(sids) == 1 and sids[0] and self.app.socketio.upgradable(sids[0]):
             return sids[0]
         return None
+
+    def hand_over(
+        self, target: bytes, root_path: str, request: bytes, transport: asyncio.Transport
+    ) -> bool:
+        """With workers: pass the connection of a WebSocket upgrade of a long-polling
+        session a sibling owns to that sibling, with the ``request`` read from it; True if
+        it went (see :mod:`roomcast.transports.handoff`)."""
+        app = self.app
+        worker, sender = app.worker, app.handoff
+        if worker is None or sender is None or root_path:
+            return False
+        path, _, query = target.partition(b"?")
+        if path not in self._paths:
+            return False
+        args = parse_qs(query.decode("latin-1"))
+        sids = args.get("sid")
+        if args.get("EIO") != ["4"] or args.get("transport") != ["websocket"] or not sids:
+            return False
+        owner = worker.owner(sids[0]) if len(sids) == 1 else None
+        if owner is None or owner == worker.index:
+            return False
+        return sender.hand_over(transport, request, worker.handoff(owner))
 
     def origin_allowed(self, request: Request) -> bool:
         """python-engineio's check of the ``Origin`` header, with its own policy."""
@@ -265,6 +291,14 @@ class EngineWebSocket(asyncio.Protocol):
         parts = data.split(b" ", 2)
         upgrade = door.takes(parts[1], self._config.root_path) if len(parts) == 3 else None
         if upgrade is None:
+            if len(parts) == 3 and door.hand_over(
+                parts[1], self._config.root_path, data, self.transport
+            ):
+                # The owner serves the connection now; this process lets go of its
+                # descriptor without closing the connection.
+                self.closing = True
+                self.transport.abort()
+                return
             self._delegate_to(data)
             return
         handshake = ServerProtocol(max_size=MAX_PAYLOAD)
