@@ -67,11 +67,19 @@ async def test_the_owner_serves_the_connection_from_the_request_on(tmp_path: Pat
         ]
         assert sender.handed == 1 and receiver.adopted == 1
         # Garbage on the owner's socket (no descriptor) is dropped; hand-overs go on.
-        garbage = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        garbage.sendto(b"not a connection", path)
+        garbage = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        garbage.connect(path)
+        garbage.send(b"not a connection")
         garbage.close()
         assert await exchange(port, b"again") == [b"owner:again\n"]
         assert sender.handed == 2 and receiver.adopted == 2
+        # The owner restarts (a new socket at the same path): the sender's link to the
+        # old one is broken, and the next hand-over goes over a new one.
+        receiver.close()
+        receiver = HandoffReceiver(handoff_socket(path), Owner)
+        receiver.start()
+        assert await exchange(port, b"restarted") == [b"owner:restarted\n"]
+        assert sender.handed == 3 and receiver.adopted == 1
     finally:
         server.close()
         receiver.close()
