@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,6 +19,8 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import httpx
 
 START_TIMEOUT = 20.0
 
@@ -115,3 +118,28 @@ def run_server(*args: str, **kwargs: object) -> Iterator[Server]:
         yield server
     finally:
         server.stop()
+
+
+def every_workers_metrics(url: str, workers: int) -> dict[str, str]:
+    """Each worker's /metrics, by node id: fresh connections until all have answered
+    (the kernel picks the worker), bounded."""
+    seen: dict[str, str] = {}
+    for _ in range(500):
+        text = httpx.get(url + "/metrics", headers={"Connection": "close"}, timeout=10).text
+        node = re.search(r'^roomcast_connections\{node="([^"]+)"\}', text, re.MULTILINE)
+        assert node is not None, text[:500]
+        seen[node.group(1)] = text
+        if len(seen) == workers:
+            return seen
+    raise AssertionError(f"only {len(seen)} of {workers} workers answered /metrics")
+
+
+def metric_total(texts: dict[str, str], name: str, **labels: str) -> float:
+    """The sum over every worker of ``name``'s samples that carry ``labels``."""
+    total = 0.0
+    for text in texts.values():
+        for found, value in re.findall(rf"^{name}\{{([^}}]*)\}} (\S+)$", text, re.MULTILINE):
+            have = dict(re.findall(r'(\w+)="([^"]*)"', found))
+            if all(have.get(k) == v for k, v in labels.items()):
+                total += float(value)
+    return total

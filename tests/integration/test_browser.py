@@ -10,6 +10,7 @@ import asyncio
 import os
 import re
 import urllib.request
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +26,10 @@ from playwright.async_api import (
     expect,
 )
 
+from tests import services
+
 from .clients import ChatClient
-from .servers import Server, run_server
+from .servers import Server, every_workers_metrics, metric_total, run_server
 
 pytestmark = pytest.mark.browser
 
@@ -422,3 +425,48 @@ def _metric(url: str, name: str) -> float:
         text = response.read().decode()
     values = re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)
     return sum(float(v) for v in values)
+
+
+async def test_browsers_upgrading_on_any_worker_are_served_by_their_sessions_owner(
+    tmp_path: Path,
+) -> None:
+    """Two workers on one port, pages on the default transports: a page's polling
+    requests and its WebSocket each reach either worker. Every page upgrades and chats,
+    and every upgrade is served by roomcast's own path at the session's owner, whether
+    the worker that accepted the WebSocket handed its connection over or not."""
+    _require_browser()
+    services.require("Redis", services.REDIS_HOST, services.REDIS_PORT)
+    redis_url = f"{services.REDIS_URL}/0?prefix=b{uuid.uuid4().hex[:10]}"
+    pages = 8
+    with run_server(
+        "--workers",
+        "2",
+        "--broker-url",
+        redis_url,
+        store_url=f"sqlite:///{tmp_path}/t.db",
+        log_dir=tmp_path,
+    ) as srv:
+        watcher = ChatClient(srv.url, "workers-watcher", transports=["websocket"])
+        await watcher.connect()
+        try:
+            room = (await watcher.ok("join", {"room": "across-workers"}))["room"]["id"]
+            async with async_playwright() as pw:
+                browser = await pw.chromium.launch(
+                    executable_path=str(CHROMIUM), args=CHROMIUM_ARGS
+                )
+                try:
+                    for _ in range(pages):
+                        page = await (await browser.new_context()).new_page()
+                        await page.goto(srv.url + "/")
+                        result = await page.evaluate(UPGRADING_CLIENT, {"room": "across-workers"})
+                        assert result == {"transport": "websocket", "joined": True, "sent": True}
+                    texts = await watcher.wait_messages(room, pages)
+                    assert texts == ["from the browser"] * pages
+                finally:
+                    await browser.close()
+        finally:
+            await watcher.close()
+        metrics = every_workers_metrics(srv.url, 2)
+        assert metric_total(metrics, "roomcast_socketio_upgrades_total") == pages
+        sent = metric_total(metrics, "roomcast_worker_handoffs_total", direction="sent")
+        assert sent == metric_total(metrics, "roomcast_worker_handoffs_total", direction="taken")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import uuid
 
 import httpx
@@ -14,7 +13,7 @@ import websockets
 from tests import services
 
 from .clients import WAIT, ChatClient
-from .servers import run_server
+from .servers import every_workers_metrics, metric_total, run_server
 
 
 @pytest.fixture
@@ -88,31 +87,6 @@ async def test_polling_requests_reach_the_owning_worker_on_any_connection(tmp_pa
                 assert '"ok":true' in reply
 
 
-def _every_workers_metrics(url: str, workers: int) -> dict[str, str]:
-    """Each worker's /metrics, by node id: fresh connections until all have answered
-    (the kernel picks the worker), bounded."""
-    seen: dict[str, str] = {}
-    for _ in range(500):
-        text = httpx.get(url + "/metrics", headers={"Connection": "close"}, timeout=10).text
-        node = re.search(r'^roomcast_connections\{node="([^"]+)"\}', text, re.MULTILINE)
-        assert node is not None, text[:500]
-        seen[node.group(1)] = text
-        if len(seen) == workers:
-            return seen
-    raise AssertionError(f"only {len(seen)} of {workers} workers answered /metrics")
-
-
-def _total(texts: dict[str, str], name: str, **labels: str) -> float:
-    """The sum over every worker of ``name``'s samples that carry ``labels``."""
-    total = 0.0
-    for text in texts.values():
-        for found, value in re.findall(rf"^{name}\{{([^}}]*)\}} (\S+)$", text, re.MULTILINE):
-            have = dict(re.findall(r'(\w+)="([^"]*)"', found))
-            if all(have.get(k) == v for k, v in labels.items()):
-                total += float(value)
-    return total
-
-
 async def _upgraded_session(url: str, port: int, name: str, room: str) -> None:
     """A browser's way in, each request on a fresh connection: open and connect over
     long-polling, then probe and switch to a WebSocket, join ``room`` and send to it."""
@@ -156,7 +130,7 @@ async def test_upgrades_landing_on_another_worker_are_served_by_the_owner(tmp_pa
     than the session's owner has its connection handed to the owner, which serves it on
     roomcast's own WebSocket path as if it had accepted it (no frame-by-frame bridge):
     every upgrade is served, and every hand-over sent is taken."""
-    workers, sessions = 4, 12
+    workers, sessions = 4, 24
     with run_server("--workers", str(workers), "--broker-url", redis_url, log_dir=tmp_path) as srv:
         watcher = await ChatClient(srv.url, "handoff-watcher", transports=["websocket"]).connect()
         try:
@@ -167,8 +141,8 @@ async def test_upgrades_landing_on_another_worker_are_served_by_the_owner(tmp_pa
             assert texts == sorted(f"up{i}" for i in range(sessions))
         finally:
             await watcher.close()
-        metrics = _every_workers_metrics(srv.url, workers)
-        assert _total(metrics, "roomcast_socketio_upgrades_total") == sessions
-        sent = _total(metrics, "roomcast_worker_handoffs_total", direction="sent")
-        taken = _total(metrics, "roomcast_worker_handoffs_total", direction="taken")
+        metrics = every_workers_metrics(srv.url, workers)
+        assert metric_total(metrics, "roomcast_socketio_upgrades_total") == sessions
+        sent = metric_total(metrics, "roomcast_worker_handoffs_total", direction="sent")
+        taken = metric_total(metrics, "roomcast_worker_handoffs_total", direction="taken")
         assert sent == taken and sent >= 1, (sent, taken)
