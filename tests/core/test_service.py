@@ -336,6 +336,56 @@ async def test_a_batch_is_stored_while_the_previous_one_is_still_being_published
     await broker.close()
 
 
+class HeldHistory(MemoryHistory):
+    """A history whose first append waits until the test lets it through (as a store on
+    another machine may); the batches it stored, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.appended: list[list[str]] = []
+
+    async def append(self, drafts):
+        if not self.appended:
+            self.appended.append([])  # the first append has started
+            await self.gate.wait()
+            self.appended[0] = [d.text for d in drafts]
+        else:
+            self.appended.append([d.text for d in drafts])
+        return await super().append(drafts)
+
+
+async def test_messages_sent_while_the_first_is_being_stored_are_stored_after_it():
+    """The first message of an idle node is stored in its sender's task; the two sent
+    while its store is slow wait for it, then go as one batch: seqs and publishes in the
+    order the messages were sent."""
+    history, broker = HeldHistory(), HeldBroker(f"bus{next(_names)}")
+    await broker.start(NodeId("n0"), _ignore, _ignore, _no_reconnect)
+    room = await history.room_by_name("lobby", create=True)
+    sequencer = Sequencer(history, broker)
+    user = User(UserId(1), "ada")
+    first = asyncio.ensure_future(sequencer.append(Draft(room.id, "m1", user, "one", 0)))
+    for _ in range(100):  # bounded: a few turns of the loop
+        if history.appended:
+            break
+        await asyncio.sleep(0)
+    assert history.appended == [[]]  # the first append is under way, held
+    later = [
+        asyncio.ensure_future(sequencer.append(Draft(room.id, f"m{i}", user, text, 0)))
+        for i, text in ((2, "two"), (3, "three"))
+    ]
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert history.appended == [[]]  # nothing else is stored before the first
+    history.gate.set()
+    broker.gate.set()
+    messages = [await first, *[await f for f in later]]
+    assert [(m.seq, m.text) for m in messages] == [(1, "one"), (2, "two"), (3, "three")]
+    assert history.appended == [["one"], ["two", "three"]]
+    assert broker.published == [[1], [2, 3]]
+    await broker.close()
+
+
 async def test_with_local_first_the_node_own_members_get_a_batch_before_the_broker_has_it():
     history, broker = MemoryHistory(), HeldBroker(f"bus{next(_names)}")
     await broker.start(NodeId("n0"), _ignore, _ignore, _no_reconnect)
