@@ -81,12 +81,11 @@ class EngineDoor:
         """The class uvicorn instantiates for each WebSocket (its ``ws`` setting)."""
         return type("NodeEngineWebSocket", (EngineWebSocket,), {"__slots__": (), "door": self})
 
-    def takes(self, target: bytes, root_path: str) -> str | None:
-        """Whether :class:`EngineWebSocket` serves a WebSocket request for ``target``:
-        ``""`` for a new Engine.IO session, the session id for an upgrade of a
-        long-polling session of this process, None for neither."""
+    def _session(self, target: bytes, root_path: str) -> str | None:
+        """For an Engine.IO v4 WebSocket request on the Socket.IO path: the session id it
+        upgrades, or ``""`` for a new session; None for any other request."""
         path, _, query = target.partition(b"?")
-        if root_path or path not in self._paths or not self.app.node.started:
+        if root_path or path not in self._paths:
             return None
         args = parse_qs(query.decode("latin-1"))
         if args.get("EIO") != ["4"] or args.get("transport") != ["websocket"]:
@@ -94,8 +93,17 @@ class EngineDoor:
         sids = args.get("sid")
         if sids is None:
             return ""
-        if len(sids) == 1 and sids[0] and self.app.socketio.upgradable(sids[0]):
-            return sids[0]
+        return sids[0] if len(sids) == 1 and sids[0] else None
+
+    def takes(self, target: bytes, root_path: str) -> str | None:
+        """Whether :class:`EngineWebSocket` serves a WebSocket request for ``target``:
+        ``""`` for a new Engine.IO session, the session id for an upgrade of a
+        long-polling session of this process, None for neither."""
+        if not self.app.node.started:
+            return None
+        sid = self._session(target, root_path)
+        if sid is None or sid == "" or self.app.socketio.upgradable(sid):
+            return sid
         return None
 
     def hand_over(
@@ -104,18 +112,11 @@ class EngineDoor:
         """With workers: pass the connection of a WebSocket upgrade of a long-polling
         session a sibling owns to that sibling, with the ``request`` read from it; True if
         it went (see :mod:`roomcast.transports.handoff`)."""
-        app = self.app
-        worker, sender = app.worker, app.handoff
-        if worker is None or sender is None or root_path:
+        worker, sender = self.app.worker, self.app.handoff
+        if worker is None or sender is None:
             return False
-        path, _, query = target.partition(b"?")
-        if path not in self._paths:
-            return False
-        args = parse_qs(query.decode("latin-1"))
-        sids = args.get("sid")
-        if args.get("EIO") != ["4"] or args.get("transport") != ["websocket"] or not sids:
-            return False
-        owner = worker.owner(sids[0]) if len(sids) == 1 else None
+        sid = self._session(target, root_path)
+        owner = worker.owner(sid) if sid else None
         if owner is None or owner == worker.index:
             return False
         return sender.hand_over(transport, request, worker.handoff(owner))
