@@ -66,6 +66,15 @@ counters = sa.Table(
 
 _USER_IDS = "user_id"
 
+# Built once: a statement built per call leaves its expression objects to the cyclic
+# garbage collector (they refer to each other), and every connect takes a user id.
+_NEXT_USER_ID = (
+    sa.update(counters)
+    .where(counters.c.name == _USER_IDS)
+    .values(value=counters.c.value + 1)
+    .returning(counters.c.value)
+)
+
 _BUMP = sa.update(rooms).where(rooms.c.id == sa.bindparam("room")).values(seq=sa.bindparam("seq"))
 
 # The append on SQLite, as the driver's own SQL (see SqlHistory.append).
@@ -329,13 +338,9 @@ class SqlHistory:
 
     async def next_user_id(self) -> UserId:
         """A user id never handed out before by this store (1, 2, 3, ...)."""
-        bump = (
-            sa.update(counters)
-            .where(counters.c.name == _USER_IDS)
-            .values(value=counters.c.value + 1)
-            .returning(counters.c.value)
+        value = await self._db.run(
+            lambda conn: conn.execute(_NEXT_USER_ID).scalar_one(), write=True
         )
-        value = await self._db.run(lambda conn: conn.execute(bump).scalar_one(), write=True)
         return UserId(int(value))
 
 
