@@ -66,14 +66,10 @@ counters = sa.Table(
 
 _USER_IDS = "user_id"
 
-# Built once: a statement built per call leaves its expression objects to the cyclic
-# garbage collector (they refer to each other), and every connect takes a user id.
-_NEXT_USER_ID = (
-    sa.update(counters)
-    .where(counters.c.name == _USER_IDS)
-    .values(value=counters.c.value + 1)
-    .returning(counters.c.value)
-)
+# A user id, taken on every connect, in one statement: on SQLite through the hot write
+# path (see Database.write_sqlite), on PostgreSQL as its own transaction (one round trip).
+_SQLITE_NEXT_USER_ID = "UPDATE counters SET value = value + 1 WHERE name = ? RETURNING value"
+_PG_NEXT_USER_ID = "UPDATE {counters} SET value = value + 1 WHERE name = $1 RETURNING value"
 
 _BUMP = sa.update(rooms).where(rooms.c.id == sa.bindparam("room")).values(seq=sa.bindparam("seq"))
 
@@ -136,6 +132,7 @@ class SqlHistory:
         self._pg_append_sql = _PG_APPEND.format(
             rooms=self._db.qualified("rooms"), messages=self._db.qualified("messages")
         )
+        self._pg_next_user_id_sql = _PG_NEXT_USER_ID.format(counters=self._db.qualified("counters"))
 
     async def start(self) -> None:
         """Create the schema and tables if missing; safe when many processes start at once."""
@@ -338,10 +335,18 @@ class SqlHistory:
 
     async def next_user_id(self) -> UserId:
         """A user id never handed out before by this store (1, 2, 3, ...)."""
-        value = await self._db.run(
-            lambda conn: conn.execute(_NEXT_USER_ID).scalar_one(), write=True
-        )
-        return UserId(int(value))
+        if self._db.postgres:
+            rows = await self._db.run_driver(
+                lambda conn: conn.fetch(self._pg_next_user_id_sql, _USER_IDS)
+            )
+        else:
+            # fetchall: the statement must be done before the COMMIT.
+            rows = await self._db.write_sqlite(
+                lambda conn: conn.execute(_SQLITE_NEXT_USER_ID, (_USER_IDS,)).fetchall()
+            )
+        if not rows:
+            raise RuntimeError("the user id counter is missing: start() was not called")
+        return UserId(int(rows[0][0]))
 
 
 def _new_epoch() -> str:
