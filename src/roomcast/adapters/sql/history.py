@@ -73,6 +73,15 @@ _PG_NEXT_USER_ID = "UPDATE {counters} SET value = value + 1 WHERE name = $1 RETU
 
 _BUMP = sa.update(rooms).where(rooms.c.id == sa.bindparam("room")).values(seq=sa.bindparam("seq"))
 
+# Reads on every join, as the driver's own SQL: on SQLite on the event loop's thread (see
+# Database.read_sqlite), on PostgreSQL one round trip each.
+_SQLITE_ROOM_BY_NAME = "SELECT id, name, epoch FROM rooms WHERE name = ?"
+_SQLITE_ROOM_BY_ID = "SELECT id, name, epoch FROM rooms WHERE id = ?"
+_SQLITE_LATEST = "SELECT seq FROM rooms WHERE id = ?"
+_PG_ROOM_BY_NAME = "SELECT id, name, epoch FROM {rooms} WHERE name = $1"
+_PG_ROOM_BY_ID = "SELECT id, name, epoch FROM {rooms} WHERE id = $1"
+_PG_LATEST = "SELECT seq FROM {rooms} WHERE id = $1"
+
 # The append on SQLite, as the driver's own SQL (see SqlHistory.append).
 _SQLITE_READ = "SELECT id, seq, epoch FROM rooms WHERE id IN ({})"
 _SQLITE_BUMP = "UPDATE rooms SET seq = ? WHERE id = ?"
@@ -133,6 +142,10 @@ class SqlHistory:
             rooms=self._db.qualified("rooms"), messages=self._db.qualified("messages")
         )
         self._pg_next_user_id_sql = _PG_NEXT_USER_ID.format(counters=self._db.qualified("counters"))
+        rooms_table = self._db.qualified("rooms")
+        self._pg_room_by_name_sql = _PG_ROOM_BY_NAME.format(rooms=rooms_table)
+        self._pg_room_by_id_sql = _PG_ROOM_BY_ID.format(rooms=rooms_table)
+        self._pg_latest_sql = _PG_LATEST.format(rooms=rooms_table)
 
     async def start(self) -> None:
         """Create the schema and tables if missing; safe when many processes start at once."""
@@ -144,14 +157,21 @@ class SqlHistory:
         """Close every pooled connection."""
         await release(self._db)
 
+    async def _read(self, pg_sql: str, sqlite_sql: str, arg: object) -> Any:
+        """The first row of a one-parameter read, or None: one round trip on PostgreSQL,
+        the event loop's own connection on a SQLite file."""
+        if self._db.postgres:
+            return await self._db.run_driver(lambda conn: conn.fetchrow(pg_sql, arg))
+        return await self._db.read_sqlite(lambda conn: conn.execute(sqlite_sql, (arg,)).fetchone())
+
     async def room_by_name(self, name: str, *, create: bool = False) -> Room | None:
         """The room with this exact name; created (next numeric id, new epoch) if asked."""
-        query = sa.select(*_ROOM_COLUMNS).where(rooms.c.name == name)
-        row = await self._db.run(lambda conn: conn.execute(query).mappings().first())
-        if row is not None:
-            return _room(row)
+        found = await self._read(self._pg_room_by_name_sql, _SQLITE_ROOM_BY_NAME, name)
+        if found is not None:
+            return Room(RoomId(found[0]), found[1], found[2])
         if not create:
             return None
+        query = sa.select(*_ROOM_COLUMNS).where(rooms.c.name == name)
         insert = (
             self._db.insert_or_ignore(rooms, "name")
             .values(name=name, epoch=_new_epoch(), seq=0, created_ms=int(time.time() * 1000))
@@ -168,9 +188,8 @@ class SqlHistory:
         return _room(await self._db.run(create_room, write=True))
 
     async def room_by_id(self, room: RoomId) -> Room | None:
-        query = sa.select(*_ROOM_COLUMNS).where(rooms.c.id == room)
-        row = await self._db.run(lambda conn: conn.execute(query).mappings().first())
-        return None if row is None else _room(row)
+        found = await self._read(self._pg_room_by_id_sql, _SQLITE_ROOM_BY_ID, room)
+        return None if found is None else Room(RoomId(found[0]), found[1], found[2])
 
     async def rooms(self) -> list[Room]:
         """Every room, by id."""
@@ -180,9 +199,8 @@ class SqlHistory:
 
     async def latest(self, room: RoomId) -> int:
         """The room's last ``seq`` (0 for a room with no message, or no such room)."""
-        query = sa.select(rooms.c.seq).where(rooms.c.id == room)
-        seq = await self._db.run(lambda conn: conn.execute(query).scalar())
-        return 0 if seq is None else int(seq)
+        found = await self._read(self._pg_latest_sql, _SQLITE_LATEST, room)
+        return 0 if found is None else int(found[0])
 
     async def append(self, drafts: Sequence[Draft]) -> list[Message]:
         """Sequence and store the drafts in one transaction, in the order given.
