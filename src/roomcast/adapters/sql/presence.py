@@ -14,6 +14,7 @@ nodes' wall clocks, which must agree to well within ``node_ttl`` (NTP does).
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -56,6 +57,30 @@ conns = sa.Table(
 )
 
 
+# What every connect, join, leave and disconnect does, as single statements of the
+# driver's own SQL: on PostgreSQL one round trip each (its own transaction), on SQLite the
+# store's hot paths (see Database.write_sqlite and Database.read_sqlite). ``$n`` becomes
+# ``?`` on SQLite.
+_STATEMENTS = {
+    "add": (
+        "INSERT INTO {members} (room_id, conn, user_id, user_name, node, ord) "
+        "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (room_id, conn) DO UPDATE SET "
+        "user_id = excluded.user_id, user_name = excluded.user_name, node = excluded.node, "
+        "ord = excluded.ord"
+    ),
+    "remove": "DELETE FROM {members} WHERE room_id = $1 AND conn = $2",
+    "members": (
+        "SELECT conn, user_id, user_name, node FROM {members} WHERE room_id = $1 ORDER BY ord"
+    ),
+    "register": (
+        "INSERT INTO {conns} (conn, user_id, user_name, node) VALUES ($1, $2, $3, $4) "
+        "ON CONFLICT (conn) DO UPDATE SET user_id = excluded.user_id, "
+        "user_name = excluded.user_name, node = excluded.node"
+    ),
+    "unregister": "DELETE FROM {conns} WHERE conn = $1",
+}
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -73,6 +98,14 @@ class SqlPresence:
 
     def __init__(self, url: str, *, schema: str | None = None) -> None:
         self._db = acquire(url, schema=schema)
+        if self._db.postgres:
+            names = {"members": self._db.qualified("presence_members")}
+            names["conns"] = self._db.qualified("presence_conns")
+        else:
+            names = {"members": "presence_members", "conns": "presence_conns"}
+        self._sql = {key: sql.format(**names) for key, sql in _STATEMENTS.items()}
+        if not self._db.postgres:
+            self._sql = {key: re.sub(r"\$\d+", "?", sql) for key, sql in self._sql.items()}
 
     async def start(self) -> None:
         await self._db.create(metadata)
@@ -80,32 +113,35 @@ class SqlPresence:
     async def close(self) -> None:
         await release(self._db)
 
-    async def _write(self, statement: Any) -> None:
-        await self._db.run(lambda conn: conn.execute(statement), write=True)
+    async def _execute(self, key: str, *args: Any) -> None:
+        """One write statement, its own transaction."""
+        sql = self._sql[key]
+        if self._db.postgres:
+            await self._db.run_driver(lambda conn: conn.execute(sql, *args))
+        else:
+            await self._db.write_sqlite(lambda conn: conn.execute(sql, args))
+
+    async def _fetch(self, key: str, *args: Any) -> list[Any]:
+        """The rows of one read statement."""
+        sql = self._sql[key]
+        if self._db.postgres:
+            rows: list[Any] = await self._db.run_driver(lambda conn: conn.fetch(sql, *args))
+            return rows
+        return await self._db.read_sqlite(lambda conn: conn.execute(sql, args).fetchall())
 
     async def add(self, room: RoomId, member: Member) -> None:
-        await self._write(
-            self._db.upsert(
-                members,
-                ["room_id", "conn"],
-                room_id=room,
-                conn=member.conn,
-                user_id=member.user.id,
-                user_name=member.user.name,
-                node=member.node,
-                ord=time.time_ns() // 1000,
-            )
-        )
+        user = member.user
+        ord_ = time.time_ns() // 1000
+        await self._execute("add", room, member.conn, user.id, user.name, member.node, ord_)
 
     async def remove(self, room: RoomId, conn: ConnId) -> None:
-        await self._write(
-            sa.delete(members).where(members.c.room_id == room, members.c.conn == conn)
-        )
+        await self._execute("remove", room, conn)
 
     async def members(self, room: RoomId) -> list[Member]:
-        query = sa.select(members).where(members.c.room_id == room).order_by(members.c.ord)
-        rows = await self._db.run(lambda db: db.execute(query).mappings().all())
-        return [_member(row) for row in rows]
+        return [
+            Member(User(UserId(int(user_id)), name), ConnId(conn), NodeId(node))
+            for conn, user_id, name, node in await self._fetch("members", room)
+        ]
 
     async def counts(self, rooms: Sequence[RoomId]) -> dict[RoomId, int]:
         out = {room: 0 for room in rooms}
@@ -121,19 +157,11 @@ class SqlPresence:
         return out
 
     async def register(self, member: Member) -> None:
-        await self._write(
-            self._db.upsert(
-                conns,
-                ["conn"],
-                conn=member.conn,
-                user_id=member.user.id,
-                user_name=member.user.name,
-                node=member.node,
-            )
-        )
+        user = member.user
+        await self._execute("register", member.conn, user.id, user.name, member.node)
 
     async def unregister(self, conn: ConnId) -> None:
-        await self._write(sa.delete(conns).where(conns.c.conn == conn))
+        await self._execute("unregister", conn)
 
     async def locate(self, user: UserId) -> list[Member]:
         query = sa.select(conns).where(conns.c.user_id == user).order_by(conns.c.conn)
