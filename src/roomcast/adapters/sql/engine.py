@@ -207,7 +207,9 @@ class Database:
         self._committed()
         return result
 
-    async def read_sqlite(self, work: Callable[[sqlite3.Connection], T]) -> T:
+    async def read_sqlite(
+        self, work: Callable[[sqlite3.Connection], T], *, inline: bool = True
+    ) -> T:
         """SQLite's fast read path: ``work(connection)``, one or more single-statement
         reads, on a sqlite3 connection in autocommit mode.
 
@@ -216,11 +218,12 @@ class Database:
         SQLAlchemy's connection handling cost several times that. Should SQLite answer
         busy all the same (another connection recovering the log), the read runs on the
         store thread, which waits for it. An in-memory database is read on the store
-        thread, whose connection it is."""
-        inline = self._inline_connection()
-        if inline is not None and not inline.in_transaction:
+        thread, whose connection it is, and so is a read the caller marks not ``inline``
+        (one long enough to hold the loop up: hundreds of rows)."""
+        conn = self._inline_connection() if inline else None
+        if conn is not None and not conn.in_transaction:
             try:
-                return work(inline)
+                return work(conn)
             except sqlite3.OperationalError:
                 pass  # busy: read on the store thread, which waits
         return await self.run(lambda conn: work(_driver_connection(conn)))

@@ -17,6 +17,7 @@ on the event loop's thread when it is free at once, else awaited on the store's 
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from collections import Counter
@@ -27,6 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import RowMapping
 
 from ...core.models import Draft, Message, Room, RoomId, User, UserId
+from ...core.validation import HISTORY_LIMIT_MAX
 from ...exceptions import ChatError, ErrorCode
 from .engine import acquire, release
 
@@ -81,6 +83,11 @@ _SQLITE_LATEST = "SELECT seq FROM rooms WHERE id = ?"
 _PG_ROOM_BY_NAME = "SELECT id, name, epoch FROM {rooms} WHERE name = $1"
 _PG_ROOM_BY_ID = "SELECT id, name, epoch FROM {rooms} WHERE id = $1"
 _PG_LATEST = "SELECT seq FROM {rooms} WHERE id = $1"
+# History pages, the same way.
+_PAGE = "SELECT room_id, seq, epoch, id, user_id, user_name, text, ts FROM {messages} "
+_AFTER = _PAGE + "WHERE room_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
+_BEFORE = _PAGE + "WHERE room_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3"
+_NEWEST = _PAGE + "WHERE room_id = $1 ORDER BY seq DESC LIMIT $2"
 
 # The append on SQLite, as the driver's own SQL (see SqlHistory.append).
 _SQLITE_READ = "SELECT id, seq, epoch FROM rooms WHERE id IN ({})"
@@ -116,16 +123,6 @@ RETURNING room_id, seq, epoch
 _NOT_NULL_VIOLATION = "23502"
 
 _ROOM_COLUMNS = (rooms.c.id, rooms.c.name, rooms.c.epoch)
-_MESSAGE_COLUMNS = (
-    messages.c.room_id,
-    messages.c.seq,
-    messages.c.epoch,
-    messages.c.id,
-    messages.c.user_id,
-    messages.c.user_name,
-    messages.c.text,
-    messages.c.ts,
-)
 
 
 class SqlHistory:
@@ -146,6 +143,13 @@ class SqlHistory:
         self._pg_room_by_name_sql = _PG_ROOM_BY_NAME.format(rooms=rooms_table)
         self._pg_room_by_id_sql = _PG_ROOM_BY_ID.format(rooms=rooms_table)
         self._pg_latest_sql = _PG_LATEST.format(rooms=rooms_table)
+        self._pages = {
+            key: (
+                sql.format(messages=self._db.qualified("messages")),
+                re.sub(r"\$\d+", "?", sql.format(messages="messages")),
+            )
+            for key, sql in (("after", _AFTER), ("before", _BEFORE), ("newest", _NEWEST))
+        }
 
     async def start(self) -> None:
         """Create the schema and tables if missing; safe when many processes start at once."""
@@ -158,11 +162,23 @@ class SqlHistory:
         await release(self._db)
 
     async def _read(self, pg_sql: str, sqlite_sql: str, arg: object) -> Any:
-        """The first row of a one-parameter read, or None: one round trip on PostgreSQL,
-        the event loop's own connection on a SQLite file."""
+        """The first row of a one-parameter read, or None."""
+        rows = await self._rows(pg_sql, sqlite_sql, arg)
+        return rows[0] if rows else None
+
+    async def _rows(
+        self, pg_sql: str, sqlite_sql: str, *args: object, many: bool = False
+    ) -> list[Any]:
+        """The rows of one read statement: one round trip on PostgreSQL, the event loop's
+        own connection on a SQLite file — unless ``many`` rows may come (more than a
+        page: recovery, gap fill), which SQLite reads on the store thread instead of
+        holding the loop up for milliseconds."""
         if self._db.postgres:
-            return await self._db.run_driver(lambda conn: conn.fetchrow(pg_sql, arg))
-        return await self._db.read_sqlite(lambda conn: conn.execute(sqlite_sql, (arg,)).fetchone())
+            rows: list[Any] = await self._db.run_driver(lambda conn: conn.fetch(pg_sql, *args))
+            return rows
+        return await self._db.read_sqlite(
+            lambda conn: conn.execute(sqlite_sql, args).fetchall(), inline=not many
+        )
 
     async def room_by_name(self, name: str, *, create: bool = False) -> Room | None:
         """The room with this exact name; created (next numeric id, new epoch) if asked."""
@@ -304,29 +320,21 @@ class SqlHistory:
         """Up to ``limit`` messages with ``seq`` greater than the given one, ascending."""
         if limit <= 0:
             return []
-        query = (
-            sa.select(*_MESSAGE_COLUMNS)
-            .where(messages.c.room_id == room, messages.c.seq > seq)
-            .order_by(messages.c.seq)
-            .limit(limit)
+        rows = await self._rows(
+            *self._pages["after"], room, seq, limit, many=limit > HISTORY_LIMIT_MAX
         )
-        rows = await self._db.run(lambda conn: conn.execute(query).mappings().all())
-        return [_message(row) for row in rows]
+        return [_message_of(row) for row in rows]
 
     async def before(self, room: RoomId, seq: int | None, limit: int) -> list[Message]:
         """The newest ``limit`` messages with ``seq`` below ``seq`` (all if None), ascending."""
         if limit <= 0:
             return []
-        query = (
-            sa.select(*_MESSAGE_COLUMNS)
-            .where(messages.c.room_id == room)
-            .order_by(messages.c.seq.desc())
-            .limit(limit)
-        )
-        if seq is not None:
-            query = query.where(messages.c.seq < seq)
-        rows = await self._db.run(lambda conn: conn.execute(query).mappings().all())
-        return [_message(row) for row in reversed(rows)]
+        many = limit > HISTORY_LIMIT_MAX
+        if seq is None:
+            rows = await self._rows(*self._pages["newest"], room, limit, many=many)
+        else:
+            rows = await self._rows(*self._pages["before"], room, seq, limit, many=many)
+        return [_message_of(row) for row in reversed(rows)]
 
     async def reset(self, room: RoomId) -> Room:
         """Drop the room's messages and give it a new epoch; ``seq`` starts again at 1."""
@@ -375,15 +383,17 @@ def _room(row: RowMapping) -> Room:
     return Room(RoomId(row["id"]), row["name"], row["epoch"])
 
 
-def _message(row: RowMapping) -> Message:
+def _message_of(row: Sequence[Any]) -> Message:
+    """A message from a row of ``_PAGE``'s columns, in their order."""
+    room, seq, epoch, message_id, user_id, user_name, text, ts = row
     return Message(
-        RoomId(row["room_id"]),
-        int(row["seq"]),
-        row["epoch"],
-        row["id"],
-        User(UserId(int(row["user_id"])), row["user_name"]),
-        row["text"],
-        int(row["ts"]),
+        RoomId(room),
+        int(seq),
+        epoch,
+        message_id,
+        User(UserId(int(user_id)), user_name),
+        text,
+        int(ts),
     )
 
 
