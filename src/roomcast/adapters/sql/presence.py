@@ -78,7 +78,14 @@ _STATEMENTS = {
         "user_name = excluded.user_name, node = excluded.node"
     ),
     "unregister": "DELETE FROM {conns} WHERE conn = $1",
+    "locate": "SELECT conn, user_id, user_name, node FROM {conns} WHERE user_id = $1 ORDER BY conn",
 }
+
+
+def _member_of(row: Sequence[Any]) -> Member:
+    """A member from a row of (conn, user_id, user_name, node)."""
+    conn, user_id, name, node = row
+    return Member(User(UserId(int(user_id)), name), ConnId(conn), NodeId(node))
 
 
 def _now_ms() -> int:
@@ -138,10 +145,7 @@ class SqlPresence:
         await self._execute("remove", room, conn)
 
     async def members(self, room: RoomId) -> list[Member]:
-        return [
-            Member(User(UserId(int(user_id)), name), ConnId(conn), NodeId(node))
-            for conn, user_id, name, node in await self._fetch("members", room)
-        ]
+        return [_member_of(row) for row in await self._fetch("members", room)]
 
     async def counts(self, rooms: Sequence[RoomId]) -> dict[RoomId, int]:
         out = {room: 0 for room in rooms}
@@ -164,9 +168,7 @@ class SqlPresence:
         await self._execute("unregister", conn)
 
     async def locate(self, user: UserId) -> list[Member]:
-        query = sa.select(conns).where(conns.c.user_id == user).order_by(conns.c.conn)
-        rows = await self._db.run(lambda db: db.execute(query).mappings().all())
-        return [_member(row) for row in rows]
+        return [_member_of(row) for row in await self._fetch("locate", user)]
 
     async def heartbeat(self, node: NodeId, ttl: float) -> bool:
         now = _now_ms()
