@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
@@ -363,6 +364,33 @@ class Database:
         """``table``'s name in SQL text, in the store's schema if it has one."""
         quote = postgresql.dialect().identifier_preparer.quote  # type: ignore[no-untyped-call]
         return f"{quote(self.schema)}.{quote(table)}" if self.schema else quote(table)
+
+    def driver_sql(self, template: str, **tables: str) -> str:
+        """``template`` as this store's driver takes it: each ``{name}`` the table given
+        for it (in the store's schema on PostgreSQL), and on SQLite each ``$1``, ``$2``,
+        ... parameter ``?`` (so each is used once, in order)."""
+        if self.postgres:
+            return template.format(**{key: self.qualified(t) for key, t in tables.items()})
+        return re.sub(r"\$\d+", "?", template.format(**tables))
+
+    async def fetch(self, sql: str, *args: Any, inline: bool = True) -> list[Any]:
+        """The rows of one read statement (SQL from :meth:`driver_sql`): on PostgreSQL one
+        round trip, on SQLite :meth:`read_sqlite` (``inline`` as there)."""
+        if self.postgres:
+            rows: list[Any] = await self.run_driver(lambda conn: conn.fetch(sql, *args))
+            return rows
+        return await self.read_sqlite(
+            lambda conn: conn.execute(sql, args).fetchall(), inline=inline
+        )
+
+    async def execute(self, sql: str, *args: Any) -> list[Any]:
+        """One write statement (SQL from :meth:`driver_sql`), its own transaction, and the
+        rows it returns: on PostgreSQL one round trip, on SQLite :meth:`write_sqlite`."""
+        if self.postgres:
+            rows: list[Any] = await self.run_driver(lambda conn: conn.fetch(sql, *args))
+            return rows
+        # fetchall: a statement must be done before the COMMIT.
+        return await self.write_sqlite(lambda conn: conn.execute(sql, args).fetchall())
 
     def _write_sqlite(self, work: Callable[[sqlite3.Connection], T]) -> T:
         conn = self._thread_writer()

@@ -17,7 +17,6 @@ on the event loop's thread when it is free at once, else awaited on the store's 
 
 from __future__ import annotations
 
-import re
 import secrets
 import time
 from collections import Counter
@@ -68,22 +67,15 @@ counters = sa.Table(
 
 _USER_IDS = "user_id"
 
-# A user id, taken on every connect, in one statement: on SQLite through the hot write
-# path (see Database.write_sqlite), on PostgreSQL as its own transaction (one round trip).
-_SQLITE_NEXT_USER_ID = "UPDATE counters SET value = value + 1 WHERE name = ? RETURNING value"
-_PG_NEXT_USER_ID = "UPDATE {counters} SET value = value + 1 WHERE name = $1 RETURNING value"
+# A user id, taken on every connect, in one statement (see Database.execute).
+_NEXT_USER_ID = "UPDATE {counters} SET value = value + 1 WHERE name = $1 RETURNING value"
 
 _BUMP = sa.update(rooms).where(rooms.c.id == sa.bindparam("room")).values(seq=sa.bindparam("seq"))
 
-# Reads on every join, as the driver's own SQL: on SQLite on the event loop's thread (see
-# Database.read_sqlite), on PostgreSQL one round trip each.
-_SQLITE_ROOM_BY_NAME = "SELECT id, name, epoch FROM rooms WHERE name = ?"
-_SQLITE_ROOM_BY_ID = "SELECT id, name, epoch FROM rooms WHERE id = ?"
-_SQLITE_LATEST = "SELECT seq FROM rooms WHERE id = ?"
-_PG_ROOM_BY_NAME = "SELECT id, name, epoch FROM {rooms} WHERE name = $1"
-_PG_ROOM_BY_ID = "SELECT id, name, epoch FROM {rooms} WHERE id = $1"
-_PG_LATEST = "SELECT seq FROM {rooms} WHERE id = $1"
-# History pages, the same way.
+# Reads on every join, and pages of history, one statement each (see Database.fetch).
+_ROOM_BY_NAME = "SELECT id, name, epoch FROM {rooms} WHERE name = $1"
+_ROOM_BY_ID = "SELECT id, name, epoch FROM {rooms} WHERE id = $1"
+_LATEST = "SELECT seq FROM {rooms} WHERE id = $1"
 _PAGE = "SELECT room_id, seq, epoch, id, user_id, user_name, text, ts FROM {messages} "
 _AFTER = _PAGE + "WHERE room_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
 _BEFORE = _PAGE + "WHERE room_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3"
@@ -138,18 +130,15 @@ class SqlHistory:
         self._pg_append_sql = _PG_APPEND.format(
             rooms=self._db.qualified("rooms"), messages=self._db.qualified("messages")
         )
-        self._pg_next_user_id_sql = _PG_NEXT_USER_ID.format(counters=self._db.qualified("counters"))
-        rooms_table = self._db.qualified("rooms")
-        self._pg_room_by_name_sql = _PG_ROOM_BY_NAME.format(rooms=rooms_table)
-        self._pg_room_by_id_sql = _PG_ROOM_BY_ID.format(rooms=rooms_table)
-        self._pg_latest_sql = _PG_LATEST.format(rooms=rooms_table)
-        self._pages = {
-            key: (
-                sql.format(messages=self._db.qualified("messages")),
-                re.sub(r"\$\d+", "?", sql.format(messages="messages")),
-            )
-            for key, sql in (("after", _AFTER), ("before", _BEFORE), ("newest", _NEWEST))
-        }
+        sql = self._db.driver_sql
+        tables = {"rooms": "rooms", "messages": "messages", "counters": "counters"}
+        self._next_user_id_sql = sql(_NEXT_USER_ID, **tables)
+        self._room_by_name_sql = sql(_ROOM_BY_NAME, **tables)
+        self._room_by_id_sql = sql(_ROOM_BY_ID, **tables)
+        self._latest_sql = sql(_LATEST, **tables)
+        self._after_sql = sql(_AFTER, **tables)
+        self._before_sql = sql(_BEFORE, **tables)
+        self._newest_sql = sql(_NEWEST, **tables)
 
     async def start(self) -> None:
         """Create the schema and tables if missing; safe when many processes start at once."""
@@ -161,28 +150,14 @@ class SqlHistory:
         """Close every pooled connection."""
         await release(self._db)
 
-    async def _read(self, pg_sql: str, sqlite_sql: str, arg: object) -> Any:
+    async def _first(self, sql: str, arg: object) -> Any:
         """The first row of a one-parameter read, or None."""
-        rows = await self._rows(pg_sql, sqlite_sql, arg)
+        rows = await self._db.fetch(sql, arg)
         return rows[0] if rows else None
-
-    async def _rows(
-        self, pg_sql: str, sqlite_sql: str, *args: object, many: bool = False
-    ) -> list[Any]:
-        """The rows of one read statement: one round trip on PostgreSQL, the event loop's
-        own connection on a SQLite file — unless ``many`` rows may come (more than a
-        page: recovery, gap fill), which SQLite reads on the store thread instead of
-        holding the loop up for milliseconds."""
-        if self._db.postgres:
-            rows: list[Any] = await self._db.run_driver(lambda conn: conn.fetch(pg_sql, *args))
-            return rows
-        return await self._db.read_sqlite(
-            lambda conn: conn.execute(sqlite_sql, args).fetchall(), inline=not many
-        )
 
     async def room_by_name(self, name: str, *, create: bool = False) -> Room | None:
         """The room with this exact name; created (next numeric id, new epoch) if asked."""
-        found = await self._read(self._pg_room_by_name_sql, _SQLITE_ROOM_BY_NAME, name)
+        found = await self._first(self._room_by_name_sql, name)
         if found is not None:
             return Room(RoomId(found[0]), found[1], found[2])
         if not create:
@@ -204,7 +179,7 @@ class SqlHistory:
         return _room(await self._db.run(create_room, write=True))
 
     async def room_by_id(self, room: RoomId) -> Room | None:
-        found = await self._read(self._pg_room_by_id_sql, _SQLITE_ROOM_BY_ID, room)
+        found = await self._first(self._room_by_id_sql, room)
         return None if found is None else Room(RoomId(found[0]), found[1], found[2])
 
     async def rooms(self) -> list[Room]:
@@ -215,7 +190,7 @@ class SqlHistory:
 
     async def latest(self, room: RoomId) -> int:
         """The room's last ``seq`` (0 for a room with no message, or no such room)."""
-        found = await self._read(self._pg_latest_sql, _SQLITE_LATEST, room)
+        found = await self._first(self._latest_sql, room)
         return 0 if found is None else int(found[0])
 
     async def append(self, drafts: Sequence[Draft]) -> list[Message]:
@@ -320,8 +295,9 @@ class SqlHistory:
         """Up to ``limit`` messages with ``seq`` greater than the given one, ascending."""
         if limit <= 0:
             return []
-        rows = await self._rows(
-            *self._pages["after"], room, seq, limit, many=limit > HISTORY_LIMIT_MAX
+        # Longer than a page (recovery, gap filling): SQLite reads it off the event loop.
+        rows = await self._db.fetch(
+            self._after_sql, room, seq, limit, inline=limit <= HISTORY_LIMIT_MAX
         )
         return [_message_of(row) for row in rows]
 
@@ -329,11 +305,11 @@ class SqlHistory:
         """The newest ``limit`` messages with ``seq`` below ``seq`` (all if None), ascending."""
         if limit <= 0:
             return []
-        many = limit > HISTORY_LIMIT_MAX
+        inline = limit <= HISTORY_LIMIT_MAX
         if seq is None:
-            rows = await self._rows(*self._pages["newest"], room, limit, many=many)
+            rows = await self._db.fetch(self._newest_sql, room, limit, inline=inline)
         else:
-            rows = await self._rows(*self._pages["before"], room, seq, limit, many=many)
+            rows = await self._db.fetch(self._before_sql, room, seq, limit, inline=inline)
         return [_message_of(row) for row in reversed(rows)]
 
     async def reset(self, room: RoomId) -> Room:
@@ -361,15 +337,7 @@ class SqlHistory:
 
     async def next_user_id(self) -> UserId:
         """A user id never handed out before by this store (1, 2, 3, ...)."""
-        if self._db.postgres:
-            rows = await self._db.run_driver(
-                lambda conn: conn.fetch(self._pg_next_user_id_sql, _USER_IDS)
-            )
-        else:
-            # fetchall: the statement must be done before the COMMIT.
-            rows = await self._db.write_sqlite(
-                lambda conn: conn.execute(_SQLITE_NEXT_USER_ID, (_USER_IDS,)).fetchall()
-            )
+        rows = await self._db.execute(self._next_user_id_sql, _USER_IDS)
         if not rows:
             raise RuntimeError("the user id counter is missing: start() was not called")
         return UserId(int(rows[0][0]))

@@ -14,7 +14,6 @@ nodes' wall clocks, which must agree to well within ``node_ttl`` (NTP does).
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -57,10 +56,8 @@ conns = sa.Table(
 )
 
 
-# What every connect, join, leave and disconnect does, as single statements of the
-# driver's own SQL: on PostgreSQL one round trip each (its own transaction), on SQLite the
-# store's hot paths (see Database.write_sqlite and Database.read_sqlite). ``$n`` becomes
-# ``?`` on SQLite.
+# What every connect, join, leave, disconnect and direct message does, one statement each
+# (see Database.driver_sql, Database.execute and Database.fetch).
 _STATEMENTS = {
     "add": (
         "INSERT INTO {members} (room_id, conn, user_id, user_name, node, ord) "
@@ -105,14 +102,8 @@ class SqlPresence:
 
     def __init__(self, url: str, *, schema: str | None = None) -> None:
         self._db = acquire(url, schema=schema)
-        if self._db.postgres:
-            names = {"members": self._db.qualified("presence_members")}
-            names["conns"] = self._db.qualified("presence_conns")
-        else:
-            names = {"members": "presence_members", "conns": "presence_conns"}
-        self._sql = {key: sql.format(**names) for key, sql in _STATEMENTS.items()}
-        if not self._db.postgres:
-            self._sql = {key: re.sub(r"\$\d+", "?", sql) for key, sql in self._sql.items()}
+        tables = {"members": "presence_members", "conns": "presence_conns"}
+        self._sql = {key: self._db.driver_sql(sql, **tables) for key, sql in _STATEMENTS.items()}
 
     async def start(self) -> None:
         await self._db.create(metadata)
@@ -121,20 +112,10 @@ class SqlPresence:
         await release(self._db)
 
     async def _execute(self, key: str, *args: Any) -> None:
-        """One write statement, its own transaction."""
-        sql = self._sql[key]
-        if self._db.postgres:
-            await self._db.run_driver(lambda conn: conn.execute(sql, *args))
-        else:
-            await self._db.write_sqlite(lambda conn: conn.execute(sql, args))
+        await self._db.execute(self._sql[key], *args)
 
     async def _fetch(self, key: str, *args: Any) -> list[Any]:
-        """The rows of one read statement."""
-        sql = self._sql[key]
-        if self._db.postgres:
-            rows: list[Any] = await self._db.run_driver(lambda conn: conn.fetch(sql, *args))
-            return rows
-        return await self._db.read_sqlite(lambda conn: conn.execute(sql, args).fetchall())
+        return await self._db.fetch(self._sql[key], *args)
 
     async def add(self, room: RoomId, member: Member) -> None:
         user = member.user
