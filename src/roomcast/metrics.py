@@ -3,6 +3,7 @@ counted twice on the hot path)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -68,6 +69,19 @@ class NodeCollector(Collector):
             node.id,
             len(node.service.sessions()),
         )
+        try:
+            tasks = len(asyncio.all_tasks())
+        except RuntimeError:  # not scraped from the node's event loop
+            pass
+        else:
+            yield _single(
+                GaugeMetricFamily,
+                "roomcast_event_loop_tasks",
+                "asyncio tasks not yet done on this node's event loop (an idle connection "
+                "served by roomcast's own WebSocket path keeps none)",
+                node.id,
+                tasks,
+            )
         sequencer = node.service.sequencer
         yield _single(
             CounterMetricFamily,

@@ -432,3 +432,55 @@ async def test_a_python_socketio_client_that_upgrades_keeps_its_session(tmp_path
             await upgraded.close()
         await watcher.wait_for(lambda: any(p["event"] == "leave" for p in watcher.of("presence")))
         await watcher.close()
+
+
+async def test_idle_sessions_keep_no_task_on_the_server_however_they_were_opened(server):
+    """Thirty sessions, half opened on a WebSocket and half on long-polling and then
+    upgraded (the browser's way), each connected and answered once: once they are idle
+    none of them keeps an asyncio task on the server — not even the first ping that
+    python-engineio schedules when a long-polling session opens."""
+    base = f"{server.url}/ws/socket.io/"
+
+    async def upgraded(http: httpx.AsyncClient, name: str) -> websockets.ClientConnection:
+        sid = json.loads(
+            (await http.get(base, params={"EIO": "4", "transport": "polling"})).text[1:]
+        )["sid"]
+        session = {"EIO": "4", "transport": "polling", "sid": sid}
+        assert (
+            await http.post(base, params=session, content="40" + json.dumps({"name": name}))
+        ).is_success
+        assert (await http.get(base, params=session)).text.startswith("40{")
+        ws = await websockets.connect(
+            ws_url(server.port, f"EIO=4&transport=websocket&sid={sid}"),
+            open_timeout=WAIT,
+            compression=None,
+        )
+        await ws.send("2probe")
+        assert await recv(ws) == "3probe"
+        await ws.send("5")
+        return ws
+
+    def tasks() -> float:
+        return metric(server.url, "roomcast_event_loop_tasks")
+
+    before = tasks()
+    sockets: list[websockets.ClientConnection] = []
+    try:
+        async with httpx.AsyncClient(timeout=WAIT) as http:
+            for i in range(15):
+                sockets.append(await upgraded(http, f"idle-up-{i}"))
+                sockets.append((await connected(server.port, f"idle-ws-{i}"))[0])
+            for i, ws in enumerate(sockets):
+                await ws.send(f"42{i}" + json.dumps(["rooms", {}]))
+                assert (await ack(ws, i))["ok"] is True
+        # What the connects started (welcomes, the service's bookkeeping) has finished
+        # within a second; a task kept per session would show as 30 more.
+        for _ in range(int(WAIT / 0.1)):
+            if (now := tasks()) <= before + 2:
+                break
+            await asyncio.sleep(0.1)
+        assert now <= before + 2, (before, now)
+        assert metric(server.url, "roomcast_connections") >= 30
+    finally:
+        for ws in sockets:
+            await ws.close()

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import socketio
 from engineio import packet as eio_packet
+from engineio.async_socket import AsyncSocket as _EngineSocket
 
 from ..core import validation
 from ..core.events import Frame
@@ -136,6 +137,12 @@ MAX_IN_FLIGHT = 64
 """Events of one fast-path connection handled at once; past this its reading pauses."""
 
 _RESERVED_EVENTS = frozenset(("connect", "connect_error", "disconnect"))
+
+_KEPT_ENVIRON = frozenset(("REQUEST_METHOD", "PATH_INFO", "QUERY_STRING", "CONTENT_TYPE"))
+"""What an upgraded session keeps of its long-poll's WSGI environ, besides the headers."""
+
+_SEND_PING = _EngineSocket._send_ping
+"""python-engineio's task that sends a session's next ping after the ping interval."""
 
 
 class EventReader:
@@ -293,6 +300,27 @@ class SocketIOTransport:
         sio.on("connect", self._on_connect)
         sio.on("disconnect", self._on_disconnect)
         sio.on("*", self._on_event)
+        self._track_ping_tasks()
+
+    def _track_ping_tasks(self) -> None:
+        """Remember each Engine.IO socket's pending ping task on the socket.
+
+        python-engineio starts a session's first ping as a task that sleeps for the whole
+        ping interval, and keeps no reference to it. Once a session has upgraded to an
+        :class:`~roomcast.transports.engine.EngineWebSocket`, whose own heartbeat takes
+        over, that task would only wake up to send a ping that goes nowhere; remembering
+        it lets :meth:`finish_upgrade` cancel it (~1.4 KiB a session until it fires)."""
+        eio = self.sio.eio
+        start = eio.start_background_task
+
+        def start_background_task(target: Any, *args: Any, **kwargs: Any) -> Any:
+            task = start(target, *args, **kwargs)
+            owner = getattr(target, "__self__", None)
+            if getattr(target, "__func__", None) is _SEND_PING and owner is not None:
+                owner.roomcast_ping_task = task
+            return task
+
+        eio.start_background_task = start_background_task
 
     def sids(self) -> list[str]:
         """Socket.IO session ids of the connected clients."""
@@ -629,13 +657,17 @@ class SocketIOTransport:
         eio_socket.send = sock.shell_send
         eio_socket.check_ping_timeout = sock.shell_alive
         eio_socket.last_ping = None
+        ping = eio_socket.__dict__.pop("roomcast_ping_task", None)
+        if ping is not None:
+            ping.cancel()
         environ = self.sio.environ.get(sock.eio_sid)
         if environ is not None:
-            # The request's headers and the like stay; the ASGI objects of the long-poll
-            # that opened the session (its scope, receive and send, and what they hold)
-            # are not kept alive for as long as the WebSocket lives.
+            # The request's headers, path and query stay; the ASGI objects of the
+            # long-poll that opened the session (its scope, receive and send, and what
+            # they hold) and the WSGI boilerplate every request shares are not kept for
+            # as long as the WebSocket lives.
             self.sio.environ[sock.eio_sid] = {
-                k: v for k, v in environ.items() if isinstance(v, str | int | bool | tuple)
+                k: v for k, v in environ.items() if k in _KEPT_ENVIRON or k.startswith("HTTP_")
             }
         sock.shell = eio_socket
         self._upgrades.pop(sock.eio_sid, None)
