@@ -165,6 +165,7 @@ class EngineWebSocket(asyncio.Protocol):
         "_binary",
         "_config",
         "_delegate",
+        "_held",
         "_partial",
         "_ping_sent",
         "_pong_due",
@@ -215,6 +216,8 @@ class EngineWebSocket(asyncio.Protocol):
         self._pong_due = False
         self._partial: tuple[bool, list[bytes]] | None = None
         self._binary: Any = None
+        self._held: list[bytes] | None = None
+        """Frames gathered into one write until :meth:`release` (see :meth:`hold`)."""
 
     # -- asyncio protocol --------------------------------------------------------------
 
@@ -437,12 +440,41 @@ class EngineWebSocket(asyncio.Protocol):
         transport = self.transport
         if self.closing or transport.is_closing():
             return False
+        held = self._held
+        if held is not None:
+            held.append(frame)
+            return True
         # write_frame(transport, frame), inlined: this runs once per member of every room
         # message, and the call was a measurable part of a busy node's CPU.
         transport.write(frame)
         if transport.get_write_buffer_size() > MAX_BUFFERED:
             drop_slow_reader(transport)
         return True
+
+    def hold(self) -> None:
+        """Gather the frames written to this connection from now until :meth:`release`,
+        or until the end of this turn of the event loop at the latest, into one write.
+
+        The event reader holds the sender's connection while a client event is handled:
+        when the handling finishes in the same turn (a message sent to a room the sender
+        is in, at a chat's pace), the sender's copy of its message and the event's reply
+        leave in one send system call, waking the client once, instead of two.
+        Everything written meanwhile keeps its order; nothing waits past this turn."""
+        if self._held is None:
+            self._held = []
+            asyncio.get_running_loop().call_soon(self.release)
+
+    def release(self) -> None:
+        """Write what :meth:`hold` gathered, in one write, and stop gathering."""
+        held, self._held = self._held, None
+        if not held:
+            return
+        transport = self.transport
+        if self.closing or transport.is_closing():
+            return
+        transport.write(held[0] if len(held) == 1 else b"".join(held))
+        if transport.get_write_buffer_size() > MAX_BUFFERED:
+            drop_slow_reader(transport)
 
     async def shell_send(self, pkt: Any) -> None:
         """python-engineio's ``send`` for the shell of an upgraded session: a packet
@@ -467,6 +499,7 @@ class EngineWebSocket(asyncio.Protocol):
         ws = self.ws
         if ws is None or self.closing:
             return
+        self.release()  # what was written before the close goes before it
         self.closing = True
         if ws.state is State.OPEN:
             ws.send_close(code, reason)

@@ -164,6 +164,12 @@ class DirectWriter:
         write_frame(transport, frame)
         return True
 
+    def hold(self) -> None:
+        """Writes are not gathered on this path (see ``EngineWebSocket.hold``)."""
+
+    def release(self) -> None:
+        """Nothing is gathered on this path."""
+
     async def _send(self, pkt: Any) -> None:
         # Pings (every ping interval, order-insensitive) keep going through Engine.IO's
         # queue: its writer task closes the socket when the queue stays empty for longer

@@ -53,6 +53,15 @@ class FrameWriter(Protocol):
         """Write one frame if :meth:`ready`; False (and nothing written) if not."""
         ...
 
+    def hold(self) -> None:
+        """Gather what is written from now on into one write, until :meth:`release` or the
+        end of this turn of the event loop; a writer may also write at once."""
+        ...
+
+    def release(self) -> None:
+        """Write what :meth:`hold` gathered."""
+        ...
+
 
 Reply = dict[str, Any]
 Handler = Callable[[Session, dict[str, Any]], Awaitable[Reply]]
@@ -207,10 +216,17 @@ class EventReader:
         return True
 
     async def _handle(self, args: list[Any], ack: int | None) -> None:
-        reply = await self._transport._on_event(args[0], self._sid, *args[1:])
-        if ack is not None:
-            payload = b"43%d" % ack + fastjson.dumps([reply]).encode()
-            self._writer.write(text_frame_of(payload))
+        writer = self._writer
+        # What the handling writes to this client within this turn of the event loop (its
+        # own copy of a message it sent to a room) leaves with the reply, in one write.
+        writer.hold()
+        try:
+            reply = await self._transport._on_event(args[0], self._sid, *args[1:])
+            if ack is not None:
+                payload = b"43%d" % ack + fastjson.dumps([reply]).encode()
+                writer.write(text_frame_of(payload))
+        finally:
+            writer.release()
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._transport._tasks.discard(task)
