@@ -1,5 +1,5 @@
-"""How an EngineWebSocket puts frames on its connection: gathered writes keep their order,
-never outlast the turn of the event loop they were made in, and go before a close."""
+"""How an EngineWebSocket puts frames on its connection: gathered writes keep their order
+and go before a close."""
 
 from __future__ import annotations
 
@@ -68,20 +68,6 @@ async def test_held_frames_leave_in_one_write_in_the_order_they_were_written():
     assert conn.writes == [ONE + TWO + THREE]
     assert sock.write(ONE)  # the hold is over
     assert conn.writes == [ONE + TWO + THREE, ONE]
-
-
-async def test_a_hold_never_outlasts_the_turn_of_the_event_loop_it_began_in():
-    sock, conn, _ = open_socket()
-    sock.hold()
-    sock.write(ONE)
-    sock.hold()  # a second hold in the same turn changes nothing
-    sock.write(TWO)
-    await asyncio.sleep(0)  # the next turn: nobody released it
-    assert conn.writes == [ONE + TWO]
-    sock.write(THREE)
-    assert conn.writes == [ONE + TWO, THREE]
-    sock.release()  # a late release has nothing left to write
-    assert conn.writes == [ONE + TWO, THREE]
 
 
 async def test_held_frames_go_before_the_close_frame():

@@ -452,17 +452,17 @@ class EngineWebSocket(asyncio.Protocol):
         return True
 
     def hold(self) -> None:
-        """Gather the frames written to this connection from now until :meth:`release`,
-        or until the end of this turn of the event loop at the latest, into one write.
+        """Gather the frames written to this connection from now until :meth:`release`
+        into one write.
 
-        The event reader holds the sender's connection while a client event is handled:
-        when the handling finishes in the same turn (a message sent to a room the sender
-        is in, at a chat's pace), the sender's copy of its message and the event's reply
-        leave in one send system call, waking the client once, instead of two.
-        Everything written meanwhile keeps its order; nothing waits past this turn."""
+        The event reader holds the sender's connection while a client event is handled,
+        until the handling finishes or first has to wait: when it finishes at once (a
+        message sent to a room the sender is in, stored and delivered without waiting,
+        at a chat's pace), the sender's copy of its message and the event's reply leave
+        in one send system call, waking the client once, instead of two. Everything
+        written meanwhile keeps its order."""
         if self._held is None:
             self._held = []
-            asyncio.get_running_loop().call_soon(self.release)
 
     def release(self) -> None:
         """Write what :meth:`hold` gathered, in one write, and stop gathering."""

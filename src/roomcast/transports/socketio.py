@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Generator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 import socketio
 from engineio import packet as eio_packet
@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 
 class FrameWriter(Protocol):
     """Writes serialized WebSocket frames straight to a client's connection."""
@@ -54,8 +56,8 @@ class FrameWriter(Protocol):
         ...
 
     def hold(self) -> None:
-        """Gather what is written from now on into one write, until :meth:`release` or the
-        end of this turn of the event loop; a writer may also write at once."""
+        """Gather what is written from now on into one write, until :meth:`release`; a
+        writer may also write at once."""
         ...
 
     def release(self) -> None:
@@ -217,11 +219,12 @@ class EventReader:
 
     async def _handle(self, args: list[Any], ack: int | None) -> None:
         writer = self._writer
-        # What the handling writes to this client within this turn of the event loop (its
-        # own copy of a message it sent to a room) leaves with the reply, in one write.
+        # What the handling writes to this client before it first has to wait (its own
+        # copy of a message it sent to a room) leaves with the reply, in one write.
         writer.hold()
         try:
-            reply = await self._transport._on_event(args[0], self._sid, *args[1:])
+            handling = self._transport._on_event(args[0], self._sid, *args[1:])
+            reply = await UntilSuspended(handling, writer.release)
             if ack is not None:
                 payload = b"43%d" % ack + fastjson.dumps([reply]).encode()
                 writer.write(text_frame_of(payload))
@@ -238,6 +241,41 @@ class EventReader:
             proto = self._proto
             if not proto.read_paused and not proto.transport.is_closing():
                 proto.transport.resume_reading()
+
+
+class UntilSuspended(Generic[T]):
+    """Awaits a coroutine and calls ``on_suspend`` the first time it has to wait.
+
+    The coroutine runs in the awaiting task exactly as with a plain ``await`` (what it
+    awaits, returns and raises, and a cancellation, pass through unchanged); the
+    callback lets the caller tell the part that ran at once from the rest."""
+
+    __slots__ = ("_coro", "_on_suspend")
+
+    def __init__(self, coro: Coroutine[Any, Any, T], on_suspend: Callable[[], None]) -> None:
+        self._coro = coro
+        self._on_suspend = on_suspend
+
+    def __await__(self) -> Generator[Any, Any, T]:
+        steps = self._coro.__await__()
+        try:
+            yielded = steps.send(None)
+        except StopIteration as done:
+            return cast(T, done.value)
+        self._on_suspend()
+        while True:
+            try:
+                try:
+                    sent = yield yielded
+                except GeneratorExit:
+                    steps.close()
+                    raise
+                except BaseException as exc:  # a cancellation, or a future's exception
+                    yielded = steps.throw(exc)
+                else:
+                    yielded = steps.send(sent)
+            except StopIteration as done:
+                return cast(T, done.value)
 
 
 def _ok(**fields: Any) -> Reply:
