@@ -142,6 +142,35 @@ async def test_leave_stops_delivery_and_announces(one):
     assert {"event": "leave", "user": bob.user.to_wire(), "room": 1} in presence
 
 
+async def test_a_storm_of_joins_announces_each_joiner_once_to_everyone_in_few_hand_overs():
+    """Thirty clients join one room at once (a reconnect after a deploy): each member
+    sees every later joiner's join event exactly once, and the node hands the events
+    over in batches, not one fan-out per joiner."""
+    cluster = Cluster()
+    service, broker, rec = await cluster.node()
+    broker.hand_batches_to(service.hub.on_frames)
+    first = await connect(service, rec, "first")
+    await join(service, first, "hall")
+    sessions = [await connect(service, rec, f"j{i}") for i in range(30)]
+    before = rec.handovers
+    await asyncio.gather(*(join(service, s, "hall") for s in sessions))
+
+    def joins_seen(session):
+        return [
+            f.data()["user"]["name"]
+            for f in session.conn.frames
+            if f.kind is Kind.PRESENCE and f.data()["event"] == "join"
+        ]
+
+    seen = joins_seen(first)
+    assert sorted(seen) == sorted(["first", *(f"j{i}" for i in range(30))])  # each once
+    for s in sessions:
+        names = joins_seen(s)
+        assert len(names) == len(set(names))
+        assert s.user.name in names  # its own, after its join reply
+    assert rec.handovers - before < 30 // 2
+
+
 async def test_join_with_since_returns_exactly_what_was_missed(one):
     service, rec = one
     alice, bob = await connect(service, rec, "alice"), await connect(service, rec, "bob")

@@ -308,6 +308,9 @@ class ChatService:
         self._ids = itertools.count(1)
         self._requests = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[int]] = {}
+        self._announcing: list[tuple[RoomId, bytes, asyncio.Future[None]]] = []
+        """Presence events waiting for the announcer's next publish."""
+        self._announcer: asyncio.Task[None] | None = None
 
     # -- connections -------------------------------------------------------------------
 
@@ -642,7 +645,41 @@ class ChatService:
         return list(seen.values())
 
     async def _publish_presence(self, room_id: RoomId, event: str, user: User) -> None:
-        await self._publish(room_id, presence_frame(room_id, event, user))
+        """Publish a presence event; returns once it is published (or its publish failed,
+        which is logged).
+
+        Events are published by one announcer task: those that queue up while it
+        publishes, or within the same turn of the event loop, go in one
+        ``publish_many``, and a node hands such a batch to each member of a room as one
+        run (one write). A storm of joins into a big room — clients reconnecting after a
+        deploy — costs each member a write per batch instead of one per joiner."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._announcing.append((room_id, presence_frame(room_id, event, user).encode(), done))
+        if self._announcer is None:
+            self._announcer = asyncio.create_task(self._announce(), name="roomcast-announcer")
+        await done
+
+    async def _announce(self) -> None:
+        batch: list[tuple[RoomId, bytes, asyncio.Future[None]]] = []
+        try:
+            while self._announcing:
+                batch, self._announcing = self._announcing, []
+                try:
+                    await self.broker.publish_many([(room, frame) for room, frame, _ in batch])
+                except Exception:
+                    log.warning("publishing %d presence events failed", len(batch), exc_info=True)
+                for _, _, done in batch:
+                    if not done.done():
+                        done.set_result(None)
+                batch = []
+        finally:
+            self._announcer = None
+            # Only when the task is cancelled (the event loop shutting down): no caller
+            # is left waiting for an announcement that will not be made.
+            for _, _, done in [*batch, *self._announcing]:
+                if not done.done():
+                    done.set_result(None)
+            self._announcing = []
 
     async def _publish(self, room_id: RoomId, frame: Frame) -> None:
         try:
