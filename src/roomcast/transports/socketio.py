@@ -363,7 +363,7 @@ class SocketIOTransport:
         ping interval, and keeps no reference to it. Once a session has upgraded to an
         :class:`~roomcast.transports.engine.EngineWebSocket`, whose own heartbeat takes
         over, that task would only wake up to send a ping that goes nowhere; remembering
-        it lets :meth:`finish_upgrade` cancel it (~1.4 KiB a session until it fires)."""
+        it lets :meth:`finish_upgrade` cancel it (~1.7 KiB a session until it fires)."""
         eio = self.sio.eio
         start = eio.start_background_task
 
