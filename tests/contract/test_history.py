@@ -403,9 +403,63 @@ async def test_two_instances_create_one_room_and_distinct_users(durable_store: S
 
 
 @pytest.mark.service
+async def test_postgresql_statements_cancelled_midway_leave_the_store_working(
+    tmp_path: Path,
+) -> None:
+    """Callers that give up on their statements (a client gone mid-join) do not wedge the
+    connections kept for statements: the next ones, many at once, all answer, and the
+    store's sessions stay within its pool's bounds."""
+    import asyncpg
+
+    from roomcast.adapters.sql import SqlHistory
+    from roomcast.adapters.sql.engine import POOL_OVERFLOW, POOL_SIZE
+    from tests import services
+
+    async with engine_url("postgresql", tmp_path) as url:
+        admin = await asyncpg.connect(services.POSTGRES_URL)
+        history = SqlHistory(url)
+        try:
+            before = {row["pid"] for row in await admin.fetch("SELECT pid FROM pg_stat_activity")}
+            await history.start()
+            room = await history.room_by_name("cancelled", create=True)
+            assert room is not None
+            assert seqs(await history.append([draft(room)])) == [1]
+
+            db = history._db
+            slow = [
+                asyncio.ensure_future(db.run_driver(lambda conn: conn.fetch("SELECT pg_sleep(2)")))
+                for _ in range(6)
+            ]
+            await asyncio.sleep(0.2)  # all six are waiting on the server
+            assert not any(task.done() for task in slow)
+            for task in slow:
+                task.cancel()
+            await asyncio.gather(*slow, return_exceptions=True)
+            assert all(task.cancelled() for task in slow)
+
+            reads = await asyncio.gather(*(history.after(room.id, 0, 10) for _ in range(30)))
+            assert [seqs(read) for read in reads] == [[1]] * 30
+            assert seqs(await history.append([draft(room, "after")])) == [2]
+            ours = [
+                row
+                for row in await admin.fetch(
+                    "SELECT pid, state FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+                )
+                if row["pid"] not in before
+            ]
+            assert 0 < len(ours) <= POOL_SIZE + POOL_OVERFLOW
+            assert all(row["state"] != "active" for row in ours)  # no sleep left running
+        finally:
+            await history.close()
+            await admin.close()
+
+
+@pytest.mark.service
 async def test_postgresql_recovers_when_the_server_ends_its_connections(tmp_path: Path) -> None:
     """PostgreSQL ends every connection of the store (as a restart or an idle timeout
-    would): reads go on at once, an append fails at most once, as UNAVAILABLE with nothing
+    would), those it keeps for overlapping statements included: reads go on at once, one
+    at a time or many together, an append fails at most once, as UNAVAILABLE with nothing
     stored, and the room's seqs stay gap-free."""
     import asyncpg
 
@@ -425,16 +479,19 @@ async def test_postgresql_recovers_when_the_server_ends_its_connections(tmp_path
             room = await history.room_by_name("restarted", create=True)
             assert room is not None
             assert seqs(await history.append([draft(room)])) == [1]
-            assert seqs(await history.after(room.id, 0, 10)) == [1]
+            reads = await asyncio.gather(*(history.after(room.id, 0, 10) for _ in range(20)))
+            assert [seqs(read) for read in reads] == [[1]] * 20
 
-            # The sessions the store opened. Each call waits
-            # (up to 5 s) until its session is gone.
+            # The sessions the store opened: the overlapping reads kept several. Each call
+            # waits (up to 5 s) until its session is gone.
             opened = [row["pid"] for row in await admin.fetch(sessions) if row["pid"] not in before]
-            assert opened
+            assert len(opened) >= 2
             for pid in opened:
                 assert await admin.fetchval("SELECT pg_terminate_backend($1, 5000)", pid)
 
             assert await history.room_by_name("restarted") == room
+            found = await asyncio.gather(*(history.room_by_name("restarted") for _ in range(20)))
+            assert found == [room] * 20
             appended: list[int] = []
             failures = 0
             for _ in range(2):

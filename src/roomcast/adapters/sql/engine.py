@@ -66,6 +66,11 @@ POOL_OVERFLOW = 4
 """PostgreSQL connections a process keeps, and may add under load (history and presence
 share them: see :func:`acquire`)."""
 
+KEPT_DRIVERS = 4
+"""PostgreSQL: pooled connections :meth:`Database.run_driver` keeps checked out for its
+statements (at most; fewer while calls do not overlap). Calls beyond them check one out of
+the pool for the call."""
+
 # Execution option marking the engine view whose transactions write (SQLite: BEGIN IMMEDIATE).
 _WRITE = "roomcast_write"
 
@@ -87,10 +92,12 @@ class Database:
         self._thread: ThreadPoolExecutor | None = None
         self._writer: Any = None
         """SQLite: the pooled connection the hot write path keeps checked out."""
-        self._driver: tuple[AsyncConnection, Any] | None = None
-        """PostgreSQL: the pooled connection :meth:`run_driver` keeps checked out, and its
-        asyncpg connection."""
-        self._driver_busy = False
+        self._idle_drivers: list[tuple[AsyncConnection, Any]] = []
+        """PostgreSQL: the pooled connections :meth:`run_driver` keeps checked out and no
+        call is using, each with its asyncpg connection."""
+        self._kept_drivers = 0
+        """PostgreSQL: connections kept for :meth:`run_driver`, idle or in use."""
+        self._closing = False
         self._checkpointer: ThreadPoolExecutor | None = None
         """SQLite file: the thread that checkpoints the write-ahead log."""
         self._checkpoint_conn: Any = None
@@ -297,48 +304,78 @@ class Database:
         """PostgreSQL: ``await work(connection)`` on an asyncpg connection, for a statement
         that is its own transaction — no ``BEGIN`` or ``COMMIT`` round trips.
 
-        The hot write path calls this once per batch, one call at a time: the connection
-        it runs on stays checked out of the pool between calls (no checkout, reset and
-        checkin, ~0.2 ms of the event loop's time each). A call made while another is
-        still running takes a pooled connection instead.
+        The connection it runs on stays checked out of the pool between calls: a call costs
+        its statement's one round trip, where a checkout costs two more (SQLAlchemy's ping
+        before it, its ``ROLLBACK`` after) and ~0.1 ms of the event loop's time. Up to
+        :data:`KEPT_DRIVERS` calls run at once that way (joins and history pages that
+        overlap the hot write path); a call beyond them checks a connection out of the pool
+        for its own use.
         """
-        if self._driver_busy:
+        kept = await self._take_driver()
+        if kept is None:
             return await self._run_driver_pooled(work)
-        self._driver_busy = True
         try:
-            if self._driver is not None and self._driver[1].is_closed():
-                # The server ended it while it was idle (a restart, an idle timeout).
-                await self._drop_driver()
-            if self._driver is None:
-                assert self._async is not None
-                try:
-                    conn = await self._async.connect()
-                    raw = await conn.get_raw_connection()
-                except Exception as error:
-                    _raise_if_unreachable(error)
-                    raise
-                self._driver = (conn, raw.driver_connection)
-            driver = self._driver[1]
-            try:
-                return await work(driver)
-            except Exception as error:
-                if _driver_unreachable(error):
-                    await self._drop_driver()
-                    raise UnavailableError(
-                        f"the history store cannot be reached: {error}"
-                    ) from error
-                raise
-        finally:
-            self._driver_busy = False
+            result = await work(kept[1])
+        except Exception as error:
+            if _driver_unreachable(error):
+                await self._drop_driver(kept)
+                raise UnavailableError(f"the history store cannot be reached: {error}") from error
+            await self._keep_driver(kept)  # the statement failed, not the connection
+            raise
+        except BaseException:
+            # Cancelled mid-statement: asyncpg has asked the server to cancel it, and the
+            # connection is not known to be idle; closed rather than handed to another call.
+            await asyncio.shield(self._drop_driver(kept))
+            raise
+        await self._keep_driver(kept)
+        return result
 
-    async def _drop_driver(self) -> None:
-        """Forget the kept connection: invalidated, so the pool never hands it out again."""
-        if self._driver is not None:
-            conn, self._driver = self._driver[0], None
-            with contextlib.suppress(Exception):  # it is broken already
-                await conn.invalidate()
+    async def _keep_driver(self, kept: tuple[AsyncConnection, Any]) -> None:
+        """A call is done with a kept connection: idle for the next, or closed if the
+        store is closing."""
+        if self._closing:
+            await self._drop_driver(kept)
+        else:
+            self._idle_drivers.append(kept)
+
+    async def _take_driver(self) -> tuple[AsyncConnection, Any] | None:
+        """An idle kept connection that is still open, a newly kept one if fewer than
+        :data:`KEPT_DRIVERS` are, else None."""
+        while self._idle_drivers:
+            kept = self._idle_drivers.pop()
+            if not kept[1].is_closed():
+                return kept
+            await self._drop_driver(kept)  # the server ended it while it was idle
+        if self._kept_drivers >= KEPT_DRIVERS:
+            return None
+        assert self._async is not None
+        self._kept_drivers += 1
+        try:
+            conn = await self._async.connect()
+        except BaseException as error:
+            self._kept_drivers -= 1
+            if isinstance(error, Exception):
+                _raise_if_unreachable(error)
+            raise
+        try:
+            raw = await conn.get_raw_connection()
+        except BaseException as error:
+            self._kept_drivers -= 1
             with contextlib.suppress(Exception):
                 await conn.close()
+            if isinstance(error, Exception):
+                _raise_if_unreachable(error)
+            raise
+        return (conn, raw.driver_connection)
+
+    async def _drop_driver(self, kept: tuple[AsyncConnection, Any]) -> None:
+        """Stop keeping a connection: invalidated, so the pool never hands it out again."""
+        self._kept_drivers -= 1
+        conn = kept[0]
+        with contextlib.suppress(Exception):  # it is broken already
+            await conn.invalidate()
+        with contextlib.suppress(Exception):
+            await conn.close()
 
     async def _run_driver_pooled(self, work: Callable[[Any], Awaitable[T]]) -> T:
         assert self._async is not None
@@ -457,8 +494,10 @@ class Database:
     async def close(self) -> None:
         """Close every pooled connection."""
         if self._async is not None:
-            if self._driver is not None:
-                conn, self._driver = self._driver[0], None
+            self._closing = True  # kept connections still in use close when their call ends
+            idle, self._idle_drivers = self._idle_drivers, []
+            for conn, _driver in idle:
+                self._kept_drivers -= 1
                 with contextlib.suppress(Exception):  # closing anyway
                     await conn.close()
             await self._async.dispose()
