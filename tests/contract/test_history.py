@@ -456,6 +456,45 @@ async def test_postgresql_statements_cancelled_midway_leave_the_store_working(
 
 
 @pytest.mark.service
+async def test_postgresql_statements_beyond_the_kept_connections_wait_for_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Slow statements hold every connection kept for statements: an append does not wait
+    behind them, a read waits for one to come free and then answers, and a read that would
+    wait past the bound fails as UNAVAILABLE instead."""
+    from roomcast.adapters.sql import SqlHistory, engine
+
+    monkeypatch.setattr(engine, "DRIVER_WAIT", 0.4)
+    async with engine_url("postgresql", tmp_path) as url:
+        history = SqlHistory(url)
+        try:
+            await history.start()
+            room = await history.room_by_name("busy", create=True)
+            assert room is not None
+            assert seqs(await history.append([draft(room)])) == [1]
+
+            db = history._db
+            slow = [
+                asyncio.ensure_future(db.run_driver(lambda conn: conn.fetch("SELECT pg_sleep(2)")))
+                for _ in range(engine.KEPT_DRIVERS)
+            ]
+            await asyncio.sleep(0.2)  # every kept connection is sleeping on the server
+            appended = await asyncio.wait_for(history.append([draft(room, "while busy")]), 1)
+            assert seqs(appended) == [2]
+            with pytest.raises(UnavailableError, match=r"came free in 0\.4 s"):
+                await history.after(room.id, 0, 10)
+
+            monkeypatch.setattr(engine, "DRIVER_WAIT", 10.0)
+            waiting = asyncio.ensure_future(history.after(room.id, 0, 10))
+            await asyncio.sleep(0.1)
+            assert not waiting.done() and not any(task.done() for task in slow)
+            await asyncio.gather(*slow)
+            assert seqs(await asyncio.wait_for(waiting, 5)) == [1, 2]
+        finally:
+            await history.close()
+
+
+@pytest.mark.service
 async def test_postgresql_recovers_when_the_server_ends_its_connections(tmp_path: Path) -> None:
     """PostgreSQL ends every connection of the store (as a restart or an idle timeout
     would), those it keeps for overlapping statements included: reads go on at once, one

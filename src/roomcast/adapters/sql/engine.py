@@ -19,6 +19,7 @@ for writes), run by :meth:`Database.run`:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import re
@@ -68,8 +69,11 @@ share them: see :func:`acquire`)."""
 
 KEPT_DRIVERS = 4
 """PostgreSQL: pooled connections :meth:`Database.run_driver` keeps checked out for its
-statements (at most; fewer while calls do not overlap). Calls beyond them check one out of
-the pool for the call."""
+statements (at most; fewer while calls do not overlap)."""
+
+DRIVER_WAIT = 10.0
+"""PostgreSQL: seconds a statement waits for one of the kept connections to come free
+(the pool's own checkout timeout) before it fails as ``UNAVAILABLE``."""
 
 # Execution option marking the engine view whose transactions write (SQLite: BEGIN IMMEDIATE).
 _WRITE = "roomcast_write"
@@ -98,6 +102,9 @@ class Database:
         self._kept_drivers = 0
         """PostgreSQL: connections kept for :meth:`run_driver`, idle or in use."""
         self._closing = False
+        self._driver_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        """PostgreSQL: calls of :meth:`run_driver` waiting for a kept connection, first
+        come, first woken."""
         self._checkpointer: ThreadPoolExecutor | None = None
         """SQLite file: the thread that checkpoints the write-ahead log."""
         self._checkpoint_conn: Any = None
@@ -300,18 +307,19 @@ class Database:
             self._checkpoint_conn.close()  # back to the pool, from the thread that used it
             self._checkpoint_conn = None
 
-    async def run_driver(self, work: Callable[[Any], Awaitable[T]]) -> T:
+    async def run_driver(self, work: Callable[[Any], Awaitable[T]], *, wait: bool = True) -> T:
         """PostgreSQL: ``await work(connection)`` on an asyncpg connection, for a statement
         that is its own transaction — no ``BEGIN`` or ``COMMIT`` round trips.
 
         The connection it runs on stays checked out of the pool between calls: a call costs
         its statement's one round trip, where a checkout costs two more (SQLAlchemy's ping
         before it, its ``ROLLBACK`` after) and ~0.1 ms of the event loop's time. Up to
-        :data:`KEPT_DRIVERS` calls run at once that way (joins and history pages that
-        overlap the hot write path); a call beyond them checks a connection out of the pool
-        for its own use.
+        :data:`KEPT_DRIVERS` calls run at once; a call beyond them waits for one to finish
+        (first come, first served; :data:`DRIVER_WAIT` at most) — or, if not ``wait``, as
+        the hot write path asks so it never queues behind reads, checks a connection out of
+        the pool for its own use.
         """
-        kept = await self._take_driver()
+        kept = await self._take_driver(wait)
         if kept is None:
             return await self._run_driver_pooled(work)
         try:
@@ -337,17 +345,58 @@ class Database:
             await self._drop_driver(kept)
         else:
             self._idle_drivers.append(kept)
+            self._wake_driver_waiter()
 
-    async def _take_driver(self) -> tuple[AsyncConnection, Any] | None:
-        """An idle kept connection that is still open, a newly kept one if fewer than
-        :data:`KEPT_DRIVERS` are, else None."""
-        while self._idle_drivers:
-            kept = self._idle_drivers.pop()
-            if not kept[1].is_closed():
-                return kept
-            await self._drop_driver(kept)  # the server ended it while it was idle
-        if self._kept_drivers >= KEPT_DRIVERS:
-            return None
+    def _wake_driver_waiter(self) -> None:
+        """A kept connection came free (or its place did): wake the longest waiting call."""
+        while self._driver_waiters:
+            waiter = self._driver_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    async def _take_driver(self, wait: bool) -> tuple[AsyncConnection, Any] | None:
+        """An idle kept connection that is still open, or a newly kept one if fewer than
+        :data:`KEPT_DRIVERS` are; else, if ``wait``, the first of them to come free, and
+        None if not."""
+        deadline: float | None = None
+        woken = False
+        while True:
+            while self._idle_drivers:
+                kept = self._idle_drivers.pop()
+                if not kept[1].is_closed():
+                    return kept
+                await self._drop_driver(kept)  # the server ended it while it was idle
+            if self._kept_drivers < KEPT_DRIVERS:
+                return await self._open_driver()
+            if not wait:
+                return None
+            loop = asyncio.get_running_loop()
+            if deadline is None:
+                deadline = loop.time() + DRIVER_WAIT
+            waiter: asyncio.Future[None] = loop.create_future()
+            if woken:  # and beaten to it by a call that had not waited: keep its place
+                self._driver_waiters.appendleft(waiter)
+            else:
+                self._driver_waiters.append(waiter)
+            woken = False
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await waiter
+                woken = True
+            except TimeoutError:
+                raise UnavailableError(
+                    f"no connection to the history store came free in {DRIVER_WAIT:g} s"
+                ) from None
+            finally:
+                if not woken:
+                    if waiter.done() and not waiter.cancelled():
+                        self._wake_driver_waiter()  # woken as it gave up: pass it on
+                    else:
+                        waiter.cancel()
+
+    async def _open_driver(self) -> tuple[AsyncConnection, Any]:
+        """Check a connection out of the pool to keep (the pool pings it first)."""
         assert self._async is not None
         self._kept_drivers += 1
         try:
@@ -371,6 +420,7 @@ class Database:
     async def _drop_driver(self, kept: tuple[AsyncConnection, Any]) -> None:
         """Stop keeping a connection: invalidated, so the pool never hands it out again."""
         self._kept_drivers -= 1
+        self._wake_driver_waiter()  # its place is free
         conn = kept[0]
         with contextlib.suppress(Exception):  # it is broken already
             await conn.invalidate()

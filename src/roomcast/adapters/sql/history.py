@@ -204,7 +204,9 @@ class SqlHistory:
         counts = Counter(draft.room for draft in drafts)
         postgres = self._db.postgres
         if postgres:
-            stored = await self._db.run_driver(lambda conn: self._append_pg(conn, drafts, counts))
+            stored = await self._db.run_driver(
+                lambda conn: self._append_pg(conn, drafts, counts), wait=False
+            )
             if stored is not None:
                 return stored
             # A room is missing and nothing was stored: the statements below say which.
