@@ -9,7 +9,6 @@ import secrets
 from urllib.parse import urlsplit
 
 from .adapters import open_broker, open_history, open_presence
-from .adapters.memory import MemoryBroker
 from .config import Settings
 from .core.hub import Hub
 from .core.models import NodeId
@@ -62,10 +61,12 @@ class Node:
         await self.broker.start(
             self.id, self.hub.on_frame, self.service.on_inbox, self._on_reconnect
         )
-        if isinstance(self.broker, MemoryBroker):
-            # In one process a stored batch reaches the hub whole: each room's frames of
-            # it go to each member in one write.
-            self.broker.hand_batches_to(self.hub.on_frames)
+        hand_batches_to = getattr(self.broker, "hand_batches_to", None)
+        if hand_batches_to is not None:
+            # Frames that reach the node together (in one process, a stored batch whole;
+            # on Redis, what is read off the connection in one go) go to the hub together:
+            # each room's frames of them go to each member in one write.
+            hand_batches_to(self.hub.on_frames)
         await self.presence.heartbeat(self.id, self.settings.node_ttl)
         self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="roomcast-heartbeat")
         self.started = True

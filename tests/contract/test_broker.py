@@ -6,6 +6,7 @@ Two broker instances on one URL are two nodes of one cluster.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
@@ -184,3 +185,55 @@ async def test_a_closed_broker_refuses_to_publish(cluster):
         await a.broker.publish(RoomId(1), frame(1, 1))
     with pytest.raises(UnavailableError):
         await a.broker.publish_many([(RoomId(1), frame(1, 1)), (RoomId(2), frame(2, 2))])
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_frames_that_arrive_together_are_handed_over_together_in_order(kind, tmp_path):
+    """A node that takes batches (``hand_batches_to``) gets another node's pipelined batch
+    of 200 frames in a few hand-overs instead of 200, every frame once and in publish
+    order, and an inbox frame sent after them after them."""
+    async with engine_url(kind, tmp_path) as url:
+        events: list[tuple[str, bytes]] = []
+        handovers: list[int] = []
+        changed = asyncio.Event()
+
+        async def on_room(data: bytes) -> None:
+            events.append(("room", data))
+            handovers.append(1)
+            changed.set()
+
+        async def on_rooms(frames: list[bytes]) -> None:
+            events.extend(("room", data) for data in frames)
+            handovers.append(len(frames))
+            changed.set()
+
+        async def on_inbox(data: bytes) -> None:
+            events.append(("inbox", data))
+            changed.set()
+
+        async def on_reconnect() -> None:
+            return None
+
+        b_id = NodeId(unique("n"))
+        b = open_broker(url)
+        a = await Node(url).start()
+        try:
+            await b.start(b_id, on_room, on_inbox, on_reconnect)
+            b.hand_batches_to(on_rooms)  # type: ignore[attr-defined]
+            await b.subscribe(RoomId(7))
+            frames = [frame(7, i) for i in range(200)]
+            await a.broker.publish_many([(RoomId(7), data) for data in frames])
+            await a.broker.send(b_id, b"after the batch")
+
+            deadline = time.monotonic() + WAIT
+            while len(events) < 201 and time.monotonic() < deadline:
+                changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), deadline - time.monotonic())
+            assert events == [("room", data) for data in frames] + [("inbox", b"after the batch")]
+            assert sum(handovers) == 200
+            assert len(handovers) <= 20, handovers
+            assert b.received == 200
+        finally:
+            await a.broker.close()
+            await b.close()

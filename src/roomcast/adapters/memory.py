@@ -14,11 +14,11 @@ import itertools
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..core.models import ConnId, Draft, Member, Message, NodeId, Room, RoomId, UserId
-from ..core.ports import FrameHandler, ReconnectHandler
+from ..core.ports import BatchHandler, FrameHandler, ReconnectHandler
 from ..exceptions import ChatError, ErrorCode, UnavailableError
 
 
@@ -34,9 +34,6 @@ class _Bus:
     """Nodes that take a published batch's frames in one call (see
     :meth:`MemoryBroker.hand_batches_to`)."""
 
-
-BatchHandler = Callable[[list[bytes]], Awaitable[None]]
-"""Takes several room frames at once, in publish order."""
 
 _buses: dict[str, _Bus] = {}
 

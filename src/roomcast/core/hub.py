@@ -119,7 +119,8 @@ class Hub:
             await self._route(frame)
 
     async def on_frames(self, data: Sequence[bytes]) -> None:
-        """The in-process broker's handler for a batch of room frames, in publish order."""
+        """The broker's handler for room frames that arrived together, in arrival order
+        (the in-process broker's and Redis's: see ``hand_batches_to``)."""
         frames = [frame for one in data if (frame := self._received(one)) is not None]
         await self._route_many(frames)
 
