@@ -12,7 +12,8 @@ channel in one step. Sharded pub/sub only sends a frame to the shard that owns t
 instead of to every node of the cluster as classic ``PUBLISH`` does.
 
 Connections: one subscriber connection, owned by one reader task that hands the payloads to
-the node's handlers one at a time in arrival order; and a pool for publishing, so a slow
+the node's handlers in arrival order — one at a time, or the room frames read off the
+connection together in one call (``hand_batches_to``); and a pool for publishing, so a slow
 handler never holds up a publish. Only the reader connects and reconnects the subscriber
 connection; other tasks merely write ``SSUBSCRIBE`` / ``SUNSUBSCRIBE`` on it while it is up,
 and the replies come back to the reader.
