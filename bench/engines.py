@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import shutil
 import tempfile
 import time
@@ -40,7 +39,7 @@ from roomcast.core.models import Draft, NodeId, RoomId, User, UserId
 from .cleanup import drop_schema, rabbit_delete
 from .environment import machine, tree, versions
 from .histogram import bucket, percentile_ms
-from .report import stats
+from .report import run_and_write, stats
 from .targets import POSTGRES_URL
 
 BROKERS = {
@@ -244,18 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     args.argv = sys.argv[1:] if argv is None else argv
     # Read before the event loop starts: some of these readings run a loop of their own.
     args.environment = {"machine": machine(), "versions": versions(), "tree": tree()}
-    try:
-        import uvloop
-
-        results = uvloop.run(_main(args))
-    except ImportError:  # pragma: no cover - uvloop is part of roomcast's install
-        results = asyncio.run(_main(args))
-    table = _table(results)
-    results["table"] = table
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=1) + "\n")
-    print(table)
-    print(f"wrote {args.output}")
+    run_and_write(_main(args), args.output, _table)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import shutil
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from roomcast.core.models import Draft, User, UserId
 
 from .cleanup import drop_schema
 from .environment import machine, tree, versions
-from .report import stats
+from .report import run_and_write, stats
 from .targets import POSTGRES_URL
 
 STORES = ("sqlite", "postgresql")
@@ -135,18 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
     args.environment = {"machine": machine(), "versions": versions(), "tree": tree()}
-    try:
-        import uvloop
-
-        results = uvloop.run(_main(args))
-    except ImportError:  # pragma: no cover - uvloop is part of roomcast's install
-        results = asyncio.run(_main(args))
-    table = _table(results)
-    results["table"] = table
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=1) + "\n")
-    print(table)
-    print(f"wrote {args.output}")
+    run_and_write(_main(args), args.output, _table)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@ The page keeps whatever is written outside its generated block
 
 from __future__ import annotations
 
+import asyncio
+import json
 import statistics
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -310,3 +313,24 @@ def write_docs(results: dict[str, Any], page: Path, img_dir: Path) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     page.write_text(text)
+
+
+def run_and_write(
+    work: Coroutine[Any, Any, dict[str, Any]],
+    output: Path,
+    table: Callable[[dict[str, Any]], str],
+) -> dict[str, Any]:
+    """Run a measurement (``python -m bench.engines``, ``bench.reads``) on uvloop, add its
+    markdown table to its results, write them to ``output`` as JSON and print the table."""
+    try:
+        import uvloop
+
+        results = uvloop.run(work)
+    except ImportError:  # pragma: no cover - uvloop is part of roomcast's install
+        results = asyncio.run(work)
+    results["table"] = table(results)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=1) + "\n")
+    print(results["table"])
+    print(f"wrote {output}")
+    return results

@@ -402,6 +402,24 @@ async def test_two_instances_create_one_room_and_distinct_users(durable_store: S
     assert sorted(users) == list(range(1, 41))
 
 
+async def _room_with_one_message(history: History, name: str) -> Room:
+    """Start ``history`` and give it a room ``name`` holding one message (seq 1)."""
+    await history.start()
+    room = await history.room_by_name(name, create=True)
+    assert room is not None
+    assert seqs(await history.append([draft(room)])) == [1]
+    return room
+
+
+def _sleeping(history: History, statements: int) -> list[asyncio.Future[object]]:
+    """``statements`` two-second ``pg_sleep``s running on the store's statement path."""
+    db = history._db  # type: ignore[attr-defined]
+    return [
+        asyncio.ensure_future(db.run_driver(lambda conn: conn.fetch("SELECT pg_sleep(2)")))
+        for _ in range(statements)
+    ]
+
+
 @pytest.mark.service
 async def test_postgresql_statements_cancelled_midway_leave_the_store_working(
     tmp_path: Path,
@@ -420,16 +438,8 @@ async def test_postgresql_statements_cancelled_midway_leave_the_store_working(
         history = SqlHistory(url)
         try:
             before = {row["pid"] for row in await admin.fetch("SELECT pid FROM pg_stat_activity")}
-            await history.start()
-            room = await history.room_by_name("cancelled", create=True)
-            assert room is not None
-            assert seqs(await history.append([draft(room)])) == [1]
-
-            db = history._db
-            slow = [
-                asyncio.ensure_future(db.run_driver(lambda conn: conn.fetch("SELECT pg_sleep(2)")))
-                for _ in range(6)
-            ]
+            room = await _room_with_one_message(history, "cancelled")
+            slow = _sleeping(history, 6)
             await asyncio.sleep(0.2)  # all six are waiting on the server
             assert not any(task.done() for task in slow)
             for task in slow:
@@ -468,16 +478,8 @@ async def test_postgresql_statements_beyond_the_kept_connections_wait_for_one(
     async with engine_url("postgresql", tmp_path) as url:
         history = SqlHistory(url)
         try:
-            await history.start()
-            room = await history.room_by_name("busy", create=True)
-            assert room is not None
-            assert seqs(await history.append([draft(room)])) == [1]
-
-            db = history._db
-            slow = [
-                asyncio.ensure_future(db.run_driver(lambda conn: conn.fetch("SELECT pg_sleep(2)")))
-                for _ in range(engine.KEPT_DRIVERS)
-            ]
+            room = await _room_with_one_message(history, "busy")
+            slow = _sleeping(history, engine.KEPT_DRIVERS)
             await asyncio.sleep(0.2)  # every kept connection is sleeping on the server
             appended = await asyncio.wait_for(history.append([draft(room, "while busy")]), 1)
             assert seqs(appended) == [2]
