@@ -48,6 +48,12 @@ from .ports import Broker, History, Presence
 from .ratelimit import TokenBucket
 from .timing import Durations
 
+PRESENCE_GATHER_FROM = 0.001
+"""Seconds: a presence batch whose publish took at least this long (a big room's hand-over,
+a write to each member) makes the announcer wait as long before the next one."""
+PRESENCE_GATHER_MAX = 0.05
+"""Seconds: the longest the announcer waits between two publishes."""
+
 log = logging.getLogger(__name__)
 
 ROOM_CACHE = 100_000
@@ -651,8 +657,10 @@ class ChatService:
         Events are published by one announcer task: those that queue up while it
         publishes, or within the same turn of the event loop, go in one
         ``publish_many``, and a node hands such a batch to each member of a room as one
-        run (one write). A storm of joins into a big room — clients reconnecting after a
-        deploy — costs each member a write per batch instead of one per joiner."""
+        run (one write). After a publish that took a millisecond or more the announcer
+        waits as long again (50 ms at most) before the next, so events that trickle in
+        gather meanwhile. A storm of joins into a big room — clients reconnecting after
+        a deploy — costs each member a write per batch instead of one per joiner."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._announcing.append((room_id, presence_frame(room_id, event, user).encode(), done))
         if self._announcer is None:
@@ -664,6 +672,7 @@ class ChatService:
         try:
             while self._announcing:
                 batch, self._announcing = self._announcing, []
+                started = time.perf_counter()
                 try:
                     await self.broker.publish_many([(room, frame) for room, frame, _ in batch])
                 except Exception:
@@ -672,6 +681,13 @@ class ChatService:
                     if not done.done():
                         done.set_result(None)
                 batch = []
+                # A publish that took long (the in-process broker hands a big room's
+                # batch to every member within it) is followed by as long a wait, in
+                # which the next events gather: a trickle of joins into a big room then
+                # costs each member a write per gathered batch, not one per joiner.
+                spent = time.perf_counter() - started
+                if spent >= PRESENCE_GATHER_FROM:
+                    await asyncio.sleep(min(spent, PRESENCE_GATHER_MAX))
         finally:
             self._announcer = None
             # Only when the task is cancelled (the event loop shutting down): no caller
