@@ -113,3 +113,24 @@ async def test_heartbeat_tells_a_node_whose_entries_may_be_gone(views):
     await two.reap()
     assert await one.heartbeat(NodeId("n2"), 30) is True  # it must write its entries again
     assert await one.heartbeat(NodeId("n1"), 30) is False
+
+
+async def test_members_read_again_follow_every_leave_and_rejoin(views):
+    """A storm of joins reads a room's members again and again: each read lists the room
+    as it is now, in join order — a connection that left and came back is listed once, at
+    the end, and one that left is gone, whichever node reads."""
+    one, two = await views(), await views()
+    await one.heartbeat(NodeId("n1"), 30)
+    room = RoomId(9)
+    joined = [member(user, "n1") for user in range(1, 6)]
+    for entry in joined:
+        await one.add(room, entry)
+        assert await one.members(room) == await two.members(room)
+    assert await one.members(room) == joined
+    await one.remove(room, joined[1].conn)
+    await one.add(room, joined[1])
+    await one.remove(room, joined[3].conn)
+    expected = [joined[0], joined[2], joined[4], joined[1]]
+    for _ in range(3):
+        assert await one.members(room) == expected
+        assert await two.members(room) == expected

@@ -38,6 +38,9 @@ from ...exceptions import UnavailableError
 from .broker import UNREACHABLE, connection_options, open_client
 
 REAP_LEASE = 30.0
+DECODED_MAX = 16_384
+"""How many decoded room entries a presence keeps for its next ``members`` read (about
+600 bytes each; when full, it starts again empty)."""
 """Seconds a reaper has to remove a lapsed node's entries before another one may."""
 REAP_BATCH = 100
 """Nodes claimed by one ``reap`` call at most; the rest wait for the next call."""
@@ -143,6 +146,8 @@ class RedisPresence:
         options, self._prefix = connection_options(url)
         self._client = open_client(options)
         self._nodes = f"{self._prefix}:nodes"
+        self._decoded: dict[tuple[bytes, bytes], tuple[int, Member]] = {}
+        """Room entries already decoded, by hash field and value (see ``members``)."""
 
     def _members_key(self, room: RoomId) -> str:
         return f"{self._prefix}:members:{{r{room}}}"
@@ -225,8 +230,19 @@ class RedisPresence:
 
     async def members(self, room: RoomId) -> list[Member]:
         (entries,) = await self._run(lambda pipe: pipe.hgetall(self._members_key(room)))
-        ordered = sorted((_member(conn, entry) for conn, entry in entries.items()), key=_order)
-        return [member for _, member in ordered]
+        # A join into a room of N reads its N entries, and a storm of joins reads the same
+        # entries again and again: each is decoded once and kept, as long as its exact
+        # bytes come back (an entry never changes; a member who rejoins gets a new order).
+        decoded, known = [], self._decoded
+        for item in entries.items():
+            found = known.get(item)
+            if found is None:
+                if len(known) >= DECODED_MAX:
+                    known.clear()
+                found = known[item] = _member(*item)
+            decoded.append(found)
+        decoded.sort(key=_order)
+        return [member for _, member in decoded]
 
     async def counts(self, rooms: Sequence[RoomId]) -> dict[RoomId, int]:
         if not rooms:
