@@ -134,3 +134,58 @@ async def test_members_read_again_follow_every_leave_and_rejoin(views):
     for _ in range(3):
         assert await one.members(room) == expected
         assert await two.members(room) == expected
+
+
+async def test_a_thousand_members_joining_and_leaving_at_once_all_count(views):
+    """A deploy or a network blip: a thousand connections of one node join a room at
+    once, then all drop at once. Every join and every leave takes effect — none is lost
+    to a busy engine — so the room lists all of them, then no one."""
+    one = await views()
+    await one.heartbeat(NodeId("n1"), 30)
+    room = RoomId(5)
+    crowd = [member(user, "n1") for user in range(1, 1001)]
+    await asyncio.gather(*(one.add(room, entry) for entry in crowd))
+    assert len(await one.members(room)) == 1000
+    assert await one.counts([room]) == {room: 1000}
+    await asyncio.gather(*(one.remove(room, entry.conn) for entry in crowd))
+    assert await one.members(room) == []
+    assert await one.counts([room]) == {room: 0}
+
+
+async def test_redis_commands_beyond_the_urls_connections_wait_for_one(tmp_path):
+    """``max_connections=2`` on the Redis URL: presence and the broker each open two
+    connections at most, and two hundred updates at once wait their turn instead of
+    failing; the broker starts with the same URL and its frames arrive."""
+    from roomcast.adapters.redis import RedisBroker
+
+    async with engine_url("redis", tmp_path) as base:
+        url = f"{base}&max_connections=2"
+        presence = open_presence(url)
+        await presence.start()
+        broker = RedisBroker(url)
+        got: list[bytes] = []
+        all_in = asyncio.Event()
+
+        async def on_room(data: bytes) -> None:
+            got.append(data)
+            if len(got) == 50:
+                all_in.set()
+
+        async def ignore(*_: object) -> None:
+            return None
+
+        try:
+            await presence.heartbeat(NodeId("n1"), 30)
+            crowd = [member(user, "n1") for user in range(1, 201)]
+            await asyncio.gather(*(presence.add(RoomId(3), entry) for entry in crowd))
+            assert await presence.counts([RoomId(3)]) == {RoomId(3): 200}
+            await asyncio.gather(*(presence.remove(RoomId(3), e.conn) for e in crowd))
+            assert await presence.members(RoomId(3)) == []
+            await broker.start(NodeId("n1"), on_room, ignore, ignore)
+            await broker.subscribe(RoomId(3))
+            await asyncio.gather(*(broker.publish(RoomId(3), b"f%d" % i) for i in range(50)))
+            await asyncio.wait_for(all_in.wait(), 5)
+            assert sorted(got) == sorted(b"f%d" % i for i in range(50))
+        finally:
+            await broker.close()
+            await presence.close()

@@ -42,7 +42,12 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from redis.asyncio import Redis
-from redis.asyncio.connection import AbstractConnection, Connection, ConnectionPool, parse_url
+from redis.asyncio.connection import (
+    AbstractConnection,
+    BlockingConnectionPool,
+    Connection,
+    parse_url,
+)
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -58,6 +63,11 @@ log = logging.getLogger(__name__)
 DEFAULT_PREFIX = "roomcast"
 IO_TIMEOUT = 2.0
 """Connect and socket timeout (seconds): a call never waits longer on a dead server."""
+POOL_SIZE = 50
+"""Connections a client (the broker's commands, presence) opens at most, unless the URL's
+``max_connections`` says otherwise; commands beyond them wait for one."""
+POOL_WAIT = 5.0
+"""Seconds a command waits for a free connection before it fails as unavailable."""
 SUBSCRIBE_TIMEOUT = 5.0
 """How long ``subscribe`` waits for the server to confirm."""
 RECONNECT_BACKOFF = (0.1, 2.0)
@@ -102,8 +112,14 @@ def connection_options(url: str) -> tuple[dict[str, Any], str]:
 
 
 def open_client(options: dict[str, Any]) -> Redis:
-    """A client with its own pool of connections made with ``options``."""
-    return Redis.from_pool(ConnectionPool(**options))
+    """A client with its own pool of connections made with ``options``.
+
+    The pool blocks: a command that finds every connection busy waits (up to
+    :data:`POOL_WAIT`) for one to come free. redis-py's default pool fails it at once with
+    "Too many connections" — a thousand clients dropping together would have lost most of
+    their presence updates and left them listed as members."""
+    pool_options = {"max_connections": POOL_SIZE, "timeout": POOL_WAIT, **options}
+    return Redis.from_pool(BlockingConnectionPool(**pool_options))
 
 
 class RedisBroker:
@@ -117,6 +133,7 @@ class RedisBroker:
         # RESP2, because redis-py's RESP3 parser formats every pushed message into a debug
         # log line (the whole payload, logged or not) before handing it over.
         options = {**options, "protocol": 2}
+        options.pop("max_connections", None)  # a pool's option, not a connection's
         connection_class: type[AbstractConnection] = options.pop("connection_class", Connection)
         self._sub = connection_class(**options)
         self._on_room: FrameHandler | None = None

@@ -38,12 +38,12 @@ from ...exceptions import UnavailableError
 from .broker import UNREACHABLE, connection_options, open_client
 
 REAP_LEASE = 30.0
-DECODED_MAX = 16_384
-"""How many decoded room entries a presence keeps for its next ``members`` read (about
-600 bytes each; when full, it starts again empty)."""
 """Seconds a reaper has to remove a lapsed node's entries before another one may."""
 REAP_BATCH = 100
 """Nodes claimed by one ``reap`` call at most; the rest wait for the next call."""
+DECODED_MAX = 16_384
+"""How many decoded room entries a presence keeps for its next ``members`` read (about
+600 bytes each; when full, it starts again empty)."""
 
 _ADD = """
 -- KEYS: members hash, join counter; ARGV: conn, the entry's JSON up to its order
