@@ -97,6 +97,7 @@ class Node:
                 removed = await self.presence.reap()
                 if removed:
                     await self.service.announce_departed(removed)
+                await self.service.retry_removals()
             except Exception:
                 log.warning("heartbeat failed", exc_info=True)
 

@@ -17,6 +17,7 @@ from roomcast.adapters.redis import RedisBroker, broker
 from roomcast.core.models import NodeId, RoomId
 from roomcast.exceptions import UnavailableError
 from tests.redis_server import RedisServer, eventually, private_redis
+from tests.relay import TcpRelay
 
 from .engines import unique
 
@@ -133,3 +134,54 @@ async def test_a_redis_that_stops_answering_is_noticed(
     await eventually(lambda: a.broker.healthy and a.reconnects == 1, "reconnected")
     await b.broker.publish(RoomId(1), b"after")
     await eventually(lambda: a.frames == [b"after"], "frames after")
+
+
+async def test_members_who_leave_while_redis_is_out_of_reach_are_removed_once_it_is_back(
+    server: RedisServer,
+) -> None:
+    """A client that disconnects while the network to Redis is down cannot be taken out of
+    presence then; once Redis is reachable again the node's next heartbeat retries, and
+    the room stops listing it. A client that left and came back meanwhile stays listed."""
+    from roomcast.adapters.memory import MemoryBroker, MemoryHistory
+    from roomcast.adapters.redis import RedisPresence
+    from roomcast.core.hub import Hub
+    from roomcast.core.service import ChatService
+    from tests.core.test_service import Recorder, connect, join
+
+    relay = TcpRelay("127.0.0.1", server.port)
+    await relay.start()
+    presence = RedisPresence(f"redis://127.0.0.1:{relay.port}/0?prefix={unique()}")
+    await presence.start()
+    history, broker = MemoryHistory(), MemoryBroker(unique("bus"))
+    hub = Hub(broker, history, unsubscribe_grace=0)
+    service = ChatService(
+        node=NodeId("n1"), history=history, broker=broker, presence=presence, hub=hub
+    )
+
+    async def ignore(*_: object) -> None:
+        return None
+
+    await broker.start(NodeId("n1"), hub.on_frame, service.on_inbox, ignore)
+    try:
+        rec = Recorder()
+        alice, bob, carol = [
+            await connect(service, rec, name) for name in ("alice", "bob", "carol")
+        ]
+        for session in (alice, bob, carol):
+            await join(service, session, "hall")
+        room = next(iter(alice.rooms))
+        await relay.cut()
+        await service.disconnect(bob.conn.id)  # its removals fail
+        await service.leave(carol, "hall")
+        assert await service.retry_removals() == 3  # still out of reach: all kept
+        await relay.start()
+        await join(service, carol, "hall")  # back in before the retry
+        listed = {m.user.name for m in await presence.members(room)}
+        assert listed == {"alice", "bob", "carol"}  # bob is listed until the retry
+        assert await service.retry_removals() == 0
+        assert {m.user.name for m in await presence.members(room)} == {"alice", "carol"}
+        assert await presence.locate(bob.user.id) == []
+    finally:
+        await broker.close()
+        await presence.close()
+        await relay.cut()

@@ -53,6 +53,8 @@ PRESENCE_GATHER_FROM = 0.001
 a write to each member) makes the announcer wait as long before the next one."""
 PRESENCE_GATHER_MAX = 0.05
 """Seconds: the longest the announcer waits between two publishes."""
+UNREMOVED_MAX = 100_000
+"""Failed presence removals kept for the heartbeat to retry, at most."""
 
 log = logging.getLogger(__name__)
 
@@ -317,6 +319,10 @@ class ChatService:
         self._announcing: list[tuple[RoomId, bytes, asyncio.Future[None]]] = []
         """Presence events waiting for the announcer's next publish."""
         self._announcer: asyncio.Task[None] | None = None
+        self._unremoved: dict[tuple[RoomId | None, ConnId], None] = {}
+        """Presence removals that failed (the engine out of reach), in order: (room, conn)
+        for a membership, (None, conn) for a registration. Until one is retried (see
+        :meth:`retry_removals`), its connection is still listed."""
 
     # -- connections -------------------------------------------------------------------
 
@@ -359,7 +365,7 @@ class ChatService:
             self._by_user.pop(session.user.id, None)
         for room_id in list(session.rooms):
             await self._leave(session, room_id)
-        await self._quiet(self.presence.unregister(conn_id))
+        await self._remove_presence(None, conn_id)
 
     # -- rooms -------------------------------------------------------------------------
 
@@ -423,7 +429,7 @@ class ChatService:
             await self._publish_presence(room.id, "join", session.user)
         except BaseException:
             self.hub.detach(room.id, conn)
-            await self._quiet(self.presence.remove(room.id, conn.id))
+            await self._remove_presence(room.id, conn.id)
             raise
         session.rooms.add(room.id)
         return JoinResult(room, seq, members, recovered, missed)
@@ -460,7 +466,7 @@ class ChatService:
     async def _leave(self, session: Session, room_id: RoomId, *, announce: bool = True) -> None:
         session.rooms.discard(room_id)
         self.hub.detach(room_id, session.conn)
-        await self._quiet(self.presence.remove(room_id, session.conn.id))
+        await self._remove_presence(room_id, session.conn.id)
         if announce:
             await self._publish_presence(room_id, "leave", session.user)
 
@@ -702,6 +708,40 @@ class ChatService:
             await self.broker.publish(room_id, frame.encode())
         except Exception:
             log.warning("publish to room %s failed", room_id, exc_info=True)
+
+    async def _remove_presence(self, room_id: RoomId | None, conn_id: ConnId) -> None:
+        """Remove a membership (or, with no room, a registration) from presence; if the
+        engine cannot be reached, keep it for the heartbeat to retry."""
+        try:
+            if room_id is None:
+                await self.presence.unregister(conn_id)
+            else:
+                await self.presence.remove(room_id, conn_id)
+        except Exception as exc:
+            # No traceback: a thousand clients dropping while the engine is away would
+            # otherwise hold the event loop formatting them.
+            log.warning("removing %s from presence failed, to be retried: %s", conn_id, exc)
+            if len(self._unremoved) < UNREMOVED_MAX:
+                self._unremoved[(room_id, conn_id)] = None
+
+    async def retry_removals(self) -> int:
+        """Retry the presence removals that failed, in order, until one fails again (the
+        engine still out of reach: the rest wait for the next call). A connection back
+        in the room (or still connected, for a registration) is left listed. Returns how
+        many are still to do. The node's heartbeat calls this."""
+        for key in list(self._unremoved):
+            room_id, conn_id = key
+            session = self._sessions.get(conn_id)
+            if session is None or (room_id is not None and room_id not in session.rooms):
+                try:
+                    if room_id is None:
+                        await self.presence.unregister(conn_id)
+                    else:
+                        await self.presence.remove(room_id, conn_id)
+                except Exception:
+                    break
+            del self._unremoved[key]
+        return len(self._unremoved)
 
     @staticmethod
     async def _quiet(awaitable: object) -> None:
