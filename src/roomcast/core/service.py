@@ -709,14 +709,17 @@ class ChatService:
         except Exception:
             log.warning("publish to room %s failed", room_id, exc_info=True)
 
+    def _removal(self, room_id: RoomId | None, conn_id: ConnId) -> Awaitable[None]:
+        """Presence's removal of a membership, or with no room of a registration."""
+        if room_id is None:
+            return self.presence.unregister(conn_id)
+        return self.presence.remove(room_id, conn_id)
+
     async def _remove_presence(self, room_id: RoomId | None, conn_id: ConnId) -> None:
         """Remove a membership (or, with no room, a registration) from presence; if the
         engine cannot be reached, keep it for the heartbeat to retry."""
         try:
-            if room_id is None:
-                await self.presence.unregister(conn_id)
-            else:
-                await self.presence.remove(room_id, conn_id)
+            await self._removal(room_id, conn_id)
         except Exception as exc:
             # No traceback: a thousand clients dropping while the engine is away would
             # otherwise hold the event loop formatting them.
@@ -726,19 +729,18 @@ class ChatService:
 
     async def retry_removals(self) -> int:
         """Retry the presence removals that failed, in order, until one fails again (the
-        engine still out of reach: the rest wait for the next call). A connection back
-        in the room (or still connected, for a registration) is left listed. Returns how
-        many are still to do. The node's heartbeat calls this."""
+        engine still out of reach): it moves to the end and the rest wait for the next
+        call. A connection back in the room (or still connected, for a registration)
+        stays listed. Returns how many are still to do. The node's heartbeat calls this."""
         for key in list(self._unremoved):
             room_id, conn_id = key
             session = self._sessions.get(conn_id)
             if session is None or (room_id is not None and room_id not in session.rooms):
                 try:
-                    if room_id is None:
-                        await self.presence.unregister(conn_id)
-                    else:
-                        await self.presence.remove(room_id, conn_id)
+                    await self._removal(room_id, conn_id)
                 except Exception:
+                    del self._unremoved[key]
+                    self._unremoved[key] = None
                     break
             del self._unremoved[key]
         return len(self._unremoved)
