@@ -97,7 +97,8 @@ class Node:
                 removed = await self.presence.reap()
                 if removed:
                     await self.service.announce_departed(removed)
-                await self.service.retry_removals()
+                # Within half an interval: a backlog must not make the node miss a beat.
+                await self.service.retry_removals(budget=interval / 2)
             except Exception:
                 log.warning("heartbeat failed", exc_info=True)
 

@@ -178,6 +178,7 @@ async def test_members_who_leave_while_redis_is_out_of_reach_are_removed_once_it
         await join(service, carol, "hall")  # back in before the retry
         listed = {m.user.name for m in await presence.members(room)}
         assert listed == {"alice", "bob", "carol"}  # bob is listed until the retry
+        assert await service.retry_removals(budget=0) == 2  # a spent budget stops it
         assert await service.retry_removals() == 0
         assert {m.user.name for m in await presence.members(room)} == {"alice", "carol"}
         assert await presence.locate(bob.user.id) == []

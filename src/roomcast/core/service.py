@@ -727,11 +727,14 @@ class ChatService:
             if len(self._unremoved) < UNREMOVED_MAX:
                 self._unremoved[(room_id, conn_id)] = None
 
-    async def retry_removals(self) -> int:
+    async def retry_removals(self, budget: float | None = None) -> int:
         """Retry the presence removals that failed, in order, until one fails again (the
         engine still out of reach): it moves to the end and the rest wait for the next
         call. A connection back in the room (or still connected, for a registration)
-        stays listed. Returns how many are still to do. The node's heartbeat calls this."""
+        stays listed. With a ``budget`` (seconds) it stops once that is spent (after one
+        at least), so a long backlog never holds up the heartbeat that calls it. Returns
+        how many are still to do."""
+        deadline = None if budget is None else time.monotonic() + budget
         for key in list(self._unremoved):
             room_id, conn_id = key
             session = self._sessions.get(conn_id)
@@ -743,6 +746,8 @@ class ChatService:
                     self._unremoved[key] = None
                     break
             del self._unremoved[key]
+            if deadline is not None and time.monotonic() >= deadline:
+                break  # at least one done per call, however small the budget
         return len(self._unremoved)
 
     @staticmethod
