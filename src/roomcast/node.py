@@ -64,7 +64,8 @@ class Node:
         hand_batches_to = getattr(self.broker, "hand_batches_to", None)
         if hand_batches_to is not None:
             # Frames that reach the node together (in one process, a stored batch whole;
-            # on Redis, what is read off the connection in one go) go to the hub together:
+            # on Redis, what is read off the connection in one go; on NATS, a room's frames
+            # queued together) go to the hub together:
             # each room's frames of them go to each member in one write.
             hand_batches_to(self.hub.on_frames)
         await self.presence.heartbeat(self.id, self.settings.node_ttl)

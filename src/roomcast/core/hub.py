@@ -120,7 +120,7 @@ class Hub:
 
     async def on_frames(self, data: Sequence[bytes]) -> None:
         """The broker's handler for room frames that arrived together, in arrival order
-        (the in-process broker's and Redis's: see ``hand_batches_to``)."""
+        (the in-process broker's, Redis's and NATS's: see ``hand_batches_to``)."""
         frames = [frame for one in data if (frame := self._received(one)) is not None]
         await self._route_many(frames)
 

@@ -23,7 +23,7 @@ within each room (the order across rooms may differ between nodes)."""
 BatchHandler = Callable[[list[bytes]], Awaitable[None]]
 """Takes several room payloads at once, in arrival order: what a broker that can tell
 them apart hands over instead of one :data:`FrameHandler` call each (see
-``hand_batches_to`` on the in-process and Redis brokers)."""
+``hand_batches_to`` on the in-process, Redis and NATS brokers)."""
 
 ReconnectHandler = Callable[[], Awaitable[None]]
 """Called by a broker once its subscriptions are restored after a lost connection."""
