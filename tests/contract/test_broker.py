@@ -115,12 +115,15 @@ async def test_a_batch_of_frames_for_several_rooms_arrives_in_order(cluster):
 
 async def test_a_node_keeps_receiving_far_past_a_flow_control_window(cluster):
     """Thousands of frames, more than any prefetch window (RabbitMQ: 256 unacknowledged,
-    acknowledged in batches): every one arrives, in order."""
+    acknowledged in batches): a thousand published one by one, each its own delivery, then
+    a thousand in one batch (RabbitMQ: several bundles of one room's frames); every one
+    arrives, in order."""
     a, c = await cluster(), await cluster()
     await a.broker.subscribe(RoomId(1))
     sent = [frame(1, i) for i in range(2000)]
-    for start in range(0, len(sent), 100):
-        await c.broker.publish_many([(RoomId(1), data) for data in sent[start : start + 100]])
+    for data in sent[:1000]:
+        await c.broker.publish(RoomId(1), data)
+    await c.broker.publish_many([(RoomId(1), data) for data in sent[1000:]])
     await a.wait(lambda: len(a.room_frames) >= len(sent))
     assert a.room_frames == sent
 
@@ -187,7 +190,7 @@ async def test_a_closed_broker_refuses_to_publish(cluster):
         await a.broker.publish_many([(RoomId(1), frame(1, 1)), (RoomId(2), frame(2, 2))])
 
 
-@pytest.mark.parametrize("kind", ["memory", "redis", "nats"])
+@pytest.mark.parametrize("kind", BROKERS)
 async def test_frames_that_arrive_together_are_handed_over_together_in_order(kind, tmp_path):
     """A node that takes batches (``hand_batches_to``) gets another node's pipelined batch
     of 200 frames in a few hand-overs instead of 200, every frame once and in publish
@@ -243,3 +246,31 @@ async def test_frames_that_arrive_together_are_handed_over_together_in_order(kin
         finally:
             await a.broker.close()
             await b.close()
+
+
+async def test_a_malformed_bundle_on_rabbitmq_is_dropped_and_what_follows_arrives(tmp_path):
+    """A message that claims to be a bundle of frames but is cut short (or that some other
+    client put on the exchange) is dropped whole, with a warning; the node goes on."""
+    import aio_pika
+
+    from roomcast.adapters.rabbitmq.broker import BUNDLE_TYPE, bundle, parse_url
+
+    async with engine_url("amqp", tmp_path) as url:
+        a, c = await Node(url).start(), await Node(url).start()
+        amqp_url, prefix = parse_url(url)
+        connection = await aio_pika.connect(amqp_url)
+        try:
+            await a.broker.subscribe(RoomId(3))
+            channel = await connection.channel()
+            exchange = await channel.get_exchange(prefix, ensure=False)
+            whole = bundle([frame(3, 1), frame(3, 2)])
+            for body in (whole[:-5], whole[:2]):
+                await exchange.publish(aio_pika.Message(body, type=BUNDLE_TYPE), "room.3")
+            await c.broker.publish_many([(RoomId(3), frame(3, 3)), (RoomId(3), frame(3, 4))])
+            await a.wait(lambda: len(a.room_frames) >= 2)
+            assert a.room_frames == [frame(3, 3), frame(3, 4)]
+            assert a.broker.healthy
+        finally:
+            await connection.close()
+            await a.broker.close()
+            await c.broker.close()

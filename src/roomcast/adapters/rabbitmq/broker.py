@@ -18,9 +18,9 @@ exchange so that an operator can bind ``room.#`` to watch a cluster's traffic.
 
 Receiving. One consumer on the node's queue hands each delivery to a local FIFO without
 awaiting anything, and a single task drains that FIFO, awaiting ``on_room`` or ``on_inbox``
-one frame at a time in delivery order. (aio-pika starts each consumer callback as a task of
-its own; tasks start in the order they were created, and the callback only enqueues, so they
-cannot reorder frames.) Deliveries are
+(or, for a bundle, the batch handler) one delivery at a time in delivery order. (aio-pika
+starts each consumer callback as a task of its own; tasks start in the order they were
+created, and the callback only enqueues, so they cannot reorder frames.) Deliveries are
 acknowledged only so that the prefetch window bounds what the node holds in memory: the
 queue is exclusive, so an ack never decides whether some other consumer gets a frame, and
 the unacknowledged frames of a lost connection vanish with the queue either way. So one ack
@@ -34,6 +34,15 @@ frames; ``publish`` returns once RabbitMQ has confirmed the frame, i.e. routed i
 bound queue. Consuming and publishing use separate channels, as RabbitMQ advises: when it
 throttles a publisher, or a publish fails and RabbitMQ closes the channel, the consumer goes
 on undisturbed. Frames are transient (delivery mode 1): durability is the history's job.
+
+Bundles. ``publish_many`` sends a room's frames of one batch as one AMQP message of type
+``roomcast.frames`` (each frame behind its length, 4 bytes big-endian; at most
+``BUNDLE_FRAMES`` frames and about ``BUNDLE_BYTES`` bytes a bundle), so a batch costs one
+publish, one confirm and one delivery per room instead of one per frame; a room's frames
+keep their order, rooms' frames interleave as they may. A receiving node hands a bundle's
+frames to the hub in one call (``hand_batches_to``), which writes each local member one
+write for them: in a storm of joins into one room, a node gets the presence announcements
+that gathered while its last publish was confirmed as one message, not hundreds.
 
 Reconnection. aio-pika's robust connection reconnects (every ``reconnect_interval`` seconds,
 1 unless the URL says otherwise; heartbeats every 10 s unless ``heartbeat`` says otherwise)
@@ -69,7 +78,7 @@ from aio_pika.connection import make_url
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, ChannelNotFoundEntity
 
 from ...core.models import NodeId, RoomId
-from ...core.ports import FrameHandler, ReconnectHandler
+from ...core.ports import BatchHandler, FrameHandler, ReconnectHandler
 from ...exceptions import ConfigError, UnavailableError
 from .._resync import Resync
 
@@ -89,6 +98,12 @@ PREFETCH = 256
 """Unacknowledged deliveries RabbitMQ may push to a node before it acknowledges."""
 ACK_EVERY = PREFETCH // 4
 """Deliveries handled per acknowledgement (``multiple=True``)."""
+BUNDLE_TYPE = "roomcast.frames"
+"""The AMQP ``type`` of a message that carries several frames of one room."""
+BUNDLE_FRAMES = 256
+"""Frames in one bundle at most."""
+BUNDLE_BYTES = 1 << 20
+"""A bundle takes no further frame once it holds this many bytes."""
 
 URL_DEFAULTS = {"reconnect_interval": "1", "heartbeat": "10"}
 """aio-pika settings used unless the URL gives its own. A short heartbeat makes both ends
@@ -139,6 +154,7 @@ class RabbitBroker:
         self._inbox_key = ""
         self._on_room: FrameHandler | None = None
         self._on_inbox: FrameHandler | None = None
+        self._on_rooms: BatchHandler | None = None
         self._connection: AbstractRobustConnection | None = None
         self._publisher: AbstractRobustExchange | None = None
         self._queue: AbstractRobustQueue | None = None
@@ -289,11 +305,23 @@ class RabbitBroker:
         if len(frames) == 1:
             await self.publish(*frames[0])
             return
+        by_room: dict[RoomId, list[bytes]] = {}
+        for room, frame in frames:
+            if room in by_room:
+                by_room[room].append(frame)
+            else:
+                by_room[room] = [frame]
         # The publishes start in order and take the channel's (first-come, first-served)
         # lock in that order, so they are written in order; their confirms are awaited
         # together instead of one round trip each.
         publishes = [
-            asyncio.ensure_future(self._publish(f"room.{room}", frame)) for room, frame in frames
+            asyncio.ensure_future(
+                self._publish(f"room.{room}", chunk[0])
+                if len(chunk) == 1
+                else self._publish(f"room.{room}", bundle(chunk), BUNDLE_TYPE)
+            )
+            for room, of_room in by_room.items()
+            for chunk in _chunks(of_room)
         ]
         results = await asyncio.gather(*publishes, return_exceptions=True)
         for result in results:
@@ -303,11 +331,13 @@ class RabbitBroker:
     async def send(self, node: NodeId, frame: bytes) -> None:
         await self._publish(f"node.{node}", frame)
 
-    async def _publish(self, routing_key: str, body: bytes) -> None:
+    async def _publish(self, routing_key: str, body: bytes, kind: str | None = None) -> None:
         exchange = self._publisher
         if not self._ready or exchange is None:
             raise UnavailableError("RabbitMQ is not connected")
-        message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT)
+        message = aio_pika.Message(
+            body, delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT, type=kind
+        )
         try:
             with _unavailable("publish"):
                 async with asyncio.timeout(PUBLISH_TIMEOUT):
@@ -336,6 +366,8 @@ class RabbitBroker:
             try:
                 if message.routing_key == inbox_key:
                     await on_inbox(message.body)
+                elif message.type == BUNDLE_TYPE:
+                    await self._unbundle(message.body)
                 else:
                     self.received += 1
                     await on_room(message.body)
@@ -349,6 +381,26 @@ class RabbitBroker:
                 except _ERRORS:
                     # Delivered on a channel that has since closed: nothing left to ack.
                     pass
+
+    def hand_batches_to(self, on_rooms: BatchHandler) -> None:
+        """Hand this node the frames of a bundle (a room's frames of another node's
+        ``publish_many``) in one call of ``on_rooms``, in order, instead of one ``on_room``
+        call each. The hub then writes each local member the frames in one write."""
+        self._on_rooms = on_rooms
+
+    async def _unbundle(self, body: bytes) -> None:
+        assert self._on_room is not None
+        try:
+            frames = unbundle(body)
+        except ValueError as exc:
+            log.warning("dropped a malformed bundle of %d bytes: %s", len(body), exc)
+            return
+        self.received += len(frames)
+        if self._on_rooms is not None:
+            await self._on_rooms(frames)
+        else:
+            for frame in frames:
+                await self._on_room(frame)
 
     # -- reconnection ------------------------------------------------------------------
 
@@ -393,3 +445,39 @@ class RabbitBroker:
         log.info("RabbitMQ connection restored with %d room bindings", len(self._rooms))
         if self._resync is not None:
             self._resync.request()
+
+
+def bundle(frames: Sequence[bytes]) -> bytes:
+    """Several frames in one body: each behind its length, 4 bytes big-endian."""
+    return b"".join(len(frame).to_bytes(4, "big") + frame for frame in frames)
+
+
+def unbundle(body: bytes) -> list[bytes]:
+    """The frames of a :func:`bundle`; ``ValueError`` if ``body`` is not one."""
+    frames: list[bytes] = []
+    at, end = 0, len(body)
+    while at < end:
+        if at + 4 > end:
+            raise ValueError(f"a length cut short at byte {at}")
+        size = int.from_bytes(body[at : at + 4], "big")
+        at += 4
+        if at + size > end:
+            raise ValueError(f"a frame of {size} bytes at byte {at} runs past the end")
+        frames.append(body[at : at + size])
+        at += size
+    return frames
+
+
+def _chunks(frames: list[bytes]) -> Iterator[list[bytes]]:
+    """``frames`` in order, in bundles of at most ``BUNDLE_FRAMES`` frames and, unless one
+    frame alone is bigger, about ``BUNDLE_BYTES`` bytes."""
+    chunk: list[bytes] = []
+    size = 0
+    for frame in frames:
+        if chunk and (len(chunk) >= BUNDLE_FRAMES or size + len(frame) > BUNDLE_BYTES):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(frame)
+        size += len(frame) + 4
+    if chunk:
+        yield chunk
