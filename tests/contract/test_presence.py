@@ -136,6 +136,20 @@ async def test_members_read_again_follow_every_leave_and_rejoin(views):
         assert await two.members(room) == expected
 
 
+async def test_a_connection_added_again_with_another_name_is_listed_by_it(views):
+    """``add`` of a connection already in the room replaces its entry: a read after it
+    lists the new name (and the user it now belongs to), not the one read before."""
+    one, two = await views(), await views()
+    await one.heartbeat(NodeId("n1"), 30)
+    room = RoomId(4)
+    await one.add(room, member(1, "n1", conn=7, name="ada"))
+    assert [m.user.name for m in await one.members(room)] == ["ada"]
+    assert [m.user.name for m in await two.members(room)] == ["ada"]
+    await one.add(room, member(2, "n1", conn=7, name="ada lovelace"))
+    for view in (one, two):
+        assert await view.members(room) == [member(2, "n1", conn=7, name="ada lovelace")]
+
+
 async def test_a_thousand_members_joining_and_leaving_at_once_all_count(views):
     """A deploy or a network blip: a thousand connections of one node join a room at
     once, then all drop at once. Every join and every leave takes effect — none is lost

@@ -85,6 +85,11 @@ def _member_of(row: Sequence[Any]) -> Member:
     return Member(User(UserId(int(user_id)), name), ConnId(conn), NodeId(node))
 
 
+DECODED_MAX = 16_384
+"""How many decoded member rows a presence keeps for its next ``members`` read (about 500
+bytes each; when full, it starts again empty)."""
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -104,6 +109,8 @@ class SqlPresence:
         self._db = acquire(url, schema=schema)
         tables = {"members": "presence_members", "conns": "presence_conns"}
         self._sql = {key: self._db.driver_sql(sql, **tables) for key, sql in _STATEMENTS.items()}
+        self._decoded: dict[tuple[Any, ...], Member] = {}
+        """Member rows already decoded, by their exact values (see ``members``)."""
 
     async def start(self) -> None:
         await self._db.create(metadata)
@@ -126,7 +133,18 @@ class SqlPresence:
         await self._execute("remove", room, conn)
 
     async def members(self, room: RoomId) -> list[Member]:
-        return [_member_of(row) for row in await self._fetch("members", room)]
+        # Every join reads the whole room, so filling a room of N reads about N²/2 rows;
+        # a row seen before (same connection, user, name and node) is decoded once.
+        decoded, known = [], self._decoded
+        for row in await self._fetch("members", room):
+            key = tuple(row)
+            found = known.get(key)
+            if found is None:
+                if len(known) >= DECODED_MAX:
+                    known.clear()
+                found = known[key] = _member_of(key)
+            decoded.append(found)
+        return decoded
 
     async def counts(self, rooms: Sequence[RoomId]) -> dict[RoomId, int]:
         out = {room: 0 for room in rooms}
