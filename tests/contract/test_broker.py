@@ -111,6 +111,7 @@ async def test_a_batch_of_frames_for_several_rooms_arrives_in_order(cluster):
     assert [f for f in a.room_frames if f.startswith(b"M 2 ")] == room2
     assert len(a.room_frames) == len(room1) + len(room2)
     assert b.room_frames == room2
+    assert c.room_frames == []
 
 
 async def test_a_node_keeps_receiving_far_past_a_flow_control_window(cluster):
@@ -263,7 +264,7 @@ async def test_a_malformed_bundle_on_rabbitmq_is_dropped_and_what_follows_arrive
             await a.broker.subscribe(RoomId(3))
             channel = await connection.channel()
             exchange = await channel.get_exchange(prefix, ensure=False)
-            whole = bundle([frame(3, 1), frame(3, 2)])
+            whole = bundle([(RoomId(3), frame(3, 1)), (RoomId(3), frame(3, 2))])
             for body in (whole[:-5], whole[:2]):
                 await exchange.publish(aio_pika.Message(body, type=BUNDLE_TYPE), "room.3")
             await c.broker.publish_many([(RoomId(3), frame(3, 3)), (RoomId(3), frame(3, 4))])

@@ -35,14 +35,16 @@ bound queue. Consuming and publishing use separate channels, as RabbitMQ advises
 throttles a publisher, or a publish fails and RabbitMQ closes the channel, the consumer goes
 on undisturbed. Frames are transient (delivery mode 1): durability is the history's job.
 
-Bundles. ``publish_many`` sends a room's frames of one batch as one AMQP message of type
-``roomcast.frames`` (each frame behind its length, 4 bytes big-endian; at most
-``BUNDLE_FRAMES`` frames and about ``BUNDLE_BYTES`` bytes a bundle), so a batch costs one
-publish, one confirm and one delivery per room instead of one per frame; a room's frames
-keep their order, rooms' frames interleave as they may. A receiving node hands a bundle's
-frames to the hub in one call (``hand_batches_to``), which writes each local member one
-write for them: in a storm of joins into one room, a node gets the presence announcements
-that gathered while its last publish was confirmed as one message, not hundreds.
+Bundles. ``publish_many`` sends a batch of frames (at most ``BUNDLE_FRAMES`` frames and
+about ``BUNDLE_BYTES`` bytes) as one AMQP message of type ``roomcast.frames``: each frame
+behind its room's id (8 bytes) and its length (4 bytes), big-endian. It is routed by its
+first room's key and, through RabbitMQ's sender-selected distribution (the ``BCC``
+header, which RabbitMQ removes before delivery), by the key of every other room in it, and
+RabbitMQ puts one copy in each queue bound to any of them. So a batch costs one publish,
+one confirm and one delivery per node that has members in one of its rooms, instead of
+one of each per frame; a receiving node keeps the frames of the rooms it is subscribed to,
+in order, hands them to the hub in one call (``hand_batches_to``), and drops the others
+(they shared a batch with one of its rooms). A room's frames keep their order.
 
 Reconnection. aio-pika's robust connection reconnects (every ``reconnect_interval`` seconds,
 1 unless the URL says otherwise; heartbeats every 10 s unless ``heartbeat`` says otherwise)
@@ -62,8 +64,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import struct
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aio_pika
@@ -99,7 +103,7 @@ PREFETCH = 256
 ACK_EVERY = PREFETCH // 4
 """Deliveries handled per acknowledgement (``multiple=True``)."""
 BUNDLE_TYPE = "roomcast.frames"
-"""The AMQP ``type`` of a message that carries several frames of one room."""
+"""The AMQP ``type`` of a message that carries a batch of frames (see the module docstring)."""
 BUNDLE_FRAMES = 256
 """Frames in one bundle at most."""
 BUNDLE_BYTES = 1 << 20
@@ -113,6 +117,8 @@ node cannot declare its exclusive queue again."""
 _ERRORS = (AMQPError, ChannelInvalidStateError, OSError, TimeoutError)
 """What a call to RabbitMQ raises when RabbitMQ cannot be reached or the channel is gone."""
 _TOKEN = re.compile(r"[A-Za-z0-9_-]+")
+_HEAD = struct.Struct(">qI")
+"""A bundled frame's head: its room's id and its length."""
 
 
 def parse_url(url: str) -> tuple[str, str]:
@@ -305,24 +311,16 @@ class RabbitBroker:
         if len(frames) == 1:
             await self.publish(*frames[0])
             return
-        by_room: dict[RoomId, list[bytes]] = {}
-        for room, frame in frames:
-            if room in by_room:
-                by_room[room].append(frame)
-            else:
-                by_room[room] = [frame]
+        chunks = list(_chunks(frames))
+        if len(chunks) == 1:
+            # Awaited directly, it is written before this call first waits (for the
+            # confirm): a task would be written only after the caller's next wait.
+            await self._publish_bundle(chunks[0])
+            return
         # The publishes start in order and take the channel's (first-come, first-served)
         # lock in that order, so they are written in order; their confirms are awaited
         # together instead of one round trip each.
-        publishes = [
-            asyncio.ensure_future(
-                self._publish(f"room.{room}", chunk[0])
-                if len(chunk) == 1
-                else self._publish(f"room.{room}", bundle(chunk), BUNDLE_TYPE)
-            )
-            for room, of_room in by_room.items()
-            for chunk in _chunks(of_room)
-        ]
+        publishes = [asyncio.ensure_future(self._publish_bundle(c)) for c in chunks]
         results = await asyncio.gather(*publishes, return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
@@ -331,12 +329,27 @@ class RabbitBroker:
     async def send(self, node: NodeId, frame: bytes) -> None:
         await self._publish(f"node.{node}", frame)
 
-    async def _publish(self, routing_key: str, body: bytes, kind: str | None = None) -> None:
+    async def _publish_bundle(self, frames: list[tuple[RoomId, bytes]]) -> None:
+        if len(frames) == 1:
+            room, frame = frames[0]
+            await self._publish(f"room.{room}", frame)
+            return
+        first, *others = dict.fromkeys(room for room, _ in frames)
+        also = {"BCC": [f"room.{room}" for room in others]} if others else None
+        await self._publish(f"room.{first}", bundle(frames), BUNDLE_TYPE, also)
+
+    async def _publish(
+        self,
+        routing_key: str,
+        body: bytes,
+        kind: str | None = None,
+        headers: dict[str, Any] | None = None,
+    ) -> None:
         exchange = self._publisher
         if not self._ready or exchange is None:
             raise UnavailableError("RabbitMQ is not connected")
         message = aio_pika.Message(
-            body, delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT, type=kind
+            body, delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT, type=kind, headers=headers
         )
         try:
             with _unavailable("publish"):
@@ -383,20 +396,23 @@ class RabbitBroker:
                     pass
 
     def hand_batches_to(self, on_rooms: BatchHandler) -> None:
-        """Hand this node the frames of a bundle (a room's frames of another node's
-        ``publish_many``) in one call of ``on_rooms``, in order, instead of one ``on_room``
-        call each. The hub then writes each local member the frames in one write."""
+        """Hand this node the frames of a bundle (a batch of another node's
+        ``publish_many``) of the rooms it is subscribed to in one call of ``on_rooms``, in
+        order, instead of one ``on_room`` call each. The hub then writes each local member
+        the frames in one write."""
         self._on_rooms = on_rooms
 
     async def _unbundle(self, body: bytes) -> None:
         assert self._on_room is not None
         try:
-            frames = unbundle(body)
+            entries = unbundle(body)
         except ValueError as exc:
             log.warning("dropped a malformed bundle of %d bytes: %s", len(body), exc)
             return
+        rooms = self._rooms
+        frames = [frame for room, frame in entries if room in rooms]
         self.received += len(frames)
-        if self._on_rooms is not None:
+        if len(frames) > 1 and self._on_rooms is not None:
             await self._on_rooms(frames)
         else:
             for frame in frames:
@@ -447,37 +463,42 @@ class RabbitBroker:
             self._resync.request()
 
 
-def bundle(frames: Sequence[bytes]) -> bytes:
-    """Several frames in one body: each behind its length, 4 bytes big-endian."""
-    return b"".join(len(frame).to_bytes(4, "big") + frame for frame in frames)
+def bundle(frames: Sequence[tuple[RoomId, bytes]]) -> bytes:
+    """A batch of frames in one body: each behind its room's id (8 bytes, signed) and its
+    length (4 bytes), big-endian."""
+    return b"".join(_HEAD.pack(room, len(frame)) + frame for room, frame in frames)
 
 
-def unbundle(body: bytes) -> list[bytes]:
-    """The frames of a :func:`bundle`; ``ValueError`` if ``body`` is not one."""
-    frames: list[bytes] = []
-    at, end = 0, len(body)
+def unbundle(body: bytes) -> list[tuple[RoomId, bytes]]:
+    """The rooms and frames of a :func:`bundle`, in order; ``ValueError`` if ``body`` is
+    not one."""
+    entries: list[tuple[RoomId, bytes]] = []
+    at, end, head = 0, len(body), _HEAD.size
     while at < end:
-        if at + 4 > end:
-            raise ValueError(f"a length cut short at byte {at}")
-        size = int.from_bytes(body[at : at + 4], "big")
-        at += 4
+        if at + head > end:
+            raise ValueError(f"a frame's head cut short at byte {at}")
+        room, size = _HEAD.unpack_from(body, at)
+        at += head
         if at + size > end:
             raise ValueError(f"a frame of {size} bytes at byte {at} runs past the end")
-        frames.append(body[at : at + size])
+        entries.append((RoomId(room), body[at : at + size]))
         at += size
-    return frames
+    return entries
 
 
-def _chunks(frames: list[bytes]) -> Iterator[list[bytes]]:
+def _chunks(
+    frames: Sequence[tuple[RoomId, bytes]],
+) -> Iterator[list[tuple[RoomId, bytes]]]:
     """``frames`` in order, in bundles of at most ``BUNDLE_FRAMES`` frames and, unless one
     frame alone is bigger, about ``BUNDLE_BYTES`` bytes."""
-    chunk: list[bytes] = []
+    chunk: list[tuple[RoomId, bytes]] = []
     size = 0
-    for frame in frames:
+    for entry in frames:
+        frame = entry[1]
         if chunk and (len(chunk) >= BUNDLE_FRAMES or size + len(frame) > BUNDLE_BYTES):
             yield chunk
             chunk, size = [], 0
-        chunk.append(frame)
-        size += len(frame) + 4
+        chunk.append(entry)
+        size += len(frame) + _HEAD.size
     if chunk:
         yield chunk
