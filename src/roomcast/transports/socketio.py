@@ -798,9 +798,11 @@ class SocketIOTransport:
         return reply
 
     async def _activate(self, session: Session, result: JoinResult) -> None:
-        # Runs after python-socketio has queued the join ack: held frames follow the reply.
-        for frame in self.service.activate(session, result):
-            await self.deliver_one(frame, session.conn)
+        # Runs after python-socketio has queued the join ack: held frames follow the reply,
+        # in one write (a join into a busy room gathers one frame for every other joiner).
+        frames = self.service.activate(session, result)
+        if frames:
+            await self.deliver_many(frames, (session.conn,))
 
     async def _leave(self, session: Session, data: dict[str, Any]) -> Reply:
         room = await self.service.leave(session, validation.room_ref(data))
