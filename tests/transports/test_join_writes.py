@@ -1,6 +1,6 @@
 """What reaches a room while a client joins it goes to that client after the join reply, in
-order, and in one write: in a join storm into a big room, each joiner has gathered a frame
-for every other joiner in the meantime."""
+order, and in one write: in a join storm into a big room, each joiner gathers a frame for
+each joiner announced in the meantime."""
 
 from __future__ import annotations
 

@@ -799,7 +799,8 @@ class SocketIOTransport:
 
     async def _activate(self, session: Session, result: JoinResult) -> None:
         # Runs after python-socketio has queued the join ack: held frames follow the reply,
-        # in one write (a join into a busy room gathers one frame for every other joiner).
+        # in one write (a join into a busy room gathers a frame for each joiner announced
+        # meanwhile).
         frames = self.service.activate(session, result)
         if frames:
             await self.deliver_many(frames, (session.conn,))
