@@ -51,7 +51,7 @@ def events(data: bytes) -> list[Any]:
     return out
 
 
-async def test_frames_held_for_a_joiner_reach_it_after_the_reply_in_one_write():
+async def test_frames_held_for_a_joiner_reach_it_in_one_write_in_order():
     broker = MemoryBroker()
     history = MemoryHistory()
     hub = Hub(broker, history, unsubscribe_grace=0)
@@ -80,12 +80,14 @@ async def test_frames_held_for_a_joiner_reach_it_after_the_reply_in_one_write():
 
     assert len(bob_writes.writes) == 1
     held = events(bob_writes.writes[0])
-    assert [(event, data["user"]["name"]) for event, data in held if event == "presence"] == [
-        ("presence", "bob")
+    # His own join first (announced while he was held), then the messages, in seq order.
+    assert [(event, data.get("text", data["user"]["name"])) for event, data in held] == [
+        ("presence", "bob"),
+        ("message", "m0"),
+        ("message", "m1"),
+        ("message", "m2"),
     ]
-    messages = [data for event, data in held if event == "message"]
-    assert [m["text"] for m in messages] == ["m0", "m1", "m2"]
-    assert [m["seq"] for m in messages] == [
+    assert [data["seq"] for event, data in held if event == "message"] == [
         bob_joined.seq + 1,
         bob_joined.seq + 2,
         bob_joined.seq + 3,
