@@ -201,3 +201,38 @@ async def test_a_member_of_another_transport_joining_while_a_delivery_waits_gets
     await hub.on_frame(f[1])
     assert seqs(conn) == seqs(waiting) == [1, 2]
     assert seqs(late) == [2]
+
+
+async def test_a_joiner_whose_reply_is_ahead_of_the_node_gets_only_what_follows_it():
+    """A join reads the room's position from the store, where messages can already be whose
+    frames are still on their way to this node. The joiner has them (in its reply's
+    ``missed``, or from before it reconnected) up to the reply's seq: when they arrive it
+    must not get them again, out of order — and it must get everything after."""
+    history, hub, conn, room = await setup()
+    f = await store(history, room, 5)
+    await hub.on_frame(f[0])  # seq 1 delivered here; 2 and 3 stored, on their way
+    joiner = Conn(ConnId("n.3"), conn.transport)
+    await hub.begin_join(room, joiner)
+    assert hub.activate(room, joiner, after=3) == []  # its reply showed up to seq 3
+    await hub.on_frame(f[2])  # early: held
+    await hub.on_frame(f[1])  # 2, then 3
+    await hub.on_frames([f[3], f[4]])
+    assert seqs(conn) == [1, 2, 3, 4, 5]
+    assert seqs(joiner) == [4, 5]
+
+
+async def test_a_joiner_ahead_of_the_node_gets_the_run_that_passes_it_filled_from_history():
+    history, hub, conn, room = await setup(gap_wait=0.01)
+    f = await store(history, room, 4)
+    joiner = Conn(ConnId("n.3"), conn.transport)
+    await hub.begin_join(room, joiner)
+    hub.activate(room, joiner, after=2)
+    await hub.on_frame(f[3])  # 1 to 3 never arrive by the broker: filled from history
+    for _ in range(200):
+        if seqs(conn) == [1, 2, 3, 4]:
+            break
+        await asyncio.sleep(0.01)
+    assert seqs(conn) == [1, 2, 3, 4]
+    assert seqs(joiner) == [3, 4]
+    await hub.on_frame((await store(history, room, 1))[0])
+    assert seqs(joiner) == [3, 4, 5]

@@ -484,3 +484,29 @@ async def test_with_local_first_the_node_own_members_get_a_batch_before_the_brok
     assert (await first).seq == 1
     assert broker.published == [[1]]
     await broker.close()
+
+
+async def test_a_client_recovering_on_a_node_behind_the_store_gets_each_message_once_in_order():
+    """A node that stored a message and died before publishing it leaves the other nodes
+    behind the store until they fill the gap from history. A client of the dead node
+    that reconnects to one of them meanwhile recovers that message in its join reply's
+    ``missed``: it must not get it once more, out of order, when the gap is filled."""
+    cluster = Cluster()
+    a, _, rec_a = await cluster.node()
+    b, _, rec_b = await cluster.node()
+    alice, carol = await connect(a, rec_a, "alice"), await connect(b, rec_b, "carol")
+    joined = await join(a, alice, "lobby")
+    await join(b, carol, "lobby")
+    # Stored by a third node, which died before publishing it: no frame ever comes.
+    await cluster.history.append([Draft(joined.room.id, "lost-frame", alice.user, "x", 0)])
+    dave = await connect(b, rec_b, "dave")
+    since = Position(joined.room.epoch, joined.seq)
+    recovered = await join(b, dave, "lobby", since)
+    assert [m.seq for m in recovered.missed] == [1]
+    await a.send(alice, "lobby", "after")  # seq 2 reaches b early: 1 is filled from history
+    for _ in range(300):  # the gap waits 0.25 s before it is filled
+        if len(carol.conn.messages()) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert [m["seq"] for m in carol.conn.messages()] == [1, 2]
+    assert [m["seq"] for m in dave.conn.messages()] == [2]

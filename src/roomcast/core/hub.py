@@ -74,11 +74,14 @@ class _LocalRoom:
     early: dict[int, Frame] = field(default_factory=dict)
     groups: dict[Transport, dict[ConnId, Connection]] = field(default_factory=dict)
     pending: dict[ConnId, list[Frame]] = field(default_factory=dict)
+    behind: dict[ConnId, tuple[Connection, int]] = field(default_factory=dict)
+    """Members whose join answered a seq this node has not delivered yet, with that seq:
+    they get only the messages after it, until the room's order here passes it."""
     drop: asyncio.TimerHandle | None = None
     gap: asyncio.TimerHandle | None = None
 
     def empty(self) -> bool:
-        return not self.pending and not any(self.groups.values())
+        return not self.pending and not self.behind and not any(self.groups.values())
 
 
 class Hub:
@@ -195,11 +198,16 @@ class Hub:
 
     async def _fan_out(self, room: _LocalRoom, run: list[Frame]) -> None:
         """Hand a run of the room's frames, in order, to every transport with members in
-        it, and to every joiner whose frames are being held."""
+        it, to every member whose join is ahead of this node's order (what comes after
+        it), and to every joiner whose frames are being held."""
         if not run:
             return
         for held in room.pending.values():
             held.extend(run)
+        if room.behind:
+            for conn, frames in self._catch_up(room, run):
+                self.deliveries += len(frames)
+                await conn.transport.deliver_many(frames, (conn,))
         single = run[0] if len(run) == 1 else None
         # A copy of the (one or two) groups: a delivery may wait, and a member of a new
         # transport may join meanwhile.
@@ -210,6 +218,22 @@ class Hub:
                     await transport.deliver(single, conns.values())
                 else:
                     await transport.deliver_many(run, conns.values())
+
+    @staticmethod
+    def _catch_up(room: _LocalRoom, run: list[Frame]) -> list[tuple[Connection, list[Frame]]]:
+        """What of ``run`` each member still behind its join's seq gets: the frames after
+        that seq. Once a run starts after it, so does every later one: the member becomes
+        an ordinary one, and gets that run with them."""
+        assert room.next_seq is not None
+        start = next((f.seq for f in run if f.kind is Kind.MESSAGE), room.next_seq)
+        out: list[tuple[Connection, list[Frame]]] = []
+        for conn_id, (conn, after) in list(room.behind.items()):
+            if start > after:
+                del room.behind[conn_id]
+                room.groups.setdefault(conn.transport, {})[conn_id] = conn
+            elif frames := [f for f in run if f.kind is not Kind.MESSAGE or f.seq > after]:
+                out.append((conn, frames))
+        return out
 
     def _take_early(self, room: _LocalRoom, run: list[Frame]) -> None:
         """Move the held frames that are now next in order onto ``run``; drop those that
@@ -316,7 +340,12 @@ class Hub:
         if room is None or conn.id not in room.pending:
             return []
         held = room.pending.pop(conn.id)
-        room.groups.setdefault(conn.transport, {})[conn.id] = conn
+        if room.next_seq is not None and room.next_seq <= after:
+            # The join read the room's position from the store, which has messages whose
+            # frames have not reached this node yet: when they come, this member has them.
+            room.behind[conn.id] = (conn, after)
+        else:
+            room.groups.setdefault(conn.transport, {})[conn.id] = conn
         return [f for f in held if f.kind is not Kind.MESSAGE or f.seq > after]
 
     def detach(self, room_id: RoomId, conn: Connection) -> None:
@@ -325,6 +354,7 @@ class Hub:
         if room is None:
             return
         room.pending.pop(conn.id, None)
+        room.behind.pop(conn.id, None)
         group = room.groups.get(conn.transport)
         if group is not None:
             group.pop(conn.id, None)
