@@ -3,7 +3,11 @@ acknowledged message is missing from any member's view."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
+import urllib.error
+import urllib.request
 
 from tests.redis_server import private_redis
 
@@ -62,3 +66,45 @@ async def test_redis_restart_mid_traffic_loses_no_acknowledged_message(tmp_path)
             finally:
                 for client in (sender, *readers):
                     await client.close()
+
+
+async def test_the_http_api_answers_unavailable_while_presence_is_out_of_reach(tmp_path):
+    """Members and room counts live in Redis: while it is down their endpoints answer
+    503 with the protocol's ``unavailable`` code (not a 500), history still answers from
+    the store, and once Redis is back every endpoint answers again."""
+    async with private_redis(tmp_path) as redis_server:
+        with cluster(
+            redis_server.url + "?prefix=http", f"sqlite:///{tmp_path}/s.db", tmp_path
+        ) as c:
+            (node,) = c.start(1)
+            client = await ChatClient(node.url, "ada").connect()
+            try:
+                await client.ok("join", {"room": "steady"})
+                await client.ok("send", {"room": "steady", "text": "kept"})
+            finally:
+                await client.close()
+            await redis_server.kill()
+            for path in ("/api/rooms/steady/members", "/api/rooms"):
+                status, body = await asyncio.to_thread(get, node.url + path)
+                assert status == 503, (path, body)
+                assert body["ok"] is False and body["error"]["code"] == "unavailable", body
+            status, body = await asyncio.to_thread(get, node.url + "/api/rooms/steady/messages")
+            assert status == 200 and [m["text"] for m in body["messages"]] == ["kept"]
+            await redis_server.start()
+            deadline = time.monotonic() + 30
+            while (await asyncio.to_thread(get, node.url + "/api/rooms"))[0] != 200:
+                assert time.monotonic() < deadline, "the API never answered again"
+                await asyncio.sleep(0.1)
+            assert "Exception in ASGI application" not in node.output()
+
+
+def get(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        body = error.read()
+        try:
+            return error.code, json.loads(body)
+        except ValueError:
+            return error.code, {"body": body.decode(errors="replace")}

@@ -6,6 +6,7 @@ OpenAPI is served at ``/docs``. Errors have the same shape as Socket.IO acks:
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..core.models import RoomId
 from ..core.validation import HISTORY_LIMIT_MAX
-from ..exceptions import ChatError, ErrorCode
+from ..exceptions import ChatError, ErrorCode, UnavailableError
 from ..node import Node
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+
+log = logging.getLogger(__name__)
 
 _STATUS = {
     ErrorCode.NOT_FOUND: 404,
@@ -45,6 +48,14 @@ def create_http_app(node: Node) -> FastAPI:
     @app.exception_handler(ChatError)
     async def chat_error(request: Request, exc: ChatError) -> JSONResponse:
         return JSONResponse({"ok": False, "error": exc.to_dict()}, _STATUS.get(exc.code, 400))
+
+    @app.exception_handler(UnavailableError)
+    async def unavailable(request: Request, exc: UnavailableError) -> JSONResponse:
+        # An engine the request needs (presence, the store) is out of reach: a 503 with
+        # the protocol's code, as a Socket.IO event gets, not a 500 and a traceback.
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
+        error = ChatError(ErrorCode.UNAVAILABLE, "the service is unavailable, try again")
+        return JSONResponse({"ok": False, "error": error.to_dict()}, 503)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
