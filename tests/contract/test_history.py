@@ -283,6 +283,16 @@ async def test_before_pages_backward(history: History) -> None:
     assert await history.before(RoomId(999), None, 10) == []
 
 
+async def test_find_tells_whether_a_message_was_stored(history: History) -> None:
+    room, sent = await _room_with(history, 5)
+    other = await history.room_by_name("elsewhere", create=True)
+    assert await history.find(room.id, sent[2].id) == sent[2]
+    assert await history.find(room.id, sent[4].id) == sent[4]
+    assert await history.find(room.id, "never-sent") is None
+    assert await history.find(other.id, sent[2].id) is None  # the id, in another room
+    assert await history.find(RoomId(999), sent[2].id) is None
+
+
 async def test_latest(history: History) -> None:
     room, _ = await _room_with(history, 0)
     assert await history.latest(room.id) == 0

@@ -14,7 +14,7 @@ from roomcast.core.events import Frame, Kind
 from roomcast.core.hub import Hub
 from roomcast.core.models import ConnId, Draft, NodeId, Position, RoomId, User, UserId
 from roomcast.core.service import ChatService, Sequencer
-from roomcast.exceptions import ChatError, ErrorCode
+from roomcast.exceptions import ChatError, ErrorCode, UnavailableError
 
 _names = itertools.count()
 
@@ -510,3 +510,64 @@ async def test_a_client_recovering_on_a_node_behind_the_store_gets_each_message_
         await asyncio.sleep(0.01)
     assert [m["seq"] for m in carol.conn.messages()] == [1, 2]
     assert [m["seq"] for m in dave.conn.messages()] == [2]
+
+
+class LostAnswerHistory(MemoryHistory):
+    """A store on another machine whose appends fail with it out of reach: ``after`` says
+    whether each failing append stored its batch before failing (its answer lost on the
+    way back) or not; with ``down`` every read fails too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failing: list[bool] = []
+        self.down = False
+
+    async def append(self, drafts):
+        if not self.failing:
+            return await super().append(drafts)
+        if self.failing.pop(0):
+            await super().append(drafts)
+        raise UnavailableError("the connection to the store was lost")
+
+    async def find(self, room, message_id):
+        if self.down:
+            raise UnavailableError("the store is out of reach")
+        return await super().find(room, message_id)
+
+
+async def test_a_send_whose_store_lost_its_answer_is_acknowledged_once_and_delivered():
+    """An append can fail after the store committed it. The sender must not be told to
+    try again (it would store the message twice) when the message was stored; it is told
+    to when it was not; and when the store cannot tell, the reply says so."""
+    cluster = Cluster()
+    cluster.history = history = LostAnswerHistory()
+    service, _, rec = await cluster.node()
+    alice, bob = await connect(service, rec, "alice"), await connect(service, rec, "bob")
+    await join(service, alice, "lobby")
+    await join(service, bob, "lobby")
+
+    history.failing = [True]  # stored, answer lost
+    message = await service.send(alice, "lobby", "kept")
+    assert (message.seq, message.text) == (1, "kept")
+    assert [m["text"] for m in bob.conn.messages()] == ["kept"]
+
+    history.failing = [False]  # not stored
+    with pytest.raises(ChatError) as refused:
+        await service.send(alice, "lobby", "refused")
+    assert refused.value.code is ErrorCode.UNAVAILABLE
+    assert "try again" in refused.value.message
+
+    history.failing, history.down = [True], True  # stored, and the store stays away
+    started = time.monotonic()
+    with pytest.raises(ChatError) as unknown:
+        await service.send(alice, "lobby", "unconfirmed")
+    assert unknown.value.code is ErrorCode.UNAVAILABLE
+    assert "may have been stored" in unknown.value.message
+    assert time.monotonic() - started < 5  # it gave up within its bound
+
+    history.down = False
+    assert [m.text for m in await service.history_page("lobby", None, 50)] == [
+        "kept",
+        "unconfirmed",
+    ]
+    assert [m["text"] for m in bob.conn.messages()] == ["kept"]

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..core.models import ConnId, Draft, Member, Message, NodeId, Room, RoomId, UserId
-from ..core.ports import BatchHandler, FrameHandler, ReconnectHandler
+from ..core.ports import FIND_WINDOW, BatchHandler, FrameHandler, ReconnectHandler
 from ..exceptions import ChatError, ErrorCode, UnavailableError
 
 
@@ -200,6 +200,12 @@ class MemoryHistory:
         # seq n is at index n - 1: the log is gapless from 1.
         start = max(seq, 0)
         return log[start : start + limit]
+
+    async def find(self, room: RoomId, message_id: str) -> Message | None:
+        for message in reversed(self._messages.get(room, [])[-FIND_WINDOW:]):
+            if message.id == message_id:
+                return message
+        return None
 
     async def before(self, room: RoomId, seq: int | None, limit: int) -> list[Message]:
         log = self._messages.get(room, [])

@@ -29,6 +29,11 @@ ReconnectHandler = Callable[[], Awaitable[None]]
 """Called by a broker once its subscriptions are restored after a lost connection."""
 
 
+FIND_WINDOW = 100_000
+"""How far back :meth:`History.find` looks: a batch whose append failed is among a room's
+newest messages, unless this many more were stored since."""
+
+
 @runtime_checkable
 class Broker(Protocol):
     """Moves encoded frames between nodes.
@@ -124,6 +129,13 @@ class History(Protocol):
 
     async def after(self, room: RoomId, seq: int, limit: int) -> list[Message]:
         """Up to ``limit`` messages with ``seq`` greater than the given one, ascending."""
+        ...
+
+    async def find(self, room: RoomId, message_id: str) -> Message | None:
+        """The room's message with this id among its newest :data:`FIND_WINDOW`, or None.
+
+        How a node learns whether an append that failed stored its batch all the same: a
+        store on another machine can commit and lose its answer on the way back."""
         ...
 
     async def before(self, room: RoomId, seq: int | None, limit: int) -> list[Message]:

@@ -67,6 +67,10 @@ RECOVERY_LIMIT = 1000
 DM_TIMEOUT = 5.0
 """How long a direct message waits for the nodes of its recipient to confirm delivery."""
 
+SETTLE_WAIT = 1.0
+"""Seconds a node keeps asking a store that failed an append whether it stored the batch
+all the same, before answering its senders that it cannot tell."""
+
 
 @dataclass(eq=False)
 class Session:
@@ -221,8 +225,20 @@ class Sequencer:
     ) -> tuple[list[Message], float] | None:
         """Append the batch; on failure answer its senders with the error and return None."""
         started = self._clock()
+        drafts = [draft for draft, _ in batch]
         try:
-            messages = await self._history.append([draft for draft, _ in batch])
+            messages = await self._history.append(drafts)
+        except UnavailableError as exc:
+            # The store may have committed the batch and lost its answer on the way back.
+            settled = await self._settle(drafts)
+            if not settled:
+                error = _as_chat_error(exc) if settled is not None else _unsettled()
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
+                return None
+            log.warning("an append failed (%s) after storing its batch of %d", exc, len(drafts))
+            messages = settled
         except Exception as exc:
             for _, future in batch:
                 if not future.done():
@@ -232,6 +248,30 @@ class Sequencer:
         self.append_seconds.observe(stored - started)
         self.messages_stored += len(messages)
         return messages, stored
+
+    async def _settle(self, drafts: list[Draft]) -> list[Message] | None:
+        """After an append that failed with the store out of reach: the batch's messages
+        if it was stored all the same, [] if it was not, None if the store did not say
+        within :data:`SETTLE_WAIT`. A batch is one transaction: all of it or none."""
+        deadline = time.monotonic() + SETTLE_WAIT
+        pause = 0.05
+        while True:
+            try:
+                first = await self._history.find(drafts[0].room, drafts[0].id)
+                if first is None:
+                    return []
+                found = [first, *[await self._history.find(d.room, d.id) for d in drafts[1:]]]
+            except UnavailableError:
+                if time.monotonic() + pause > deadline:
+                    return None
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.4)
+                continue
+            messages = [message for message in found if message is not None]
+            if len(messages) != len(drafts):  # not one transaction after all: say so
+                log.error("an append stored %d of its %d messages", len(messages), len(drafts))
+                return None
+            return messages
 
     async def _publish(
         self,
@@ -266,6 +306,14 @@ class Sequencer:
             for message, (_, future) in zip(messages, batch, strict=True):
                 if not future.done():
                     future.set_result(message)
+
+
+def _unsettled() -> ChatError:
+    return ChatError(
+        ErrorCode.UNAVAILABLE,
+        "the message store did not confirm the message: it may have been stored, so look"
+        " for it in the room's history before sending it again",
+    )
 
 
 def _as_chat_error(exc: Exception) -> Exception:

@@ -27,6 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import RowMapping
 
 from ...core.models import Draft, Message, Room, RoomId, User, UserId
+from ...core.ports import FIND_WINDOW
 from ...core.validation import HISTORY_LIMIT_MAX
 from ...exceptions import ChatError, ErrorCode
 from .engine import acquire, release
@@ -78,6 +79,10 @@ _ROOM_BY_ID = "SELECT id, name, epoch FROM {rooms} WHERE id = $1"
 _LATEST = "SELECT seq FROM {rooms} WHERE id = $1"
 _PAGE = "SELECT room_id, seq, epoch, id, user_id, user_name, text, ts FROM {messages} "
 _AFTER = _PAGE + "WHERE room_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
+# A message by id among the room's newest (see SqlHistory.find): the primary key's range.
+_FIND = _PAGE + (
+    "WHERE room_id = $1 AND id = $2 AND seq > (SELECT seq FROM {rooms} WHERE id = $3) - $4"
+)
 _BEFORE = _PAGE + "WHERE room_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3"
 _NEWEST = _PAGE + "WHERE room_id = $1 ORDER BY seq DESC LIMIT $2"
 
@@ -137,6 +142,7 @@ class SqlHistory:
         self._room_by_id_sql = sql(_ROOM_BY_ID, **tables)
         self._latest_sql = sql(_LATEST, **tables)
         self._after_sql = sql(_AFTER, **tables)
+        self._find_sql = sql(_FIND, **tables)
         self._before_sql = sql(_BEFORE, **tables)
         self._newest_sql = sql(_NEWEST, **tables)
 
@@ -302,6 +308,11 @@ class SqlHistory:
             self._after_sql, room, seq, limit, inline=limit <= HISTORY_LIMIT_MAX
         )
         return [_message_of(row) for row in rows]
+
+    async def find(self, room: RoomId, message_id: str) -> Message | None:
+        """The room's message with this id among its newest :data:`FIND_WINDOW`, or None."""
+        rows = await self._db.fetch(self._find_sql, room, message_id, room, FIND_WINDOW)
+        return _message_of(rows[0]) if rows else None
 
     async def before(self, room: RoomId, seq: int | None, limit: int) -> list[Message]:
         """The newest ``limit`` messages with ``seq`` below ``seq`` (all if None), ascending."""
