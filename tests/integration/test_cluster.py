@@ -62,6 +62,65 @@ async def test_600_messages_from_three_nodes_arrive_once_in_one_order(engines, c
             assert mine == [f"{sender.name}:{i}" for i in range(200)]
 
 
+async def test_clients_hopping_between_nodes_mid_traffic_see_every_message_once_in_order(
+    engines, clients, tmp_path
+):
+    """Clients that keep reconnecting to another node and joining with ``since`` while
+    three nodes send: what each one saw — live, then each join's ``missed``, then live
+    again — is the room's history, every message once, in order. (A join reads the room's
+    position from the store, which can be ahead of what its node has delivered.)"""
+    broker, store = engines
+    with cluster(broker, store, tmp_path) as c:
+        nodes = c.start(3)
+        senders = [await clients(node, f"sender{i}") for i, node in enumerate(nodes)]
+        for sender in senders:
+            room = (await sender.ok("join", {"room": "hops"}))["room"]["id"]
+        hoppers = []
+        for i in range(3):
+            client = await clients(nodes[i], f"hopper{i}")
+            joined = await client.ok("join", {"room": "hops"})
+            hoppers.append({"client": client, "epoch": joined["epoch"], "from": joined["seq"]})
+            hoppers[-1]["seen"] = []
+        done = asyncio.Event()
+
+        async def send(sender: ChatClient) -> None:
+            i = 0
+            while not done.is_set():
+                await sender.ok("send", {"room": "hops", "text": f"{sender.name}:{i}"})
+                i += 1
+                await asyncio.sleep(0.005)
+
+        async def hop(k: int, hopper: dict) -> None:
+            for n in range(1, 13):
+                await asyncio.sleep(0.1)
+                old: ChatClient = hopper["client"]
+                await old.close()  # nothing more reaches it: its view is final
+                hopper["seen"] += [m["seq"] for m in old.messages(room)]
+                last = hopper["seen"][-1] if hopper["seen"] else hopper["from"]
+                new = await clients(nodes[(k + n) % 3], f"hopper{k}")
+                since = {"epoch": hopper["epoch"], "seq": last}
+                reply = await new.ok("join", {"room": "hops", "since": since})
+                assert reply["recovered"] is True, reply
+                hopper["seen"] += [m["seq"] for m in reply["missed"]]
+                hopper["client"] = new
+
+        senders_done = asyncio.gather(*(send(s) for s in senders))
+        await asyncio.gather(*(hop(k, h) for k, h in enumerate(hoppers)))
+        done.set()
+        await senders_done
+        last = (await senders[0].ok("history", {"room": "hops", "limit": 1}))["messages"][-1]
+        for hopper in hoppers:
+            client = hopper["client"]
+            await client.wait_for(
+                lambda c=client, h=hopper: (
+                    (h["seen"] + [m["seq"] for m in c.messages(room)])[-1:] == [last["seq"]]
+                ),
+                timeout=LONG,
+            )
+            seen = hopper["seen"] + [m["seq"] for m in client.messages(room)]
+            assert seen == list(range(hopper["from"] + 1, last["seq"] + 1)), client.name
+
+
 async def test_a_node_without_members_of_a_room_receives_none_of_its_traffic(
     engines, clients, tmp_path
 ):
