@@ -16,8 +16,9 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..exceptions import ChatError, ErrorCode, UnavailableError
 from . import validation
@@ -70,6 +71,9 @@ DM_TIMEOUT = 5.0
 SETTLE_WAIT = 1.0
 """Seconds a node keeps asking a store that failed an append whether it stored the batch
 all the same, before answering its senders that it cannot tell."""
+
+LATE_SETTLE_WAIT = 60.0
+"""Seconds it goes on asking after that, to publish the batch if the store had it."""
 
 
 @dataclass(eq=False)
@@ -141,6 +145,8 @@ class Sequencer:
         self.publish_seconds = Durations()
         """How long each published batch took to reach the broker (its reply awaited)."""
         self.messages_stored = 0
+        self._later: set[asyncio.Task[None]] = set()
+        """Batches whose senders were told the store could not say: being asked after."""
         self._inline_stored: asyncio.Future[None] | None = None
         self._inline_published: asyncio.Future[None] | None = None
         """Set while a message is appended in its sender's task (see :meth:`_append_inline`):
@@ -236,6 +242,8 @@ class Sequencer:
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(error)
+                if settled is None:
+                    self._spawn(self._publish_if_stored(drafts))
                 return None
             log.warning("an append failed (%s) after storing its batch of %d", exc, len(drafts))
             messages = settled
@@ -252,26 +260,61 @@ class Sequencer:
     async def _settle(self, drafts: list[Draft]) -> list[Message] | None:
         """After an append that failed with the store out of reach: the batch's messages
         if it was stored all the same, [] if it was not, None if the store did not say
-        within :data:`SETTLE_WAIT`. A batch is one transaction: all of it or none."""
+        within :data:`SETTLE_WAIT`."""
         deadline = time.monotonic() + SETTLE_WAIT
         pause = 0.05
         while True:
             try:
-                first = await self._history.find(drafts[0].room, drafts[0].id)
-                if first is None:
-                    return []
-                found = [first, *[await self._history.find(d.room, d.id) for d in drafts[1:]]]
+                return await self._lookup(drafts)
             except UnavailableError:
                 if time.monotonic() + pause > deadline:
                     return None
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 0.4)
+
+    async def _lookup(self, drafts: list[Draft]) -> list[Message] | None:
+        """The batch's messages if the store holds them, [] if it holds none; None if it
+        holds some but not all (a batch is one transaction: it should not be)."""
+        first = await self._history.find(drafts[0].room, drafts[0].id)
+        if first is None:
+            return []
+        found = [first, *[await self._history.find(d.room, d.id) for d in drafts[1:]]]
+        messages = [message for message in found if message is not None]
+        if len(messages) != len(drafts):
+            log.error("an append stored %d of its %d messages", len(messages), len(drafts))
+            return None
+        return messages
+
+    async def _publish_if_stored(self, drafts: list[Draft]) -> None:
+        """After its senders were told the store could not say whether it stored their
+        batch: keep asking (up to :data:`LATE_SETTLE_WAIT`), and if it did, publish the
+        batch, so members get it without waiting for the room's next message to show the
+        gap. A member that has it already drops the copy."""
+        deadline = time.monotonic() + LATE_SETTLE_WAIT
+        pause = 0.25
+        while time.monotonic() + pause < deadline:
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 5.0)
+            try:
+                messages = await self._lookup(drafts)
+            except UnavailableError:
                 continue
-            messages = [message for message in found if message is not None]
-            if len(messages) != len(drafts):  # not one transaction after all: say so
-                log.error("an append stored %d of its %d messages", len(messages), len(drafts))
-                return None
-            return messages
+            if not messages:
+                return
+            log.warning("a batch of %d its senders could not be told of was stored", len(drafts))
+            frames = [message_frame(message) for message in messages]
+            try:
+                await self._broker.publish_many([(f.room, f.encode()) for f in frames])
+            except Exception:  # the room's next message shows the gap to every node
+                log.warning("publish of a batch of %d failed", len(frames), exc_info=True)
+            if self._local is not None:
+                await self._local(frames)
+            return
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._later.add(task)
+        task.add_done_callback(self._later.discard)
 
     async def _publish(
         self,
