@@ -108,3 +108,39 @@ def get(url: str) -> tuple[int, dict]:
             return error.code, json.loads(body)
         except ValueError:
             return error.code, {"body": body.decode(errors="replace")}
+
+
+async def test_members_are_listed_again_after_redis_restarts_empty(tmp_path):
+    """Redis keeps presence, and here nothing on disk: a restart loses every entry. Each
+    node writes its members' entries again once it is back, so the room lists everyone
+    who is still connected — on every node — and a joiner's reply lists them too."""
+    async with private_redis(tmp_path) as redis_server, postgres_schema() as store:
+        with cluster(redis_server.url + "?prefix=members", store, tmp_path) as c:
+            one, two = c.start(2)
+            clients = [
+                await ChatClient(node.url, f"user{i}").connect()
+                for i, node in enumerate((one, two, one, two))
+            ]
+            try:
+                for client in clients:
+                    await client.ok("join", {"room": "kept"})
+                names = {f"user{i}" for i in range(4)}
+                await redis_server.kill()
+                await redis_server.start()
+                for node in (one, two):
+                    deadline = time.monotonic() + 30
+                    while True:
+                        status, body = await asyncio.to_thread(
+                            get, node.url + "/api/rooms/kept/members"
+                        )
+                        if status == 200 and {m["name"] for m in body["members"]} == names:
+                            break
+                        assert time.monotonic() < deadline, (node.url, status, body)
+                        await asyncio.sleep(0.1)
+                late = await ChatClient(one.url, "late").connect()
+                clients.append(late)
+                reply = await late.ok("join", {"room": "kept"})
+                assert {m["name"] for m in reply["members"]} == names | {"late"}
+            finally:
+                for client in clients:
+                    await client.close()
