@@ -646,7 +646,15 @@
       }
       if (room.id === activeId) scrollToBottom();
     } catch (err) {
-      showNotice(`Not sent: ${err.message}`);
+      // Without an answer, or when the store could not say, the message may have been
+      // stored all the same: it then shows up in the room, so it is not "not sent".
+      if (err.code === "timeout") {
+        showNotice("Not confirmed: the server did not answer. If the message does not show up, send it again.");
+      } else if (err.code === "unavailable" && err.message.includes("may have been stored")) {
+        showNotice(`Not confirmed: ${err.message}`);
+      } else {
+        showNotice(`Not sent: ${err.message}`);
+      }
       if (ui.text.value === "" && room.id === activeId) {
         ui.text.value = raw;
         autoGrow();
