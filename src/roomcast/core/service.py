@@ -308,7 +308,10 @@ class Sequencer:
             except Exception:  # the room's next message shows the gap to every node
                 log.warning("publish of a batch of %d failed", len(frames), exc_info=True)
             if self._local is not None:
-                await self._local(frames)
+                try:
+                    await self._local(frames)
+                except Exception:
+                    log.warning("local delivery of %d frames failed", len(frames), exc_info=True)
             return
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
