@@ -33,6 +33,8 @@ class ErrorCode(StrEnum):
     """The room or user does not exist."""
     RATE_LIMITED = "rate_limited"
     """Too many requests in a short time."""
+    CONFLICT = "conflict"
+    """A message id chosen by the sender is the id of another message in the room."""
     UNAVAILABLE = "unavailable"
     """An engine the request needs (broker, store) cannot be reached; nothing was done."""
 

@@ -293,6 +293,49 @@ async def test_find_tells_whether_a_message_was_stored(history: History) -> None
     assert await history.find(RoomId(999), sent[2].id) is None
 
 
+def chosen(room: RoomId | Room, message_id: str, text: str = "hello") -> Draft:
+    """A draft whose id its sender chose (a send that may be a retry)."""
+    room_id = room.id if isinstance(room, Room) else room
+    return Draft(room_id, message_id, ANA, text, TS, chosen=True)
+
+
+async def test_a_chosen_id_the_room_holds_is_not_stored_again(history: History) -> None:
+    room, _ = await _room_with(history, 2)
+    other = await history.room_by_name("elsewhere", create=True)
+    assert other is not None
+    first = await history.append([chosen(room, "c-1")])
+    assert seqs(first) == [3]
+    # Sent again, alone and in a batch with new messages: the stored one stands in.
+    assert await history.append([chosen(room, "c-1")]) == first
+    again = await history.append([draft(room), chosen(room, "c-1"), chosen(room, "c-2")])
+    assert seqs(again) == [4, 3, 5]
+    assert again[1] == first[0]
+    # The same id twice in one batch is stored once; in another room it is another message.
+    twice = await history.append([chosen(room, "c-3"), chosen(room, "c-3"), chosen(other, "c-1")])
+    assert seqs(twice) == [6, 6, 1]
+    assert twice[0] == twice[1]
+    ids = [m.id for m in await history.after(room.id, 0, 100)]
+    assert ids[2:] == ["c-1", again[0].id, "c-2", "c-3"]
+    assert await history.latest(room.id) == 6
+    assert await history.latest(other.id) == 1
+    # The store does not judge: another text under a stored id gets the stored message
+    # (the service tells its sender it is another message's id).
+    assert await history.append([chosen(room, "c-2", "something else")]) == [again[2]]
+    # An id the server chose is never looked up, even if a sender chose it before.
+    plain = Draft(room.id, "c-1", ANA, "hello", TS)
+    assert seqs(await history.append([plain])) == [7]
+
+
+async def test_a_reset_forgets_the_chosen_ids(history: History) -> None:
+    room, _ = await _room_with(history, 0)
+    await history.append([chosen(room, "again")])
+    await history.append([draft(room) for _ in range(1200)])
+    assert seqs(await history.append([chosen(room, "again")])) == [1]  # however far back
+    reset = await history.reset(room.id)
+    stored = await history.append([chosen(room, "again", "after the reset")])
+    assert [(m.seq, m.epoch, m.text) for m in stored] == [(1, reset.epoch, "after the reset")]
+
+
 async def test_latest(history: History) -> None:
     room, _ = await _room_with(history, 0)
     assert await history.latest(room.id) == 0
@@ -398,6 +441,28 @@ async def test_two_instances_share_one_order_per_room(durable_store: Store) -> N
     assert sorted(seq for batch in batches for seq in seqs(batch)) == list(range(1, 91))
     assert seqs(await two.after(room.id, 0, 1000)) == list(range(1, 91))
     assert await one.latest(room.id) == await two.latest(room.id) == 90
+
+
+async def test_two_instances_racing_to_store_one_chosen_id_store_it_once(
+    durable_store: Store,
+) -> None:
+    one = await durable_store.open()
+    two = await durable_store.open()
+    room = await one.room_by_name("retries", create=True)
+    assert room is not None
+    # A sender's retries reaching two processes at once, among other senders' messages.
+    batches = await asyncio.gather(
+        *(
+            h.append([draft(room), chosen(room, "retried"), draft(room)])
+            for _ in range(10)
+            for h in (one, two)
+        )
+    )
+    retried = {batch[1] for batch in batches}
+    assert len(retried) == 1
+    stored = await two.after(room.id, 0, 1000)
+    assert seqs(stored) == list(range(1, 42))
+    assert [m for m in stored if m.id == "retried"] == list(retried)
 
 
 async def test_two_instances_create_one_room_and_distinct_users(durable_store: Store) -> None:

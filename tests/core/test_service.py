@@ -577,3 +577,75 @@ async def test_a_send_whose_store_lost_its_answer_is_acknowledged_once_and_deliv
             break
         await asyncio.sleep(0.01)
     assert [m["text"] for m in bob.conn.messages()] == ["kept", "unconfirmed"]
+
+
+async def test_a_send_retried_with_its_id_on_another_node_is_stored_and_delivered_once():
+    """The sender chose the message's id, got no confirmation (the store lost its answer
+    and stayed away), and sends it again through another node: one message, its seq in
+    both answers, every member gets it once."""
+    cluster = Cluster()
+    cluster.history = history = LostAnswerHistory()
+    a, _, rec_a = await cluster.node()
+    b, _, rec_b = await cluster.node()
+    alice = await connect(a, rec_a, "alice")
+    bob = await connect(b, rec_b, "bob")
+    await join(a, alice, "lobby")
+    await join(b, bob, "lobby")
+    await b.send(bob, "lobby", "before", "b-1")
+
+    history.failing, history.down = [True], True  # stored, and the store stays away
+    with pytest.raises(ChatError) as unknown:
+        await a.send(alice, "lobby", "hello", "a-1")
+    assert "may have been stored" in unknown.value.message
+    history.down = False
+
+    again = await connect(b, rec_b, "alice")  # alice, reconnected to the other node
+    await join(b, again, "lobby")
+    message = await b.send(again, "lobby", "hello", "a-1")
+    assert (message.seq, message.id, message.text, message.user.name) == (
+        2,
+        "a-1",
+        "hello",
+        "alice",
+    )
+    # The first node publishes it too once it learns it was stored; nobody gets it twice.
+    await asyncio.wait_for(asyncio.gather(*a.sequencer._later), 5)
+    after = await b.send(bob, "lobby", "after", "b-2")
+    assert after.seq == 3
+    for member in (alice, bob, again):
+        for _ in range(300):
+            if member.conn.messages()[-1:] and member.conn.messages()[-1]["seq"] == 3:
+                break
+            await asyncio.sleep(0.01)
+    assert [m["seq"] for m in bob.conn.messages()] == [1, 2, 3]
+    assert [m["seq"] for m in alice.conn.messages()] == [1, 2, 3]
+    assert [m["seq"] for m in again.conn.messages()] == [3]  # joined after 2: in its reply
+    stored = await b.history_page("lobby", None, 50)
+    assert [(m.id, m.text) for m in stored] == [
+        ("b-1", "before"),
+        ("a-1", "hello"),
+        ("b-2", "after"),
+    ]
+
+
+async def test_a_chosen_id_taken_by_another_message_is_a_conflict_and_stores_nothing(one):
+    service, rec = one
+    alice, bob = await connect(service, rec, "alice"), await connect(service, rec, "bob")
+    await join(service, alice, "lobby")
+    await join(service, bob, "lobby")
+    first = await service.send(alice, "lobby", "hello", "x-1")
+    assert await service.send(alice, "lobby", "hello", "x-1") == first  # a retry
+    for session, text in ((alice, "other words"), (bob, "hello")):
+        with pytest.raises(ChatError) as info:
+            await service.send(session, "lobby", text, "x-1")
+        assert info.value.code is ErrorCode.CONFLICT
+        assert "x-1" in info.value.message
+    for bad in ("", "a" * 65, "has space", "ünï", 7, ["x"]):
+        with pytest.raises(ChatError) as info:
+            await service.send(alice, "lobby", "hello", bad)
+        assert info.value.code is ErrorCode.BAD_REQUEST
+    # The same id in another room is another message.
+    await join(service, alice, "games")
+    assert (await service.send(alice, "games", "hello", "x-1")).seq == 1
+    assert [m.text for m in await service.history_page("lobby", None, 50)] == ["hello"]
+    assert [m["seq"] for m in bob.conn.messages()] == [1]

@@ -155,7 +155,10 @@ async def test_kill_9_of_a_node_removes_its_members_and_its_clients_recover(
         await bob.ok("join", {"room": "fragile"})
         joined = await carol.ok("join", {"room": "fragile"})
         await alice.ok("send", {"room": "fragile", "text": "before"})
-        await carol.wait_messages(room, 1)
+        # Carol's last send: a client that never got its answer sends it again, same id.
+        mine = {"room": "fragile", "text": "did this go?", "id": "carol-7f3a"}
+        first = (await carol.ok("send", mine))["message"]
+        await carol.wait_messages(room, 2)
         seen = carol.messages(room)[-1]["seq"]
 
         killed_at = time.monotonic()
@@ -175,6 +178,18 @@ async def test_kill_9_of_a_node_removes_its_members_and_its_clients_recover(
         assert reply["recovered"] is True
         assert [m["text"] for m in reply["missed"]] == [f"while away {i}" for i in range(5)]
         assert [m["seq"] for m in reply["missed"]] == list(range(seen + 1, seen + 6))
+        # Sent again through another node: the message stored before, not a second one.
+        assert (await carol2.ok("send", mine))["message"] == first
+        other = await carol2.call("send", {**mine, "text": "something else"})
+        assert other["error"]["code"] == "conflict"
+        await carol2.ok("send", {"room": "fragile", "text": "last"})
+        history = (await bob.ok("history", {"room": "fragile"}))["messages"]
+        assert [m["id"] for m in history].count("carol-7f3a") == 1
+        assert [m["text"] for m in history[-2:]] == ["while away 4", "last"]
+        # Bob had it live; the retry's copy, published before "last", is not shown again.
+        await bob.wait_messages(room, 8)
+        assert [m["text"] for m in bob.messages(room)].count("did this go?") == 1
+        assert [m["seq"] for m in bob.messages(room)] == list(range(1, 9))
 
 
 async def test_direct_message_to_a_client_on_the_other_server(engines, clients, tmp_path):

@@ -60,6 +60,24 @@ async def test_send_ack_carries_the_message(connect):
     assert isinstance(msg["id"], str) and isinstance(msg["ts"], int)
 
 
+async def test_a_send_sent_again_with_its_id_is_stored_and_delivered_once(connect):
+    name = room_name("retry")
+    alice, bob = await connect("alice"), await connect("bob")
+    room = (await alice.ok("join", {"room": name}))["room"]["id"]
+    await bob.ok("join", {"room": name})
+    send = {"room": name, "text": "once", "id": "0f9c1e2a-retry"}
+    first = (await alice.ok("send", send))["message"]
+    assert first["id"] == "0f9c1e2a-retry" and first["seq"] == 1
+    assert (await alice.ok("send", send))["message"] == first
+    taken = await bob.call("send", {**send, "text": "mine now"})
+    assert taken["ok"] is False and taken["error"]["code"] == "conflict"
+    await alice.ok("send", {"room": name, "text": "next"})
+    await bob.wait_messages(room, 2)
+    assert [(m["seq"], m["text"]) for m in bob.messages(room)] == [(1, "once"), (2, "next")]
+    history = (await bob.ok("history", {"room": name}))["messages"]
+    assert [m["text"] for m in history] == ["once", "next"]
+
+
 async def test_other_rooms_and_left_rooms_receive_nothing(connect):
     x, y, sentinel = room_name("x"), room_name("y"), room_name("sentinel")
     alice, bob, carol = await connect("alice"), await connect("bob"), await connect("carol")
@@ -199,6 +217,9 @@ async def test_history_survives_a_restart(tmp_path):
         ("send", {"room": "VALID", "text": b"binary attachment"}, "invalid_text"),
         ("send", b"a binary payload", "bad_request"),
         ("send", {"room": "VALID"}, "bad_request"),
+        ("send", {"room": "VALID", "text": "hi", "id": "not an id"}, "bad_request"),
+        ("send", {"room": "VALID", "text": "hi", "id": 12}, "bad_request"),
+        ("send", {"room": "VALID", "text": "hi", "id": "x" * 65}, "bad_request"),
         ("send", {"text": "no room"}, "bad_request"),
         ("send", {"room": "NOT_JOINED", "text": "hi"}, "not_member"),
         ("send", {"room": "never-created-room", "text": "hi"}, "not_found"),

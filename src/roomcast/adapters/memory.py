@@ -151,6 +151,8 @@ class MemoryHistory:
         self._rooms: dict[RoomId, Room] = {}
         self._by_name: dict[str, RoomId] = {}
         self._messages: defaultdict[RoomId, list[Message]] = defaultdict(list)
+        self._chosen: defaultdict[RoomId, dict[str, Message]] = defaultdict(dict)
+        """Messages whose ids their senders chose, by room and id."""
         self._room_ids = itertools.count(1)
         self._user_ids = itertools.count(1)
 
@@ -189,10 +191,17 @@ class MemoryHistory:
         out = []
         for draft in drafts:
             log = self._messages[draft.room]
+            if draft.chosen:
+                stored = self._chosen[draft.room].get(draft.id)
+                if stored is not None:
+                    out.append(stored)
+                    continue
             seq = log[-1].seq + 1 if log else 1
             message = Message.from_draft(draft, seq, self._rooms[draft.room].epoch)
             log.append(message)
             out.append(message)
+            if draft.chosen:
+                self._chosen[draft.room][draft.id] = message
         return out
 
     async def after(self, room: RoomId, seq: int, limit: int) -> list[Message]:
@@ -219,6 +228,7 @@ class MemoryHistory:
         new = Room(old.id, old.name, secrets.token_hex(4))
         self._rooms[room] = new
         self._messages.pop(room, None)
+        self._chosen.pop(room, None)
         return new
 
     async def next_user_id(self) -> UserId:

@@ -57,6 +57,9 @@ class Draft:
     text: str
     ts: int
     """Milliseconds since the Unix epoch, set by the server."""
+    chosen: bool = False
+    """``id`` was chosen by the sender, so this may be a retry of a message already stored:
+    the store stores it once (see :meth:`~roomcast.core.ports.History.append`)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -124,7 +124,15 @@ class History(Protocol):
         ...
 
     async def append(self, drafts: Sequence[Draft]) -> list[Message]:
-        """Sequence and store the drafts in one step, in the order given."""
+        """Sequence and store the drafts in one step, in the order given; one message per
+        draft, in the drafts' order.
+
+        An id its sender chose (:attr:`~roomcast.core.models.Draft.chosen`) is unique in
+        its room: a draft with one that the room, or an earlier draft of the batch, holds
+        already is not stored again, and that message stands in its place (the caller
+        tells whether it is the same one). Deciding this and storing are one step, so two
+        nodes storing the same retry at once store it once. Ids the server chose are
+        unique by construction and are not looked up. A reset forgets the room's ids."""
         ...
 
     async def after(self, room: RoomId, seq: int, limit: int) -> list[Message]:

@@ -326,7 +326,10 @@ class Sequencer:
         stored: float,
     ) -> None:
         try:
-            frames = [message_frame(message) for message in messages]
+            if any(draft.chosen for draft, _ in batch):
+                frames = _retried_frames(batch, messages)
+            else:
+                frames = [message_frame(message) for message in messages]
             # The whole batch in one round trip to the broker, in seq order.
             publish = self._broker.publish_many([(frame.room, frame.encode()) for frame in frames])
             if self._local is None:
@@ -349,9 +352,40 @@ class Sequencer:
         else:
             self.publish_seconds.observe(self._clock() - stored)
         finally:
-            for message, (_, future) in zip(messages, batch, strict=True):
-                if not future.done():
+            for message, (draft, future) in zip(messages, batch, strict=True):
+                if future.done():
+                    continue
+                if draft.chosen and not _same_message(draft, message):
+                    future.set_exception(_conflict(draft))
+                else:
                     future.set_result(message)
+
+
+def _same_message(draft: Draft, message: Message) -> bool:
+    """Whether a stored message with the draft's id is the draft sent again."""
+    return message.text == draft.text and message.user.name == draft.user.name
+
+
+def _conflict(draft: Draft) -> ChatError:
+    return ChatError(
+        ErrorCode.CONFLICT,
+        f"the message id {draft.id!r} is the id of another message in this room: choose a"
+        " new id for a new message",
+    )
+
+
+def _retried_frames(
+    batch: list[tuple[Draft, asyncio.Future[Message]]], messages: list[Message]
+) -> list[Frame]:
+    """The frames of a batch with drafts whose ids their senders chose: each stored message
+    once, in seq order. A retry's message, stored before, goes out again — its first
+    sender's node may have died before publishing it, and a member that has it drops the
+    copy — but not another message that merely has the id."""
+    unique: dict[tuple[RoomId, int], Message] = {}
+    for message, (draft, _) in zip(messages, batch, strict=True):
+        if not draft.chosen or _same_message(draft, message):
+            unique[(message.room, message.seq)] = message
+    return [message_frame(unique[key]) for key in sorted(unique)]
 
 
 def _unsettled() -> ChatError:
@@ -569,16 +603,30 @@ class ChatService:
         if session.bucket is not None and not session.bucket.take():
             raise ChatError(ErrorCode.RATE_LIMITED, "too many requests, slow down")
 
-    async def send(self, session: Session, ref: RoomId | str, text: object) -> Message:
+    async def send(
+        self, session: Session, ref: RoomId | str, text: object, message_id: object = None
+    ) -> Message:
+        """Store a message in a room the session is a member of and deliver it to every
+        member; the stored message, with its ``seq``, once it is durable.
+
+        ``message_id``, if given, is the message's id, chosen by the sender so that it can
+        send again what got no answer: a send whose id the room holds already (among its
+        newest :data:`~roomcast.core.ports.RETRY_WINDOW`) stores nothing and answers with
+        that message — or ``conflict`` if that message has another text or sender name.
+        """
         # The lock is the first suspension point: requests handled in arrival order reach
         # it in arrival order, and asyncio.Lock wakes its waiters first come, first served.
         async with session.sending:
             body = validation.text({"text": text})
+            chosen = validation.message_id({"id": message_id})
             self._spend(session)
             room_id = await self._member_room(session, ref)
             if not self.broker.healthy:
                 raise ChatError(ErrorCode.UNAVAILABLE, "the broker is unavailable, try again")
-            draft = Draft(room_id, self._message_id(), session.user, body, self._now_ms())
+            if chosen is None:
+                draft = Draft(room_id, self._message_id(), session.user, body, self._now_ms())
+            else:
+                draft = Draft(room_id, chosen, session.user, body, self._now_ms(), chosen=True)
             return await self.sequencer.append(draft)
 
     def _message_id(self) -> str:

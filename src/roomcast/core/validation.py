@@ -31,6 +31,8 @@ _TEXT_FORBIDDEN = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff
 # In ASCII the only forbidden category is Cc (C0 and DEL), and there is no bidi control.
 _ASCII_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f]")
 _INT_MAX = 2**31 - 1
+MESSAGE_ID_MAX = 64
+_MESSAGE_ID = re.compile(rf"[A-Za-z0-9_.:-]{{1,{MESSAGE_ID_MAX}}}", re.ASCII)
 
 
 def _printable(value: str) -> bool:
@@ -101,6 +103,19 @@ def text(data: dict[str, Any]) -> str:
         raise ChatError(ErrorCode.INVALID_TEXT, f"'text' must be at most {TEXT_MAX} characters")
     if _TEXT_FORBIDDEN.search(value) is not None:
         raise ChatError(ErrorCode.INVALID_TEXT, "'text' must not contain control characters")
+    return value
+
+
+def message_id(data: dict[str, Any]) -> str | None:
+    """The optional ``id`` of a ``send``: 1-64 ASCII letters, digits and ``-_.:``."""
+    value = data.get("id")
+    if value is None:
+        return None
+    if not isinstance(value, str) or _MESSAGE_ID.fullmatch(value) is None:
+        raise ChatError(
+            ErrorCode.BAD_REQUEST,
+            f"'id' must be 1-{MESSAGE_ID_MAX} ASCII letters, digits, '-', '_', '.' or ':'",
+        )
     return value
 
 

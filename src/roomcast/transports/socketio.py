@@ -812,7 +812,7 @@ class SocketIOTransport:
     async def _send(self, session: Session, data: dict[str, Any]) -> Reply:
         ref = validation.room_ref(data)
         text = validation.text(data)
-        message = await self.service.send(session, ref, text)
+        message = await self.service.send(session, ref, text, data.get("id"))
         return _ok(message=message.to_wire())
 
     async def _history(self, session: Session, data: dict[str, Any]) -> Reply:

@@ -4,6 +4,7 @@ Three tables hold everything::
 
     rooms     (id, name, epoch, seq, created_ms)     seq = the room's last sequence number
     messages  (room_id, seq, id, user_id, user_name, text, ts, epoch)
+    message_ids (room_id, id, seq)                   ids chosen by senders, unique per room
     counters  (name, value)                          the user id counter
 
 The room row is the room's lock: ``append`` bumps ``rooms.seq`` with
@@ -17,6 +18,7 @@ on the event loop's thread when it is free at once, else awaited on the store's 
 
 from __future__ import annotations
 
+import functools
 import secrets
 import time
 from collections import Counter
@@ -59,6 +61,17 @@ messages = sa.Table(
     sa.Column("epoch", sa.Text, nullable=False),
 )
 
+message_ids = sa.Table(
+    "message_ids",
+    metadata,
+    sa.Column("room_id", sa.Integer, sa.ForeignKey("rooms.id"), primary_key=True),
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+)
+"""The ids senders chose (see Draft.chosen), unique per room: how a retry is found, and
+what stops two racing ones from both being stored. Messages with ids the server chose
+have no row here, so their appends pay nothing for it."""
+
 counters = sa.Table(
     "counters",
     metadata,
@@ -89,6 +102,13 @@ _NEWEST = _PAGE + "WHERE room_id = $1 ORDER BY seq DESC LIMIT $2"
 # The append on SQLite, as the driver's own SQL (see SqlHistory.append).
 _SQLITE_READ = "SELECT id, seq, epoch FROM rooms WHERE id IN ({})"
 _SQLITE_BUMP = "UPDATE rooms SET seq = ? WHERE id = ?"
+# The stored messages of ids senders chose (see message_ids), on SQLite per room.
+_SQLITE_KNOWN = (
+    "SELECT m.room_id, m.seq, m.epoch, m.id, m.user_id, m.user_name, m.text, m.ts "
+    "FROM message_ids k JOIN messages m ON m.room_id = k.room_id AND m.seq = k.seq "
+    "WHERE k.room_id = ? AND k.id IN ({})"
+)
+_SQLITE_NAME = "INSERT INTO message_ids (room_id, id, seq) VALUES (?, ?, ?)"
 _SQLITE_INSERT = (
     "INSERT INTO messages (room_id, seq, id, user_id, user_name, text, ts, epoch) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
@@ -117,9 +137,54 @@ FROM unnest($1::int[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::big
 LEFT JOIN moved m ON m.id = b.room_id
 RETURNING room_id, seq, epoch
 """
+# The same on PostgreSQL, for the whole batch in one round trip.
+_PG_KNOWN = """
+SELECT m.room_id, m.seq, m.epoch, m.id, m.user_id, m.user_name, m.text, m.ts
+FROM {message_ids} k JOIN {messages} m ON m.room_id = k.room_id AND m.seq = k.seq
+WHERE (k.room_id, k.id) IN (SELECT * FROM unnest($1::int[], $2::text[]))
+"""
+# _PG_APPEND for a batch with ids senders chose ($10: which drafts): each one's id goes
+# into message_ids in the same statement. A racing append that stored one of them first
+# makes it fail on message_ids' primary key, and nothing is stored: looked up again.
+_PG_APPEND_NAMED = """
+WITH locked AS MATERIALIZED (
+    SELECT r.id, r.seq, r.epoch FROM {rooms} r
+    WHERE r.id = ANY($8::int[]) ORDER BY r.id FOR UPDATE
+), moved AS (
+    UPDATE {rooms} r SET seq = l.seq + c.n
+    FROM locked l JOIN unnest($8::int[], $9::bigint[]) AS c(id, n) ON c.id = l.id
+    WHERE r.id = l.id
+    RETURNING r.id, l.seq AS base, l.epoch
+), batch AS (
+    SELECT * FROM unnest($1::int[], $2::text[], $3::bigint[], $4::text[], $5::text[],
+                         $6::bigint[], $7::bigint[], $10::bool[])
+        AS b(room_id, id, user_id, user_name, text, ts, rank, chosen)
+), stored AS (
+    INSERT INTO {messages} (room_id, seq, id, user_id, user_name, text, ts, epoch)
+    SELECT b.room_id, m.base + b.rank, b.id, b.user_id, b.user_name, b.text, b.ts, m.epoch
+    FROM batch b LEFT JOIN moved m ON m.id = b.room_id
+    RETURNING room_id, seq, epoch
+), named AS (
+    INSERT INTO {message_ids} (room_id, id, seq)
+    SELECT b.room_id, b.id, m.base + b.rank FROM batch b JOIN moved m ON m.id = b.room_id
+    WHERE b.chosen
+)
+SELECT room_id, seq, epoch FROM stored
+"""
 _NOT_NULL_VIOLATION = "23502"
+_UNIQUE_VIOLATION = "23505"
 
 _ROOM_COLUMNS = (rooms.c.id, rooms.c.name, rooms.c.epoch)
+_PAGE_COLUMNS = (
+    messages.c.room_id,
+    messages.c.seq,
+    messages.c.epoch,
+    messages.c.id,
+    messages.c.user_id,
+    messages.c.user_name,
+    messages.c.text,
+    messages.c.ts,
+)
 
 
 class SqlHistory:
@@ -132,9 +197,10 @@ class SqlHistory:
 
     def __init__(self, url: str, *, schema: str | None = None) -> None:
         self._db = acquire(url, schema=schema)
-        self._pg_append_sql = _PG_APPEND.format(
-            rooms=self._db.qualified("rooms"), messages=self._db.qualified("messages")
-        )
+        names = {t: self._db.qualified(t) for t in ("rooms", "messages", "message_ids")}
+        self._pg_append_sql = _PG_APPEND.format(**names)
+        self._pg_append_named_sql = _PG_APPEND_NAMED.format(**names)
+        self._pg_known_sql = _PG_KNOWN.format(**names)
         sql = self._db.driver_sql
         tables = {"rooms": "rooms", "messages": "messages", "counters": "counters"}
         self._next_user_id_sql = sql(_NEXT_USER_ID, **tables)
@@ -202,21 +268,20 @@ class SqlHistory:
     async def append(self, drafts: Sequence[Draft]) -> list[Message]:
         """Sequence and store the drafts in one transaction, in the order given.
 
+        A draft whose id its sender chose and the room holds already is not stored again:
+        the stored message stands in its place (see :class:`~roomcast.core.ports.History`).
         Raises :class:`~roomcast.exceptions.ChatError` ``NOT_FOUND`` (and stores nothing)
         when a draft names a room that does not exist.
         """
         if not drafts:
             return []
-        counts = Counter(draft.room for draft in drafts)
         postgres = self._db.postgres
         if postgres:
-            stored = await self._db.run_driver(
-                lambda conn: self._append_pg(conn, drafts, counts), wait=False
-            )
+            stored = await self._append_pg(drafts)
             if stored is not None:
                 return stored
             # A room is missing and nothing was stored: the statements below say which.
-        ids = sorted(counts)
+        ids = sorted({draft.room for draft in drafts})
         # A constant number of statements per batch, however many rooms it spans: read the
         # rooms' positions under the write lock (SQLite: BEGIN IMMEDIATE; PostgreSQL: row
         # locks, taken in id order so two batches spanning the same rooms cannot deadlock),
@@ -243,51 +308,99 @@ class SqlHistory:
             missing = [room for room in ids if room not in found]
             if missing:
                 raise ChatError(ErrorCode.NOT_FOUND, f"room {missing[0]} does not exist")
+            # Ids chosen by senders that the room holds already, read under the same lock
+            # as the positions: a retry racing its first try is stored once.
+            known = _known_ids(conn, postgres, drafts) if _any_chosen(drafts) else {}
+            fresh, slots = _plan(drafts, known)
             out: list[Message] = []
-            for draft in drafts:
+            for draft in fresh:
                 seq, epoch = found[draft.room]
                 found[draft.room] = (seq + 1, epoch)
                 out.append(Message.from_draft(draft, seq + 1, epoch))
-            moved = [(found[room][0], room) for room in ids]
+            if not out:
+                return _placed(slots, out)
+            moved = [(found[room][0], room) for room in sorted({m.room for m in out})]
+            named = [(m.room, m.id, m.seq) for m, d in zip(out, fresh, strict=True) if d.chosen]
             if postgres:
                 conn.execute(_BUMP, [{"room": room, "seq": seq} for seq, room in moved])
                 conn.execute(messages.insert(), [_message_row(message) for message in out])
+                if named:
+                    rows = [{"room_id": r, "id": i, "seq": q} for r, i, q in named]
+                    conn.execute(message_ids.insert(), rows)
             else:
                 cursor.executemany(_SQLITE_BUMP, moved)
                 cursor.executemany(_SQLITE_INSERT, [_message_tuple(m) for m in out])
-            return out
+                if named:
+                    cursor.executemany(_SQLITE_NAME, named)
+            return _placed(slots, out)
 
         if postgres:
             return await self._db.run(append, write=True)
         return await self._db.write_sqlite(append)
 
-    async def _append_pg(
-        self, conn: Any, drafts: Sequence[Draft], counts: Counter[RoomId]
-    ) -> list[Message] | None:
+    async def _append_pg(self, drafts: Sequence[Draft]) -> list[Message] | None:
         """The append on PostgreSQL in one statement, its own transaction: one round trip
-        instead of five. None (and nothing stored) if a room does not exist."""
+        instead of five (two with ids senders chose: they are looked up first). None (and
+        nothing stored) if a room does not exist."""
+        chosen = _any_chosen(drafts)
+        # Each lost race means another append stored one of the batch's chosen ids, which
+        # the next lookup finds: at most one more try per chosen id.
+        for _ in range(sum(draft.chosen for draft in drafts) + 1):
+            known: dict[tuple[RoomId, str], Message] = {}
+            if chosen:
+                rows = await self._db.fetch(
+                    self._pg_known_sql,
+                    [d.room for d in drafts if d.chosen],
+                    [d.id for d in drafts if d.chosen],
+                )
+                known = {(m.room, m.id): m for m in map(_message_of, rows)}
+            fresh, slots = _plan(drafts, known)
+            if not fresh:
+                return _placed(slots, [])
+            stored = await self._db.run_driver(
+                functools.partial(self._insert_pg, drafts=fresh), wait=False
+            )
+            if stored is None:
+                return None
+            if stored:
+                return _placed(slots, stored)
+        raise RuntimeError("an append kept losing races for the ids its senders chose")
+
+    async def _insert_pg(self, conn: Any, drafts: list[Draft]) -> list[Message] | None:
+        """Store drafts none of whose chosen ids the rooms hold (as last looked up): their
+        messages; [] if a racing append stored one of those ids first (nothing stored);
+        None if a room does not exist (nothing stored)."""
+        counts = Counter(draft.room for draft in drafts)
         ids = sorted(counts)
         ranks: list[int] = []
         seen: Counter[RoomId] = Counter()
         for draft in drafts:
             seen[draft.room] += 1
             ranks.append(seen[draft.room])
+        args = [
+            [d.room for d in drafts],
+            [d.id for d in drafts],
+            [d.user.id for d in drafts],
+            [d.user.name for d in drafts],
+            [d.text for d in drafts],
+            [d.ts for d in drafts],
+            ranks,
+            ids,
+            [counts[room] for room in ids],
+        ]
         try:
-            rows = await conn.fetch(
-                self._pg_append_sql,
-                [d.room for d in drafts],
-                [d.id for d in drafts],
-                [d.user.id for d in drafts],
-                [d.user.name for d in drafts],
-                [d.text for d in drafts],
-                [d.ts for d in drafts],
-                ranks,
-                ids,
-                [counts[room] for room in ids],
-            )
+            if _any_chosen(drafts):
+                rows = await conn.fetch(
+                    self._pg_append_named_sql, *args, [d.chosen for d in drafts]
+                )
+            else:
+                rows = await conn.fetch(self._pg_append_sql, *args)
         except Exception as error:
-            if getattr(error, "sqlstate", None) == _NOT_NULL_VIOLATION:
+            state = getattr(error, "sqlstate", None)
+            if state == _NOT_NULL_VIOLATION:
                 return None  # a room's position was missing: the statement stored nothing
+            if state == _UNIQUE_VIOLATION and _any_chosen(drafts):
+                return []  # a chosen id was stored meanwhile: the statement stored nothing
             raise
         base: dict[int, tuple[int, str]] = {}
         for row in rows:
@@ -343,6 +456,7 @@ class SqlHistory:
             row = conn.execute(bump).mappings().first()
             if row is None:
                 raise ChatError(ErrorCode.NOT_FOUND, f"room {room} does not exist")
+            conn.execute(sa.delete(message_ids).where(message_ids.c.room_id == room))
             conn.execute(sa.delete(messages).where(messages.c.room_id == room))
             return row
 
@@ -354,6 +468,71 @@ class SqlHistory:
         if not rows:
             raise RuntimeError("the user id counter is missing: start() was not called")
         return UserId(int(rows[0][0]))
+
+
+def _any_chosen(drafts: Sequence[Draft]) -> bool:
+    return any(draft.chosen for draft in drafts)
+
+
+def _known_ids(
+    conn: Any, postgres: bool, drafts: Sequence[Draft]
+) -> dict[tuple[RoomId, str], Message]:
+    """The stored messages whose ids are those senders chose for drafts, by (room, id)."""
+    wanted: dict[RoomId, set[str]] = {}
+    for draft in drafts:
+        if draft.chosen:
+            wanted.setdefault(draft.room, set()).add(draft.id)
+    known: dict[tuple[RoomId, str], Message] = {}
+    for room, ids in sorted(wanted.items()):
+        if postgres:
+            rows = conn.execute(
+                sa.select(*_PAGE_COLUMNS)
+                .join(
+                    message_ids,
+                    sa.and_(
+                        message_ids.c.room_id == messages.c.room_id,
+                        message_ids.c.seq == messages.c.seq,
+                    ),
+                )
+                .where(message_ids.c.room_id == room, message_ids.c.id.in_(sorted(ids)))
+            ).all()
+        else:
+            marks = ",".join("?" * len(ids))
+            rows = conn.execute(_SQLITE_KNOWN.format(marks), (room, *sorted(ids))).fetchall()
+        for row in rows:
+            message = _message_of(row)
+            known[(message.room, message.id)] = message
+    return known
+
+
+def _plan(
+    drafts: Sequence[Draft], known: dict[tuple[RoomId, str], Message]
+) -> tuple[list[Draft], list[Message | int]]:
+    """The drafts to store, and for each draft given either the stored message that
+    stands in for it or the index of the draft to store that it is (a chosen id twice in
+    one batch is stored once)."""
+    fresh: list[Draft] = []
+    slots: list[Message | int] = []
+    placed: dict[tuple[RoomId, str], int] = {}
+    for draft in drafts:
+        if draft.chosen:
+            key = (draft.room, draft.id)
+            stored = known.get(key)
+            if stored is not None:
+                slots.append(stored)
+                continue
+            if key in placed:
+                slots.append(placed[key])
+                continue
+            placed[key] = len(fresh)
+        slots.append(len(fresh))
+        fresh.append(draft)
+    return fresh, slots
+
+
+def _placed(slots: list[Message | int], stored: list[Message]) -> list[Message]:
+    """One message per draft (see :func:`_plan`), once ``stored`` are the fresh ones'."""
+    return [slot if isinstance(slot, Message) else stored[slot] for slot in slots]
 
 
 def _new_epoch() -> str:
