@@ -337,6 +337,80 @@ async def test_reconnect_recovers_missed_messages(browser: Browser, chat_server:
         assert chat.errors == [], chat.errors
 
 
+async def test_a_send_whose_answer_was_lost_is_sent_again_and_shown_once(
+    browser: Browser, chat_server: Server
+) -> None:
+    """bob's connection drops after the server stored his message and before its answer
+    reached him: the page sends it again, with the same id, once it is back; the room has
+    it once, and his text is not handed back to him as unsent."""
+    url = chat_server.url
+    lose_answer = {"on": False}
+    sends: list[str] = []
+    sockets: list[tuple[WebSocketRoute, WebSocketRoute]] = []
+
+    async def route_websocket(ws: WebSocketRoute) -> None:
+        server = ws.connect_to_server()
+        sockets.append((ws, server))
+
+        def to_server(message: str | bytes) -> None:
+            if isinstance(message, str) and '["send",' in message:
+                sends.append(message)
+            server.send(message)
+
+        async def to_page(message: str | bytes) -> None:
+            # A Socket.IO answer over Engine.IO ("43" + ack id) to a send: dropped, and the
+            # connection with it.
+            if lose_answer["on"] and isinstance(message, str) and message.startswith("43"):
+                if '"message":' in message:
+                    lose_answer["on"] = False
+                    await server.close()
+                    await ws.close()
+                    return
+            ws.send(message)
+
+        ws.on_message(to_server)
+        server.on_message(to_page)
+
+    async def intercept(page: Page) -> None:
+        await page.route_web_socket(SOCKETIO_URL, route_websocket)
+
+    alice = await open_chat(browser, url, "alice")
+    bob = await open_chat(browser, url, "bob", before_load=intercept)
+    await join(alice, "lobby")
+    await join(bob, "lobby")
+    await say(alice, "before")
+    await expect(bob.page.locator("#messages .message")).to_have_count(1)
+
+    lose_answer["on"] = True
+    await say(bob, "did this go?")
+    await expect(bob.page.locator("#status")).to_have_attribute(
+        "data-state", "connected", timeout=20_000
+    )
+    await expect(bob.page.locator("#notice")).to_have_text(re.compile("sending the message again"))
+    for _ in range(200):  # the page sends it again a second after the answer was lost
+        if len(sends) == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert len(sends) == 2 and sends[0].split(",", 1)[1] == sends[1].split(",", 1)[1], sends
+    assert len(sockets) == 2  # the answer was lost with the first connection
+    await say(alice, "after")
+    expected = ["before", "did this go?", "after"]
+    for chat in (alice, bob):
+        await expect(chat.page.locator("#messages .message .text")).to_have_text(expected)
+    assert '"id":"' in sends[0]
+    await expect(bob.page.locator("#text")).to_have_value("")  # not handed back as unsent
+    client = await ChatClient(url, "carol").connect()
+    try:
+        history = (await client.ok("history", {"room": "lobby"}))["messages"]
+    finally:
+        await client.close()
+    assert [m["text"] for m in history] == expected
+    assert await seqs(alice) == await seqs(bob) == [1, 2, 3]
+    for chat in (alice, bob):
+        assert chat.dialogs == [], chat.dialogs
+        assert chat.errors == [], chat.errors
+
+
 BURST_OVER_POLLING = """async ({room, n}) => {
     const s = io({path: "/ws/socket.io", transports: ["polling"], auth: {name: "poller"},
                   reconnection: false});

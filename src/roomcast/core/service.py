@@ -391,8 +391,8 @@ def _retried_frames(
 def _unsettled() -> ChatError:
     return ChatError(
         ErrorCode.UNAVAILABLE,
-        "the message store did not confirm the message: it may have been stored, so look"
-        " for it in the room's history before sending it again",
+        "the message store did not confirm the message: it may have been stored, so send"
+        " it again with the same id, or without one look for it in the room's history first",
     )
 
 

@@ -23,6 +23,9 @@
   const NEAR_BOTTOM_PX = 80;
   const NEAR_TOP_PX = 60;
   const MAX_PENDING = 500;
+  /** How long a send that got no answer is sent again (same id: the room stores it once). */
+  const RESEND_FOR_MS = 60000;
+  const RESEND_CODES = new Set(["timeout", "not_connected", "unavailable", "rate_limited"]);
 
   const STORE_NAME = "roomcast.nickname";
   const STORE_ROOMS = "roomcast.rooms";
@@ -634,30 +637,59 @@
     autoGrow();
     ui.text.focus();
     room.lastTypingSent = 0;
-    sendQueue = sendQueue.then(() => deliver(room, text, raw));
+    const id = newMessageId();
+    sendQueue = sendQueue.then(() => deliver(room, text, raw, id));
   }
 
-  async function deliver(room, text, raw) {
-    if (rooms.get(room.id) !== room) return; // left meanwhile
-    try {
-      const res = await request("send", { room: room.id, text });
-      if (res.message && rooms.get(room.id) === room) {
-        addMessages(room, [res.message], { live: true });
-      }
-      if (room.id === activeId) scrollToBottom();
-    } catch (err) {
-      // Without an answer, or when the store could not say, the message may have been
-      // stored all the same: it then shows up in the room, so it is not "not sent".
-      if (err.code === "timeout") {
-        showNotice("Not confirmed: the server did not answer. If the message does not show up, send it again.");
-      } else if (err.code === "unavailable" && err.message.includes("may have been stored")) {
-        showNotice(`Not confirmed: ${err.message}`);
-      } else {
-        showNotice(`Not sent: ${err.message}`);
-      }
-      if (ui.text.value === "" && room.id === activeId) {
-        ui.text.value = raw;
-        autoGrow();
+  /** A message id of this page's own: random, so unique in any room (see docs/protocol.md). */
+  function newMessageId() {
+    const bytes = crypto.getRandomValues(new Uint8Array(12));
+    return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+  }
+
+  const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+  /**
+   * Sends the message; one that got no answer, or that the server could not take or
+   * confirm, is sent again with the same id for up to RESEND_FOR_MS, once connected and
+   * the room re-joined — the room stores it once however many tries reach it.
+   */
+  async function deliver(room, text, raw, id) {
+    const deadline = Date.now() + RESEND_FOR_MS;
+    let pause = 1000;
+    for (;;) {
+      if (rooms.get(room.id) !== room) return; // left meanwhile
+      try {
+        const res = await request("send", { room: room.id, text, id });
+        if (res.message && rooms.get(room.id) === room) {
+          addMessages(room, [res.message], { live: true });
+        }
+        if (room.id === activeId) scrollToBottom();
+        return;
+      } catch (err) {
+        if (RESEND_CODES.has(err.code) && Date.now() + pause < deadline) {
+          showNotice("Not confirmed yet: sending the message again…", "info");
+          await sleep(pause);
+          pause = Math.min(pause * 2, 8000);
+          while (Date.now() < deadline && !(socket && socket.connected && !room.syncing)) {
+            await sleep(200);
+          }
+          continue;
+        }
+        // Without an answer, or when the store could not say, the message may have been
+        // stored all the same: it then shows up in the room, so it is not "not sent".
+        if (err.code === "timeout") {
+          showNotice("Not confirmed: the server did not answer. If the message does not show up, send it again.");
+        } else if (err.code === "unavailable" && err.message.includes("may have been stored")) {
+          showNotice(`Not confirmed: ${err.message}`);
+        } else {
+          showNotice(`Not sent: ${err.message}`);
+        }
+        if (ui.text.value === "" && room.id === activeId) {
+          ui.text.value = raw;
+          autoGrow();
+        }
+        return;
       }
     }
   }
