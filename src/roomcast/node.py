@@ -114,6 +114,7 @@ class Node:
             await self.service.disconnect(conn_id)
         with contextlib.suppress(Exception):
             await self.presence.drop_node(self.id)
+        await self.service.sequencer.close()
         await self.hub.close()
         await self.broker.close()
         await self.presence.close()

@@ -649,3 +649,82 @@ async def test_a_chosen_id_taken_by_another_message_is_a_conflict_and_stores_not
     assert (await service.send(alice, "games", "hello", "x-1")).seq == 1
     assert [m.text for m in await service.history_page("lobby", None, 50)] == ["hello"]
     assert [m["seq"] for m in bob.conn.messages()] == [1]
+
+
+class FlakyBroker(MemoryBroker):
+    """An in-process broker whose publishes fail while ``failing`` is above 0 (each failure
+    counts it down; below 0, they fail for good)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.failing = 0
+
+    async def publish_many(self, items):
+        if self.failing != 0:
+            self.failing -= 1 if self.failing > 0 else 0
+            raise UnavailableError("the broker is out of reach")
+        await super().publish_many(items)
+
+
+async def _flaky_node(cluster: Cluster):
+    broker = FlakyBroker(cluster.bus)
+    hub = Hub(broker, cluster.history, unsubscribe_grace=0)
+    node_id = NodeId(f"n{len(cluster.nodes)}")
+    service = ChatService(
+        node=node_id, history=cluster.history, broker=broker, presence=cluster.presence, hub=hub
+    )
+    await broker.start(node_id, hub.on_frame, service.on_inbox, hub.resync)
+    recorder = Recorder()
+    cluster.nodes.append((service, broker, recorder))
+    return service, broker, recorder
+
+
+async def _until(condition) -> None:
+    for _ in range(500):  # 5 s at most
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+
+
+async def test_a_stored_message_whose_publish_failed_reaches_members_in_a_quiet_room():
+    cluster = Cluster()
+    a, broker, rec_a = await _flaky_node(cluster)
+    b, _, rec_b = await cluster.node()
+    alice, bob = await connect(a, rec_a, "alice"), await connect(b, rec_b, "bob")
+    await join(a, alice, "lobby")
+    await join(b, bob, "lobby")
+    broker.failing = 2  # the publish, and its first try again
+    message = await a.send(alice, "lobby", "stored, not published")
+    assert message.seq == 1  # stored, so acknowledged
+    assert bob.conn.messages() == []
+    # No later message comes to show the gap: the node publishes it again by itself.
+    await _until(lambda: len(bob.conn.messages()) == 1)
+    assert [m["text"] for m in bob.conn.messages()] == ["stored, not published"]
+    assert [m["seq"] for m in alice.conn.messages()] == [1]
+    await a.sequencer.close()
+
+
+async def test_messages_a_dead_node_stored_but_never_published_reach_the_room_once_it_is_reaped():
+    cluster = Cluster()
+    doomed, broker, rec_d = await _flaky_node(cluster)
+    a, _, rec_a = await cluster.node()
+    alice, carol = await connect(a, rec_a, "alice"), await connect(doomed, rec_d, "carol")
+    await join(a, alice, "lobby")
+    await join(doomed, carol, "lobby")
+    await a.send(alice, "lobby", "one")
+    await _until(lambda: len(carol.conn.messages()) == 1)
+    broker.failing = -1  # from now on the node reaches no one: it is as good as dead
+    await doomed.send(carol, "lobby", "its last words")
+    await doomed.sequencer.close()  # it died: nothing of it runs any more
+    assert [m["text"] for m in alice.conn.messages()] == ["one"]
+
+    await cluster.presence.heartbeat(doomed.node, ttl=-1)
+    removed = await cluster.presence.reap()
+    await a.announce_departed(removed)
+    await _until(lambda: len(alice.conn.messages()) == 2)
+    assert [(m["seq"], m["text"]) for m in alice.conn.messages()] == [
+        (1, "one"),
+        (2, "its last words"),
+    ]
+    leave = [f.data() for f in alice.conn.frames if f.kind is Kind.PRESENCE][-1]
+    assert leave == {"room": 1, "event": "leave", "user": carol.user.to_wire()}

@@ -314,6 +314,32 @@ class Sequencer:
                     log.warning("local delivery of %d frames failed", len(frames), exc_info=True)
             return
 
+    async def _publish_later(self, frames: list[Frame]) -> None:
+        """Publish a stored batch whose publish failed, until the broker takes it (for up
+        to :data:`LATE_SETTLE_WAIT`): in a room that stays quiet no later message would
+        show the other nodes the gap. A node that has filled it from history meanwhile
+        drops the copy."""
+        deadline = time.monotonic() + LATE_SETTLE_WAIT
+        pause = 0.25
+        while time.monotonic() + pause < deadline:
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 5.0)
+            try:
+                await self._broker.publish_many([(f.room, f.encode()) for f in frames])
+            except Exception as exc:
+                log.debug("publishing a batch of %d again failed: %s", len(frames), exc)
+                continue
+            log.info("a batch of %d whose publish had failed is published", len(frames))
+            return
+        log.warning("a batch of %d stored messages could not be published", len(frames))
+
+    async def close(self) -> None:
+        """Stop asking after and publishing again batches that failed (the node stops)."""
+        later = list(self._later)
+        for task in later:
+            task.cancel()
+        await asyncio.gather(*later, return_exceptions=True)
+
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._later.add(task)
@@ -325,11 +351,11 @@ class Sequencer:
         messages: list[Message],
         stored: float,
     ) -> None:
+        if any(draft.chosen for draft, _ in batch):
+            frames = _retried_frames(batch, messages)
+        else:
+            frames = [message_frame(message) for message in messages]
         try:
-            if any(draft.chosen for draft, _ in batch):
-                frames = _retried_frames(batch, messages)
-            else:
-                frames = [message_frame(message) for message in messages]
             # The whole batch in one round trip to the broker, in seq order.
             publish = self._broker.publish_many([(frame.room, frame.encode()) for frame in frames])
             if self._local is None:
@@ -347,8 +373,10 @@ class Sequencer:
                     )
                 await sending
         except Exception:
-            # Stored, so acknowledged: members that missed them recover them by seq.
+            # Stored, so acknowledged; the other nodes' members get it once a publish goes
+            # through, or from history once the room's next message shows them the gap.
             log.warning("publish of a batch of %d failed", len(messages), exc_info=True)
+            self._spawn(self._publish_later(frames))
         else:
             self.publish_seconds.observe(self._clock() - stored)
         finally:
@@ -783,6 +811,22 @@ class ChatService:
         for room_id, member in removed:
             if room_id > 0:
                 await self._publish_presence(room_id, "leave", member.user)
+        for room_id in dict.fromkeys(room_id for room_id, _ in removed if room_id > 0):
+            await self._republish_last(room_id)
+
+    async def _republish_last(self, room_id: RoomId) -> None:
+        """Publish the room's last stored message again, after a node that had members in
+        it died: it may have stored messages there that it never published. Every node
+        that lacks it sees the gap and fills it from history; one that has it drops the
+        copy. Without this, such a message would reach members only when the room's next
+        message showed the gap — in a quiet room, not for as long as it stays quiet."""
+        try:
+            latest = await self.history.latest(room_id)
+            last = await self.history.after(room_id, latest - 1, 1) if latest > 0 else []
+            if last:
+                await self.broker.publish_many([(room_id, message_frame(last[0]).encode())])
+        except Exception:
+            log.warning("publishing room %s's last message again failed", room_id, exc_info=True)
 
     # -- helpers -----------------------------------------------------------------------
 
