@@ -11,6 +11,7 @@ import itertools
 import signal
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -298,6 +299,27 @@ async def test_lobby_chat_reaches_everyone_else_also_socketio(login, connect):
     assert not [c for c in alice.lobby_chats if c[0] == alice.index]
 
 
+async def test_a_chat_sent_again_with_its_id_is_in_the_room_once(login, connect):
+    alice = await login()
+    sam: ChatClient = await connect("sam")
+    lobby = (await sam.ok("join", {"room": "lobby"}))["room"]["id"]
+    text, chat_id = mark("sent twice"), f"grpc-{uuid.uuid4().hex}"
+    for _ in range(2):  # a client that got no answer sends it again, same id
+        await alice.lobby.TryChatSend(pb2.Chat(index=alice.index, text=text, id=chat_id))
+    taken = await _error(
+        alice.lobby.TryChatSend(pb2.Chat(index=alice.index, text=mark("other"), id=chat_id))
+    )
+    assert taken.code() is grpc.StatusCode.ALREADY_EXISTS and chat_id in taken.details()
+    after = mark("after")
+    await alice.say(after)
+    await sam.wait_for(lambda: after in sam.texts(lobby))
+    said = [m for m in sam.messages(lobby) if m["user"]["id"] == alice.index]
+    assert [(m["text"], m["id"]) for m in said][:1] == [(text, chat_id)]
+    assert [m["text"] for m in said] == [text, after]
+    stored = (await sam.ok("history", {"room": "lobby", "limit": 100}))["messages"]
+    assert [m["id"] for m in stored].count(chat_id) == 1
+
+
 async def test_lobby_status_tells_of_logins_and_leaves(login):
     alice = await login()
     bob = await login()
@@ -422,6 +444,8 @@ async def test_unknown_users_and_bad_requests_get_statuses(login):
          "INVALID_ARGUMENT"),
         (lobby.TryChatSend(pb2.Chat(index=unknown, text="x")), "NOT_FOUND"),
         (lobby.TryChatSend(pb2.Chat(index=alice.index, text="x" * 5000)), "INVALID_ARGUMENT"),
+        (lobby.TryChatSend(pb2.Chat(index=alice.index, text="x", id="no spaces")),
+         "INVALID_ARGUMENT"),
         (lobby.TryUserRemove(pb2.UserRequest(index=unknown)), "NOT_FOUND"),
         (lobby.TryUserExit(pb2.UserRequest(index=unknown)), "NOT_FOUND"),
         (channel.TryChatSend(pb2.Chat(index=alice.index, text="x")), "FAILED_PRECONDITION"),

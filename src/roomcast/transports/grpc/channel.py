@@ -16,7 +16,7 @@ from ...core.models import RoomId
 from ...exceptions import ChatError, ErrorCode
 from ...grpc import client_to_agent_pb2 as pb2
 from ...grpc import client_to_agent_pb2_grpc as pb2_grpc
-from .errors import Context, abort, answer
+from .errors import Context, abort, answer, chosen_id
 from .users import GrpcUser
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ class ChannelService(pb2_grpc.ChannelServicer):
     async def _chat(self, request: pb2.Chat) -> None:
         user, channel = await self._member(request.index)
         if request.text.strip():
-            await self._door.send(user, channel, request.text)
+            await self._door.send(user, channel, request.text, chosen_id(request))
 
     async def TryChatReceive(self, request: pb2.Chat, context: Context) -> AsyncIterator[pb2.Chat]:
         """The channel's chat from the other members (Socket.IO users of the room too)."""

@@ -134,11 +134,15 @@ class GrpcDoor:
         except TimeoutError:
             pass
 
-    async def send(self, user: GrpcUser, room: RoomId, text: str) -> None:
-        """Send a chat message as ``user`` to ``room`` (which it is a member of)."""
+    async def send(
+        self, user: GrpcUser, room: RoomId, text: str, message_id: str | None = None
+    ) -> None:
+        """Send a chat message as ``user`` to ``room`` (which it is a member of); with
+        ``message_id``, one the room stores once however often it is sent (see
+        :meth:`~roomcast.core.service.ChatService.send`)."""
         sender = _Sender(user.conn, self.transport)
         session = Session(sender, user.user, {room}, self._bucket(user.index))
-        await self.service.send(session, room, text)
+        await self.service.send(session, room, text, message_id)
 
     def spend(self, user: GrpcUser) -> None:
         """Count a costly request (a new channel) against the user's rate limit."""

@@ -27,8 +27,14 @@ _STATUS = {
     ErrorCode.NOT_MEMBER: grpc.StatusCode.FAILED_PRECONDITION,
     ErrorCode.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     ErrorCode.RATE_LIMITED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorCode.CONFLICT: grpc.StatusCode.ALREADY_EXISTS,
     ErrorCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
 }
+
+
+def chosen_id(chat: Any) -> str | None:
+    """The id a ``Chat`` sent to TryChatSend carries, if its sender chose one."""
+    return str(chat.id) if chat.HasField("id") else None
 
 
 def status_of(code: ErrorCode) -> Any:

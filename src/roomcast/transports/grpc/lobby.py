@@ -17,7 +17,7 @@ from ...core.models import RoomId
 from ...exceptions import ChatError, ErrorCode
 from ...grpc import client_to_agent_pb2 as pb2
 from ...grpc import client_to_agent_pb2_grpc as pb2_grpc
-from .errors import Context, abort, answer
+from .errors import Context, abort, answer, chosen_id
 from .users import INDEX_MAX, GrpcUser
 
 if TYPE_CHECKING:
@@ -49,7 +49,8 @@ class LobbyService(pb2_grpc.LobbyServicer):
     async def _chat(self, request: pb2.Chat) -> None:
         user = await self._door.users.get(request.index)
         if request.text.strip():
-            await self._door.send(user, (await self._door.users.lobby()).id, request.text)
+            lobby = (await self._door.users.lobby()).id
+            await self._door.send(user, lobby, request.text, chosen_id(request))
 
     async def TryChatReceive(self, request: pb2.Chat, context: Context) -> AsyncIterator[pb2.Chat]:
         """The lobby chat of the other users, until the client cancels or logs out."""
