@@ -250,6 +250,33 @@ def test_reconnect_recovers_what_was_missed_once(
         server.stop()
 
 
+def test_a_line_typed_while_the_server_is_down_is_sent_once_it_is_back(
+    terminals: list[Terminal], tmp_path: Path
+) -> None:
+    port, store = free_port(), f"sqlite:///{tmp_path}/chat.db"
+    server = start_server(port=port, store_url=store, log_dir=tmp_path)
+    try:
+        alice = chat(terminals, "alice", "--url", server.url, "--room", "den")
+        alice.type("before")
+        alice.sees("[den] alice: before")
+        server.kill()
+        alice.sees("connection lost")
+        alice.type("while down")
+        alice.sees("not confirmed yet; sending it again")
+        server = start_server(port=port, store_url=store, log_dir=tmp_path)
+        alice.sees("[den] alice: while down")
+        alice.type("after")
+        alice.sees("[den] alice: after")
+        with socketio.SimpleClient() as bob:
+            bob.connect(server.url, socketio_path="/ws/socket.io", auth={"name": "bob"})
+            reply = bob.call("history", {"room": "den"}, timeout=WAIT)
+            assert [m["text"] for m in reply["messages"]] == ["before", "while down", "after"]
+        alice.type("/quit")
+        assert alice.exits() == 0
+    finally:
+        server.stop()
+
+
 def test_two_users_chat_over_grpc(tmp_path: Path, terminals: list[Terminal]) -> None:
     grpc_port = free_port()
     with run_server("--grpc-port", str(grpc_port), log_dir=tmp_path) as server:

@@ -32,6 +32,10 @@ from .backend import LOBBY, TIMEOUT, CommandFailed, Screen
 
 Reply = dict[str, Any]
 
+RESEND_FOR = 60.0
+"""Seconds a message that got no answer, or that the server could not take or confirm, is
+sent again (with its id: the room stores it once)."""
+_RESEND = frozenset({"offline", "timeout", "unavailable", "rate_limited"})
 RECONNECT_DELAY = 0.5
 RECONNECT_DELAY_MAX = 5.0
 
@@ -143,12 +147,40 @@ class SocketIOBackend:
             await session.close()
 
     async def say(self, text: str) -> None:
-        await self._call("send", {"room": self._current_room().id, "text": text})
+        await self._send(self._current_room().id, text)
 
     async def say_all(self, text: str) -> None:
         if self._lobby is None or self._lobby not in self._joined:
             raise CommandFailed("not_member", "not in the lobby; /join lobby")
-        await self._call("send", {"room": self._lobby, "text": text})
+        await self._send(self._lobby, text)
+
+    async def _send(self, room: int, text: str) -> None:
+        """Send a message under an id of its own; one that got no answer, or that the
+        server could not take or confirm, is sent again under that id once the connection
+        and the room are back, for up to :data:`RESEND_FOR` seconds."""
+        data = {"room": room, "text": text, "id": secrets.token_hex(12)}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RESEND_FOR
+        pause = 1.0
+        while True:
+            try:
+                await self._call("send", data)
+                return
+            except CommandFailed as exc:
+                if exc.code not in _RESEND or loop.time() + pause >= deadline:
+                    raise
+                self._screen.show(view.notice("not confirmed yet; sending it again..."))
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 8.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._back(), max(deadline - loop.time(), 0.0))
+
+    async def _back(self) -> None:
+        """Return once connected (welcomed) and every room is joined again."""
+        await self._welcome.wait()
+        if self._resync is not None:
+            with contextlib.suppress(Exception):  # a room it could not join is said there
+                await asyncio.shield(self._resync)
 
     async def make(self, name: str) -> None:
         name = name or f"room-{secrets.token_hex(3)}"
@@ -394,6 +426,7 @@ class SocketIOBackend:
         self._refused = data
 
     def _on_disconnect(self, reason: Any = None) -> None:
+        self._welcome.clear()  # until the next connection's welcome
         # Acks cannot come over a closed connection: fail the requests now, not at timeout.
         for answer in self._waiting:
             if not answer.done():
