@@ -7,6 +7,7 @@ import asyncio
 import time
 
 import pytest
+import socketio
 
 from tests.contract.engines import engine_url
 
@@ -119,6 +120,74 @@ async def test_clients_hopping_between_nodes_mid_traffic_see_every_message_once_
             )
             seen = hopper["seen"] + [m["seq"] for m in client.messages(room)]
             assert seen == list(range(hopper["from"] + 1, last["seq"] + 1)), client.name
+
+
+async def _whole_history(client: ChatClient, room: str) -> list[dict]:
+    """Every message of the room, oldest first, a page of 100 at a time."""
+    pages: list[list[dict]] = []
+    before = None
+    while True:
+        args = {"room": room, "limit": 100} | ({} if before is None else {"before": before})
+        page = (await client.ok("history", args))["messages"]
+        if not page:
+            return [m for p in reversed(pages) for m in p]
+        pages.append(page)
+        before = page[0]["seq"]
+
+
+async def test_senders_of_a_node_killed_mid_traffic_send_again_and_each_message_is_stored_once(
+    engines, clients, tmp_path
+):
+    """Three clients send, each as fast as its answers come, through a node that is killed
+    mid-traffic; each sends what got no answer again, same id, through another node. Every
+    message is in the room once, in each sender's order, and a member on a third node gets
+    each once, in the room's order — also those the dead node stored and never published."""
+    broker, store = engines
+    count = 40
+    with cluster(broker, store, tmp_path) as c:
+        one, two, doomed = c.start(3)
+        watcher = await clients(two, "watcher")
+        room = (await watcher.ok("join", {"room": "crash"}))["room"]["id"]
+        senders = [await clients(doomed, f"s{k}") for k in range(3)]
+        for sender in senders:
+            await sender.ok("join", {"room": "crash"})
+        acked = [0, 0, 0]
+        resent: list[str] = []
+
+        async def send_all(k: int, client: ChatClient) -> None:
+            while acked[k] < count:
+                data = {"room": "crash", "text": f"s{k}:{acked[k]}", "id": f"s{k}-{acked[k]}"}
+                try:
+                    reply = await client.sio.call("send", data, timeout=3)
+                except (TimeoutError, socketio.exceptions.SocketIOError):
+                    reply = None  # no answer: its node is gone
+                if reply is not None and reply["ok"]:
+                    assert reply["message"]["id"] == data["id"]
+                    acked[k] += 1
+                    continue
+                assert reply is None or reply["error"]["code"] == "unavailable", reply
+                resent.append(data["id"])
+                await client.close()
+                client = await clients(one, f"s{k}")
+                await client.ok("join", {"room": "crash"})
+
+        sending = asyncio.gather(*(send_all(k, s) for k, s in enumerate(senders)))
+        for _ in range(1000):  # 10 s at most
+            if min(acked) >= 5:
+                break
+            await asyncio.sleep(0.01)
+        doomed.kill()
+        await sending
+        assert len(resent) >= 3, resent  # each sender had to send one again
+
+        history = await _whole_history(watcher, "crash")
+        ids = [m["id"] for m in history]
+        assert sorted(ids) == sorted(f"s{k}-{i}" for k in range(3) for i in range(count))
+        for k in range(3):
+            assert [i for i in ids if i.startswith(f"s{k}-")] == [f"s{k}-{i}" for i in range(count)]
+        assert [m["seq"] for m in history] == list(range(1, 3 * count + 1))
+        await watcher.wait_messages(room, 3 * count, timeout=LONG)
+        assert [m["id"] for m in watcher.messages(room)] == ids
 
 
 async def test_a_node_without_members_of_a_room_receives_none_of_its_traffic(
