@@ -216,6 +216,49 @@ async def test_nats_reconnects_after_the_server_is_killed_and_restarted(
         await expect_flowing(a, b)
 
 
+async def test_a_nats_node_that_drops_frames_as_a_slow_consumer_reads_them_from_history(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """nats-py drops what a subscription cannot queue: the node is told to read what its
+    rooms missed from history, its connection still up."""
+    from roomcast.adapters.nats import broker as nats_broker
+
+    services.require("NATS", services.NATS_HOST, services.NATS_PORT)
+    monkeypatch.setattr(nats_broker, "PENDING_MSGS_LIMIT", 4)
+    monkeypatch.setattr(nats_broker, "SLOW_RESYNC_DELAY", 0.2)
+    url = f"{services.NATS_URL}?prefix={unique()}"
+    stalled = asyncio.Event()
+    handled: list[bytes] = []
+    resyncs = 0
+
+    async def on_room(data: bytes) -> None:  # a node too busy to take its frames
+        await stalled.wait()
+        handled.append(data)
+
+    async def on_inbox(data: bytes) -> None:
+        return None
+
+    async def on_reconnect() -> None:
+        nonlocal resyncs
+        resyncs += 1
+
+    slow = open_broker(url)
+    async with nodes(url) as (sender,):
+        await slow.start(NodeId(unique("n")), on_room, on_inbox, on_reconnect)
+        try:
+            await slow.subscribe(RoomId(1))
+            for i in range(40):
+                await sender.broker.publish(RoomId(1), f"f{i}".encode())
+            await until(lambda: resyncs >= 1, "a resync after the dropped frames")
+            assert slow.healthy  # not a reconnect: the connection never went away
+            stalled.set()
+            await until(lambda: len(handled) >= 4, "the frames it could queue")
+            assert len(handled) < 40  # the rest were dropped
+        finally:
+            stalled.set()
+            await slow.close()
+
+
 # -- RabbitMQ --------------------------------------------------------------------------
 
 

@@ -19,7 +19,8 @@ within a subject is exact, and since waiters get the lock first come first serve
 different subjects are handled in about the order they arrived (nothing depends on order
 across rooms). No task is created per message, and frames not yet handled stay in nats-py's
 per-subscription queue, whose limits make a stalled node a reported slow consumer rather
-than a memory leak. With a batch handler (``hand_batches_to``), a room's callback that sees
+than a memory leak; nats-py drops what does not fit, and the node reads what its rooms
+missed from history a second later (``SLOW_RESYNC_DELAY``), as after a reconnect. With a batch handler (``hand_batches_to``), a room's callback that sees
 more of the room's messages already queued behind its own (nats-py's ``pending_msgs``) only
 sets its frame aside; the callback of the last one queued hands them all over in one call,
 in arrival order (at most ``GATHER_MAX``), so the hub writes each local member one write for
@@ -71,6 +72,12 @@ FLUSH_TIMEOUT = 5
 """Seconds for a flush: a subscription reaching the server, or a full outgoing buffer."""
 CLOSE_TIMEOUT = 5.0
 GATHER_MAX = 256
+PENDING_MSGS_LIMIT = 512 * 1024
+"""Frames a room's subscription queues before nats-py drops them (its own default): a node
+that far behind is a slow consumer."""
+SLOW_RESYNC_DELAY = 1.0
+"""Seconds after a slow consumer's first dropped frame that the node reads what its rooms
+missed from history (once, however many frames were dropped meanwhile)."""
 """Room frames handed to the batch handler in one call at most."""
 
 _ERRORS = (
@@ -125,6 +132,8 @@ class NatsBroker:
         self._turn = asyncio.Lock()
         """Held while a frame handler runs: one frame at a time across all subjects."""
         self._resync: Resync | None = None
+        self._slow: asyncio.TimerHandle | None = None
+        """Set while a resync after dropped frames is due (see :meth:`_on_error`)."""
         self._closed = False
         self.received = 0
         """Room frames this node received (the per-node counter the metrics export)."""
@@ -187,6 +196,8 @@ class NatsBroker:
         if self._closed:
             return
         self._closed = True
+        if self._slow is not None:
+            self._slow.cancel()
         if self._resync is not None:
             await self._resync.close()
         await self._close_client()
@@ -217,7 +228,9 @@ class NatsBroker:
             return
         feed = _RoomFeed(self)
         try:
-            sub = await nc.subscribe(self._room_subject(room), cb=feed.take)
+            sub = await nc.subscribe(
+                self._room_subject(room), cb=feed.take, pending_msgs_limit=PENDING_MSGS_LIMIT
+            )
         except _ERRORS as exc:
             raise UnavailableError(f"NATS: subscribing to room {room} failed: {exc!r}") from exc
         feed.sub = sub
@@ -299,9 +312,25 @@ class NatsBroker:
 
     async def _on_error(self, exc: Exception) -> None:
         if isinstance(exc, nats.errors.SlowConsumerError):
-            log.warning("NATS: this node is a slow consumer; frames dropped (%s)", exc.subject)
+            # nats-py dropped frames the node could not take in time: without a resync, a
+            # room would see them only once its next message shows the gap.
+            if self._slow is None and not self._closed and self._resync is not None:
+                log.warning(
+                    "NATS: this node is a slow consumer; frames dropped (%s); reading what"
+                    " its rooms missed from history in %gs",
+                    exc.subject,
+                    SLOW_RESYNC_DELAY,
+                )
+                self._slow = asyncio.get_running_loop().call_later(
+                    SLOW_RESYNC_DELAY, self._resync_after_drops
+                )
         elif not self._closed:
             log.debug("NATS: %r", exc)
+
+    def _resync_after_drops(self) -> None:
+        self._slow = None
+        if not self._closed and self._resync is not None:
+            self._resync.request()
 
     async def _on_disconnected(self) -> None:
         if not self._closed and self._nc is not None:
