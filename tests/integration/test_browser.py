@@ -411,6 +411,48 @@ async def test_a_send_whose_answer_was_lost_is_sent_again_and_shown_once(
         assert chat.errors == [], chat.errors
 
 
+async def test_room_counts_follow_joins_and_leaves_without_asking_the_server(
+    browser: Browser, chat_server: Server
+) -> None:
+    """Joins and leaves in a room the page is in move its count in the room list from the
+    presence events alone: a busy room must not make every member's page ask for the list
+    of rooms each time someone comes or goes."""
+    asked: list[float] = []
+
+    async def route_websocket(ws: WebSocketRoute) -> None:
+        server = ws.connect_to_server()
+
+        def to_server(message: str | bytes) -> None:
+            if isinstance(message, str) and '["rooms"' in message:
+                asked.append(asyncio.get_running_loop().time())
+            server.send(message)
+
+        ws.on_message(to_server)
+
+    async def intercept(page: Page) -> None:
+        await page.route_web_socket(SOCKETIO_URL, route_websocket)
+
+    bob = await open_chat(browser, chat_server.url, "bob", before_load=intercept)
+    await join(bob, "lobby")
+    lobby = bob.page.locator('#rooms .room[data-room-name="lobby"]')
+    await expect(lobby).to_have_attribute("data-members", "1")
+    visitor = await ChatClient(chat_server.url, "visitor").connect()
+    try:
+        loop = asyncio.get_running_loop()
+        started, before = loop.time(), len(asked)
+        for _ in range(6):
+            await visitor.ok("join", {"room": "lobby"})
+            await expect(lobby).to_have_attribute("data-members", "2")
+            await visitor.ok("leave", {"room": "lobby"})
+            await expect(lobby).to_have_attribute("data-members", "1")
+        elapsed = loop.time() - started
+    finally:
+        await visitor.close()
+    # Only the list's own refresh, every 5 s while the page is visible.
+    assert len(asked) - before <= int(elapsed / 5) + 1, (len(asked) - before, elapsed)
+    assert bob.errors == [], bob.errors
+
+
 BURST_OVER_POLLING = """async ({room, n}) => {
     const s = io({path: "/ws/socket.io", transports: ["polling"], auth: {name: "poller"},
                   reconnection: false});

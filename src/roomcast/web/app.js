@@ -701,7 +701,6 @@
     const room = rooms.get(ev.room);
     if (!room) {
       queuePending(ev.room, "presence", ev);
-      scheduleRoomsRefresh();
       return;
     }
     if (ev.event === "join") {
@@ -718,7 +717,8 @@
       renderMembers();
       renderTyping();
     }
-    scheduleRoomsRefresh();
+    // The room list's count of a joined room comes from its members here: no request.
+    scheduleRoomsRender();
   }
 
   function onTyping(ev) {
@@ -768,6 +768,16 @@
     roomsSoon = setTimeout(() => {
       roomsSoon = null;
       refreshRooms();
+    }, 300);
+  }
+
+  let roomsRenderSoon = null;
+
+  function scheduleRoomsRender() {
+    if (roomsRenderSoon) return;
+    roomsRenderSoon = setTimeout(() => {
+      roomsRenderSoon = null;
+      renderRooms();
     }, 300);
   }
 
@@ -1042,8 +1052,12 @@
     renderRooms();
   }
 
+  /** Members of a room as the page knows them: its own count for a joined room (kept by
+   *  presence events, so a busy room costs the server no request), else the server's. */
+  const memberCount = (info) => (rooms.has(info.id) ? rooms.get(info.id).members.size : info.members || 0);
+
   function renderRooms() {
-    const list = [...lastRoomList].sort(
+    const list = [...lastRoomList].map((info) => ({ ...info, members: memberCount(info) })).sort(
       (a, b) => (b.members || 0) - (a.members || 0) || String(a.name).localeCompare(String(b.name)),
     );
     if (list.length === 0) {
