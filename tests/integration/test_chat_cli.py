@@ -277,6 +277,38 @@ def test_a_line_typed_while_the_server_is_down_is_sent_once_it_is_back(
         server.stop()
 
 
+def test_a_line_typed_over_grpc_while_the_server_is_down_is_sent_once_it_is_back(
+    terminals: list[Terminal], tmp_path: Path
+) -> None:
+    """The session is lost with the server: the client logs in again (a new number), goes
+    back into its channel and sends the line typed meanwhile."""
+    port, grpc_port = free_port(), free_port()
+    store = f"sqlite:///{tmp_path}/chat.db"
+    args = ("--grpc-port", str(grpc_port))
+    server = start_server(*args, port=port, store_url=store, log_dir=tmp_path)
+    try:
+        alice = chat(terminals, "alice", "--grpc", "--agent", f"127.0.0.1:{grpc_port}")
+        alice.type("/make")
+        channel = alice.sees_re(r"you are in \[channel (\d+)\]").group(1)
+        alice.type("before")
+        alice.sees_re(rf"\[channel {channel}\] user \d+: before")
+        server.kill()
+        alice.sees("connection lost")
+        alice.type("while down")
+        alice.sees("not confirmed yet; sending it again")
+        server = start_server(*args, port=port, store_url=store, log_dir=tmp_path)
+        alice.sees("logged in again")
+        alice.sees_re(rf"\[channel {channel}\] user \d+: while down")
+        with socketio.SimpleClient() as bob:
+            bob.connect(server.url, socketio_path="/ws/socket.io", auth={"name": "bob"})
+            reply = bob.call("history", {"room": int(channel)}, timeout=WAIT)
+            assert [m["text"] for m in reply["messages"]] == ["before", "while down"]
+        alice.type("/quit")
+        assert alice.exits() == 0
+    finally:
+        server.stop()
+
+
 def test_two_users_chat_over_grpc(tmp_path: Path, terminals: list[Terminal]) -> None:
     grpc_port = free_port()
     with run_server("--grpc-port", str(grpc_port), log_dir=tmp_path) as server:

@@ -15,6 +15,9 @@ LOBBY = "lobby"
 """The room every client is in and ``/all`` speaks to."""
 
 TIMEOUT = 10.0
+RESEND_FOR = 60.0
+"""Seconds a line that got no answer, or that the server could not take or confirm, is
+sent again (under the id it was first sent with: the room stores it once)."""
 """Seconds to wait for any one answer from the server."""
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -33,13 +34,19 @@ import grpc
 from ..grpc import client_to_agent_pb2 as pb2
 from ..grpc import client_to_agent_pb2_grpc as pb2_grpc
 from . import view
-from .backend import LOBBY, TIMEOUT, CommandFailed, Screen
+from .backend import LOBBY, RESEND_FOR, TIMEOUT, CommandFailed, Screen
 
 Command = pb2.CommandRequest
 SUCCESS = pb2.CommandReply.SUCCESS
 
 RELOGIN_DELAY = 0.5
 RELOGIN_DELAY_MAX = 5.0
+_RESEND = frozenset(
+    {"unavailable", "deadline_exceeded", "resource_exhausted", "not_found", "failed_precondition"}
+)
+"""Refusals of a chat that sending it again can cure: the server or its engines away, no
+answer, the rate limit, or a session the server lost (an unknown user, not in the
+channel) that the client is logging in again."""
 EXIT_TIMEOUT = 2.0
 """Seconds the logout may take on the way out."""
 
@@ -75,6 +82,9 @@ class GrpcBackend:
         self._session: list[asyncio.Task[None]] = []  # heartbeat and lobby streams
         self._in_channel: list[asyncio.Task[None]] = []
         self._relogin: asyncio.Task[None] | None = None
+        self._back = asyncio.Event()  # cleared while a lost session is being restored
+        self._back.set()
+        self._restoring: int | None = None  # the channel a lost session goes back into
         self._closing = False
 
     # -- Backend ---------------------------------------------------------------------
@@ -85,7 +95,13 @@ class GrpcBackend:
 
     @property
     def room(self) -> str:
-        return channel_name(self._channel) if self._channel else LOBBY
+        channel = self._where()
+        return channel_name(channel) if channel else LOBBY
+
+    def _where(self) -> int | None:
+        """The channel the user is in — while a lost session is restored, the one it is
+        going back into."""
+        return self._channel if self._back.is_set() else self._restoring
 
     async def start(self) -> None:
         await self._login()
@@ -111,18 +127,55 @@ class GrpcBackend:
         self._channels.clear()
 
     async def say(self, text: str) -> None:
-        if self._channel is None:
+        channel = self._where()
+        if channel is None:
             await self.say_all(text)
             return
-        stub = _stub("Channel", self._dial(self._channel_address))
-        channel = self._channel
-        await self._call(stub.TryChatSend(pb2.Chat(index=self._index, text=text), timeout=TIMEOUT))
+
+        def send(chat: Any) -> Any:
+            stub = _stub("Channel", self._dial(self._channel_address))
+            return stub.TryChatSend(chat, timeout=TIMEOUT)
+
+        await self._send(send, text, lambda: self._channel == channel)
         self._screen.show(view.message(channel_name(channel), self.nick, text))
 
     async def say_all(self, text: str) -> None:
-        chat = pb2.Chat(index=self._index, text=text)
-        await self._call(self._lobby().TryChatSend(chat, timeout=TIMEOUT))
+        def send(chat: Any) -> Any:
+            return self._lobby().TryChatSend(chat, timeout=TIMEOUT)
+
+        await self._send(send, text, lambda: True)
         self._screen.show(view.message(LOBBY, self.nick, text))
+
+    async def _send(
+        self, send: Callable[[Any], Any], text: str, still_there: Callable[[], bool]
+    ) -> None:
+        """Send a chat under an id of its own; one that got no answer, or that the server
+        could not take, is sent again under that id once the session is back (logged in
+        again, back in its channel), for up to :data:`RESEND_FOR` seconds."""
+        chat_id = secrets.token_hex(12)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RESEND_FOR
+        pause = 1.0
+        tried = False
+        while True:
+            try:
+                await self._call(send(pb2.Chat(index=self._index, text=text, id=chat_id)))
+                return
+            except CommandFailed as exc:
+                if exc.code == "already_exists" and tried:
+                    # The id is random: the message under it is this one, stored by an
+                    # earlier try (under the number the session had before it was lost).
+                    return
+                if exc.code not in _RESEND or loop.time() + pause >= deadline:
+                    raise
+                tried = True
+                self._screen.show(view.notice("not confirmed yet; sending it again..."))
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 8.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._back.wait(), max(deadline - loop.time(), 0.0))
+            if not still_there():
+                raise CommandFailed("not_member", "not back in the channel; the line was not sent")
 
     async def make(self, name: str) -> None:
         if name:
@@ -224,10 +277,12 @@ class GrpcBackend:
         if self._closing or self._relogin is not None:
             return
         self._screen.show(view.notice(f"connection lost ({problem}); logging in again..."))
+        self._restoring = self._channel
+        self._back.clear()
         self._relogin = asyncio.create_task(self._login_again())
 
     async def _login_again(self) -> None:
-        channel = self._channel
+        channel = self._restoring
         await self._cancel(self._in_channel)
         await self._cancel(self._session)
         self._channel = None
@@ -246,6 +301,8 @@ class GrpcBackend:
                     await self.join(str(channel))
                 except CommandFailed as exc:
                     self._screen.show(view.error(exc.code, exc.message))
+            if self._relogin is None:  # not lost again meanwhile
+                self._back.set()
             return
 
     # -- channels --------------------------------------------------------------------

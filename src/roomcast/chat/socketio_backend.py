@@ -28,13 +28,10 @@ import aiohttp
 import socketio
 
 from . import view
-from .backend import LOBBY, TIMEOUT, CommandFailed, Screen
+from .backend import LOBBY, RESEND_FOR, TIMEOUT, CommandFailed, Screen
 
 Reply = dict[str, Any]
 
-RESEND_FOR = 60.0
-"""Seconds a message that got no answer, or that the server could not take or confirm, is
-sent again (with its id: the room stores it once)."""
 _RESEND = frozenset({"offline", "timeout", "unavailable", "rate_limited"})
 RECONNECT_DELAY = 0.5
 RECONNECT_DELAY_MAX = 5.0

@@ -20,7 +20,9 @@ different subjects are handled in about the order they arrived (nothing depends 
 across rooms). No task is created per message, and frames not yet handled stay in nats-py's
 per-subscription queue, whose limits make a stalled node a reported slow consumer rather
 than a memory leak; nats-py drops what does not fit, and the node reads what its rooms
-missed from history a second later (``SLOW_RESYNC_DELAY``), as after a reconnect. With a batch handler (``hand_batches_to``), a room's callback that sees
+missed from history a second later (``SLOW_RESYNC_DELAY``), as after a reconnect.
+
+With a batch handler (``hand_batches_to``), a room's callback that sees
 more of the room's messages already queued behind its own (nats-py's ``pending_msgs``) only
 sets its frame aside; the callback of the last one queued hands them all over in one call,
 in arrival order (at most ``GATHER_MAX``), so the hub writes each local member one write for
