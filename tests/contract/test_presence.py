@@ -52,6 +52,26 @@ async def test_members_and_counts_span_nodes(views):
     assert await two.members(RoomId(3)) == []
 
 
+async def test_occupied_lists_the_rooms_with_members_and_how_many(views):
+    one, two = await views(), await views()
+    await one.heartbeat(NodeId("n1"), 30)
+    await two.heartbeat(NodeId("n2"), 30)
+    assert await one.occupied() == {}
+    await one.add(RoomId(1), member(1, "n1"))
+    await two.add(RoomId(1), member(2, "n2"))
+    await two.add(RoomId(2), member(2, "n2"))
+    await two.add(RoomId(3), member(3, "n2"))
+    await one.add(RoomId(3), member(1, "n1"))
+    assert await two.occupied() == {1: 2, 2: 1, 3: 2}
+    # Left rooms and a dropped node's rooms are not listed; other rooms stay as they are.
+    await two.remove(RoomId(2), ConnId("n2.2"))
+    await one.drop_node(NodeId("n2"))
+    assert await one.occupied() == {1: 1, 3: 1}
+    await one.remove(RoomId(1), ConnId("n1.1"))
+    await one.remove(RoomId(3), ConnId("n1.1"))
+    assert await two.occupied() == {}
+
+
 async def test_members_keep_node_and_connection(views):
     one = await views()
     await one.heartbeat(NodeId("n1"), 30)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 
+import httpx
 import pytest
 
 from .clients import ChatClient
@@ -133,6 +134,26 @@ async def test_rooms_lists_member_counts(connect):
     assert rooms[name]["members"] == 2 and isinstance(rooms[name]["id"], int)
 
 
+async def test_occupied_rooms_are_those_with_members_most_first(connect, server):
+    busy, quiet, emptied = room_name("busy"), room_name("quiet"), room_name("emptied")
+    alice, bob, carol = await connect("alice"), await connect("bob"), await connect("carol")
+    for client in (alice, bob, carol):
+        await client.ok("join", {"room": busy})
+    await alice.ok("join", {"room": quiet})
+    await bob.ok("join", {"room": emptied})
+    await bob.ok("leave", {"room": emptied})
+    listed = (await carol.ok("rooms", {"occupied": True}))["rooms"]
+    ours = [(r["name"], r["members"]) for r in listed if r["name"] in (busy, quiet, emptied)]
+    assert ours == [(busy, 3), (quiet, 1)]
+    assert [r["members"] for r in listed] == sorted((r["members"] for r in listed), reverse=True)
+    everything = {r["name"]: r["members"] for r in (await carol.ok("rooms"))["rooms"]}
+    assert everything[emptied] == 0 and everything[busy] == 3
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        reply = (await http.get("/api/rooms", params={"occupied": "true"})).json()
+    mine = [(r["name"], r["members"]) for r in reply["rooms"] if r["name"] in everything]
+    assert [(name, n) for name, n in mine if name in (busy, quiet, emptied)] == ours
+
+
 async def test_history_pages_backwards(connect):
     name = room_name("history")
     alice = await connect("alice")
@@ -223,6 +244,7 @@ async def test_history_survives_a_restart(tmp_path):
         ("send", {"text": "no room"}, "bad_request"),
         ("send", {"room": "NOT_JOINED", "text": "hi"}, "not_member"),
         ("send", {"room": "never-created-room", "text": "hi"}, "not_found"),
+        ("rooms", {"occupied": "yes"}, "bad_request"),
         ("history", {"room": "VALID", "limit": 101}, "bad_request"),
         ("history", {"room": "VALID", "limit": 0}, "bad_request"),
         ("history", {"room": "VALID", "before": "x"}, "bad_request"),

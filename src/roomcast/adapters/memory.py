@@ -176,8 +176,10 @@ class MemoryHistory:
     async def room_by_id(self, room: RoomId) -> Room | None:
         return self._rooms.get(room)
 
-    async def rooms(self) -> list[Room]:
-        return sorted(self._rooms.values(), key=lambda r: r.id)
+    async def rooms(self, ids: Sequence[RoomId] | None = None) -> list[Room]:
+        if ids is None:
+            return sorted(self._rooms.values(), key=lambda r: r.id)
+        return [self._rooms[room] for room in sorted(set(ids)) if room in self._rooms]
 
     async def latest(self, room: RoomId) -> int:
         messages = self._messages.get(room)
@@ -265,6 +267,9 @@ class MemoryPresence:
 
     async def counts(self, rooms: Sequence[RoomId]) -> dict[RoomId, int]:
         return {room: len(self._rooms.get(room, {})) for room in rooms}
+
+    async def occupied(self) -> dict[RoomId, int]:
+        return {room: len(entries) for room, entries in self._rooms.items() if entries}
 
     async def register(self, member: Member) -> None:
         self._conns[member.conn] = member

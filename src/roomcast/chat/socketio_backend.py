@@ -181,12 +181,17 @@ class SocketIOBackend:
 
     async def make(self, name: str) -> None:
         name = name or f"room-{secrets.token_hex(3)}"
-        if name in {str(r["name"]) for r in await self._room_list()}:
+        try:
+            await self._call("members", {"room": name})  # one room, not the list of all
+        except CommandFailed as exc:
+            if exc.code != "not_found":
+                raise
+        else:
             raise CommandFailed("exists", f"room {name!r} exists; /join {name}")
         await self._enter(name)
 
     async def list_rooms(self) -> None:
-        rows = [row for row in self._rows(await self._room_list()) if row.members > 0]
+        rows = self._rows(await self._room_list(occupied=True))
         self._screen.show(view.rooms("rooms with members:", rows, "no room has members"))
 
     async def rooms(self) -> None:
@@ -397,8 +402,8 @@ class SocketIOBackend:
         if self._current not in self._joined:
             self._current = self._lobby
 
-    async def _room_list(self) -> list[Reply]:
-        return list((await self._call("rooms", {}))["rooms"])
+    async def _room_list(self, *, occupied: bool = False) -> list[Reply]:
+        return list((await self._call("rooms", {"occupied": occupied}))["rooms"])
 
     def _rows(self, rooms: list[Reply]) -> list[view.RoomLine]:
         rows = []

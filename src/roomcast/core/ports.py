@@ -115,8 +115,8 @@ class History(Protocol):
 
     async def room_by_id(self, room: RoomId) -> Room | None: ...
 
-    async def rooms(self) -> list[Room]:
-        """Every room, by id."""
+    async def rooms(self, ids: Sequence[RoomId] | None = None) -> list[Room]:
+        """Every room, by id; with ``ids``, those of them that exist."""
         ...
 
     async def latest(self, room: RoomId) -> int:
@@ -183,6 +183,13 @@ class Presence(Protocol):
 
     async def counts(self, rooms: Sequence[RoomId]) -> dict[RoomId, int]:
         """How many members each room has across the cluster."""
+        ...
+
+    async def occupied(self) -> dict[RoomId, int]:
+        """Every room with members across the cluster, and how many (as :meth:`counts`).
+
+        Costs what the cluster's memberships are, not how many rooms there are: the
+        listing of rooms people are in, however many were ever made."""
         ...
 
     async def register(self, member: Member) -> None:

@@ -675,10 +675,21 @@ class ChatService:
         except UnavailableError as exc:
             raise ChatError(ErrorCode.UNAVAILABLE, "the message store is unavailable") from exc
 
-    async def rooms(self) -> list[RoomInfo]:
-        rooms = await self.history.rooms()
-        counts = await self.presence.counts([r.id for r in rooms])
-        return [RoomInfo(room, counts.get(room.id, 0)) for room in rooms]
+    async def rooms(self, *, occupied: bool = False) -> list[RoomInfo]:
+        """Every room ever made, by id, with its member count across the cluster — a read
+        of every room and of its count. With ``occupied``, only the rooms with members,
+        most members first: a read of the cluster's memberships, whatever the number of
+        rooms (what a list of rooms to show people wants)."""
+        if not occupied:
+            rooms = await self.history.rooms()
+            counts = await self.presence.counts([r.id for r in rooms])
+            return [RoomInfo(room, counts.get(room.id, 0)) for room in rooms]
+        # Rooms with ids below 1 are records a door keeps in presence, not rooms.
+        counts = {room: n for room, n in (await self.presence.occupied()).items() if room > 0}
+        found = await self.history.rooms(list(counts)) if counts else []
+        infos = [RoomInfo(room, counts[room.id]) for room in found]
+        infos.sort(key=lambda info: (-info.members, info.room.id))
+        return infos
 
     async def members(self, ref: RoomId | str) -> tuple[Room, list[User]]:
         room = await self.resolve(ref)

@@ -119,6 +119,14 @@ def message_id(data: dict[str, Any]) -> str | None:
     return value
 
 
+def flag(data: dict[str, Any], key: str) -> bool:
+    """An optional boolean field (absent: False)."""
+    value = data.get(key, False)
+    if not isinstance(value, bool):
+        raise ChatError(ErrorCode.BAD_REQUEST, f"'{key}' must be true or false")
+    return value
+
+
 def _optional_int(data: dict[str, Any], key: str) -> int | None:
     value = data.get(key)
     if value is None:

@@ -78,8 +78,9 @@ def create_http_app(node: Node) -> FastAPI:
         return Response(generate_latest(node.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/api/rooms", summary="Every room with its member count across the cluster")
-    async def rooms() -> dict[str, Any]:
-        infos = await service.rooms()
+    async def rooms(occupied: bool = False) -> dict[str, Any]:
+        """With ``occupied=true``, only the rooms with members, most members first."""
+        infos = await service.rooms(occupied=occupied)
         return {"ok": True, "rooms": [{**i.room.to_wire(), "members": i.members} for i in infos]}
 
     @app.get("/api/rooms/{room}/messages", summary="A page of a room's history, ascending")

@@ -821,7 +821,7 @@ class SocketIOTransport:
         return _ok(messages=_messages(await self.service.history_page(ref, before, limit)))
 
     async def _rooms(self, session: Session, data: dict[str, Any]) -> Reply:
-        rooms = await self.service.rooms()
+        rooms = await self.service.rooms(occupied=validation.flag(data, "occupied"))
         return _ok(rooms=[{**info.room.to_wire(), "members": info.members} for info in rooms])
 
     async def _members(self, session: Session, data: dict[str, Any]) -> Reply:

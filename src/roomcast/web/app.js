@@ -755,7 +755,9 @@
   async function refreshRooms() {
     if (!socket || !socket.connected) return;
     try {
-      const res = await request("rooms", {});
+      // The rooms people are in, most members first: what the server reads for it is the
+      // cluster's memberships, not every room ever made.
+      const res = await request("rooms", { occupied: true });
       lastRoomList = Array.isArray(res.rooms) ? res.rooms : [];
       renderRooms();
     } catch {
@@ -1063,7 +1065,7 @@
     if (list.length === 0) {
       const li = document.createElement("li");
       li.className = "hint";
-      li.textContent = socket && socket.connected ? "No rooms yet: create one above." : "Not connected.";
+      li.textContent = socket && socket.connected ? "No one is in a room: join or create one above." : "Not connected.";
       ui.rooms.replaceChildren(li);
       return;
     }

@@ -254,6 +254,27 @@ class RedisPresence:
 
         return dict(zip(rooms, await self._run(build), strict=True))
 
+    async def occupied(self) -> dict[RoomId, int]:
+        # Every node's set names the rooms it has members in: the rooms to count, read from
+        # the registry's nodes (lapsed ones too, until they are reaped) — no scan of the
+        # keyspace, and one slot per command. A reference can outlive its entry for a
+        # moment (a leave removes the entry, then the reference): the counts decide.
+        (registry,) = await self._run(lambda pipe: pipe.zrange(self._nodes, 0, -1))
+        if not registry:
+            return {}
+
+        def read(pipe: Pipeline) -> None:
+            for node in registry:
+                pipe.smembers(self._node_key(NodeId(node.decode())))
+
+        rooms: set[RoomId] = set()
+        for refs in await self._run(read):
+            for ref in refs:
+                if ref.startswith(b"m:"):
+                    rooms.add(RoomId(int(ref.split(b":", 2)[1])))
+        counts = await self.counts(sorted(rooms))
+        return {room: count for room, count in counts.items() if count > 0}
+
     # -- registered connections --------------------------------------------------------
 
     async def register(self, member: Member) -> None:

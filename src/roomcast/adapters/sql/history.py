@@ -254,9 +254,11 @@ class SqlHistory:
         found = await self._first(self._room_by_id_sql, room)
         return None if found is None else Room(RoomId(found[0]), found[1], found[2])
 
-    async def rooms(self) -> list[Room]:
-        """Every room, by id."""
+    async def rooms(self, ids: Sequence[RoomId] | None = None) -> list[Room]:
+        """Every room, by id; with ``ids``, those of them that exist."""
         query = sa.select(*_ROOM_COLUMNS).order_by(rooms.c.id)
+        if ids is not None:
+            query = query.where(rooms.c.id.in_(sorted(set(ids))))
         rows = await self._db.run(lambda conn: conn.execute(query).mappings().all())
         return [_room(row) for row in rows]
 

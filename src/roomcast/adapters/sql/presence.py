@@ -159,6 +159,11 @@ class SqlPresence:
             out[RoomId(room_id)] = int(count)
         return out
 
+    async def occupied(self) -> dict[RoomId, int]:
+        query = sa.select(members.c.room_id, sa.func.count()).group_by(members.c.room_id)
+        rows = await self._db.run(lambda db: db.execute(query).all())
+        return {RoomId(room_id): int(count) for room_id, count in rows}
+
     async def register(self, member: Member) -> None:
         user = member.user
         await self._execute("register", member.conn, user.id, user.name, member.node)

@@ -117,8 +117,8 @@ class LobbyService(pb2_grpc.LobbyServicer):
     async def _list_channels(self, user: GrpcUser, channel: RoomId | None) -> pb2.CommandReply:
         """Every room with members, but the lobby."""
         lobby = await self._door.users.lobby()
-        rooms = await self._door.service.rooms()
-        numbers = [info.room.id for info in rooms if info.members and info.room.id != lobby.id]
+        rooms = await self._door.service.rooms(occupied=True)
+        numbers = sorted(info.room.id for info in rooms if info.room.id != lobby.id)
         return pb2.CommandReply(status=SUCCESS, channels=numbers)
 
     async def _make_channel(self, user: GrpcUser, channel: RoomId | None) -> pb2.CommandReply:
