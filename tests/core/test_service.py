@@ -62,8 +62,8 @@ class Cluster:
         self.presence = MemoryPresence()
         self.nodes: list[tuple[ChatService, MemoryBroker, Recorder]] = []
 
-    async def node(self):
-        broker = MemoryBroker(self.bus)
+    async def node(self, broker_class=MemoryBroker):
+        broker = broker_class(self.bus)
         hub = Hub(broker, self.history, unsubscribe_grace=0)
         node_id = NodeId(f"n{len(self.nodes)}")
         service = ChatService(
@@ -666,19 +666,6 @@ class FlakyBroker(MemoryBroker):
         await super().publish_many(items)
 
 
-async def _flaky_node(cluster: Cluster):
-    broker = FlakyBroker(cluster.bus)
-    hub = Hub(broker, cluster.history, unsubscribe_grace=0)
-    node_id = NodeId(f"n{len(cluster.nodes)}")
-    service = ChatService(
-        node=node_id, history=cluster.history, broker=broker, presence=cluster.presence, hub=hub
-    )
-    await broker.start(node_id, hub.on_frame, service.on_inbox, hub.resync)
-    recorder = Recorder()
-    cluster.nodes.append((service, broker, recorder))
-    return service, broker, recorder
-
-
 async def _until(condition) -> None:
     for _ in range(500):  # 5 s at most
         if condition():
@@ -688,7 +675,7 @@ async def _until(condition) -> None:
 
 async def test_a_stored_message_whose_publish_failed_reaches_members_in_a_quiet_room():
     cluster = Cluster()
-    a, broker, rec_a = await _flaky_node(cluster)
+    a, broker, rec_a = await cluster.node(FlakyBroker)
     b, _, rec_b = await cluster.node()
     alice, bob = await connect(a, rec_a, "alice"), await connect(b, rec_b, "bob")
     await join(a, alice, "lobby")
@@ -706,7 +693,7 @@ async def test_a_stored_message_whose_publish_failed_reaches_members_in_a_quiet_
 
 async def test_messages_a_dead_node_stored_but_never_published_reach_the_room_once_it_is_reaped():
     cluster = Cluster()
-    doomed, broker, rec_d = await _flaky_node(cluster)
+    doomed, broker, rec_d = await cluster.node(FlakyBroker)
     a, _, rec_a = await cluster.node()
     alice, carol = await connect(a, rec_a, "alice"), await connect(doomed, rec_d, "carol")
     await join(a, alice, "lobby")

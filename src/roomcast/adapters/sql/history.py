@@ -120,7 +120,7 @@ _SQLITE_INSERT = (
 # room's position past the batch; the INSERT numbers each message from its room's old
 # position and its rank in the batch. A room that does not exist leaves its messages
 # without a seq: the NOT NULL violation undoes the whole statement.
-_PG_APPEND = """
+_PG_LOCK_AND_MOVE = """
 WITH locked AS MATERIALIZED (
     SELECT r.id, r.seq, r.epoch FROM {rooms} r
     WHERE r.id = ANY($8::int[]) ORDER BY r.id FOR UPDATE
@@ -130,6 +130,10 @@ WITH locked AS MATERIALIZED (
     WHERE r.id = l.id
     RETURNING r.id, l.seq AS base, l.epoch
 )
+"""
+_PG_APPEND = (
+    _PG_LOCK_AND_MOVE
+    + """
 INSERT INTO {messages} (room_id, seq, id, user_id, user_name, text, ts, epoch)
 SELECT b.room_id, m.base + b.rank, b.id, b.user_id, b.user_name, b.text, b.ts, m.epoch
 FROM unnest($1::int[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::bigint[],
@@ -137,6 +141,7 @@ FROM unnest($1::int[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::big
 LEFT JOIN moved m ON m.id = b.room_id
 RETURNING room_id, seq, epoch
 """
+)
 # The same on PostgreSQL, for the whole batch in one round trip.
 _PG_KNOWN = """
 SELECT m.room_id, m.seq, m.epoch, m.id, m.user_id, m.user_name, m.text, m.ts
@@ -146,16 +151,9 @@ WHERE (k.room_id, k.id) IN (SELECT * FROM unnest($1::int[], $2::text[]))
 # _PG_APPEND for a batch with ids senders chose ($10: which drafts): each one's id goes
 # into message_ids in the same statement. A racing append that stored one of them first
 # makes it fail on message_ids' primary key, and nothing is stored: looked up again.
-_PG_APPEND_NAMED = """
-WITH locked AS MATERIALIZED (
-    SELECT r.id, r.seq, r.epoch FROM {rooms} r
-    WHERE r.id = ANY($8::int[]) ORDER BY r.id FOR UPDATE
-), moved AS (
-    UPDATE {rooms} r SET seq = l.seq + c.n
-    FROM locked l JOIN unnest($8::int[], $9::bigint[]) AS c(id, n) ON c.id = l.id
-    WHERE r.id = l.id
-    RETURNING r.id, l.seq AS base, l.epoch
-), batch AS (
+_PG_APPEND_NAMED = (
+    _PG_LOCK_AND_MOVE.rstrip()
+    + """, batch AS (
     SELECT * FROM unnest($1::int[], $2::text[], $3::bigint[], $4::text[], $5::text[],
                          $6::bigint[], $7::bigint[], $10::bool[])
         AS b(room_id, id, user_id, user_name, text, ts, rank, chosen)
@@ -171,6 +169,7 @@ WITH locked AS MATERIALIZED (
 )
 SELECT room_id, seq, epoch FROM stored
 """
+)
 _NOT_NULL_VIOLATION = "23502"
 _UNIQUE_VIOLATION = "23505"
 
