@@ -35,13 +35,19 @@ WAIT = 15.0
 POLL = 0.02
 
 
-async def until(condition: Callable[[], object], what: str, timeout: float = WAIT) -> None:
-    """Poll ``condition`` until it holds; fail after ``timeout`` seconds."""
+async def until(
+    condition: Callable[[], object],
+    what: str,
+    state: Callable[[], str] | None = None,
+    timeout: float = WAIT,
+) -> None:
+    """Poll ``condition`` until it holds; fail after ``timeout`` seconds, saying ``state()``."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while not condition():
         if loop.time() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
+            seen = f" ({state()})" if state is not None else ""
+            raise AssertionError(f"not within {timeout}s: {what}{seen}")
         await asyncio.sleep(POLL)
 
 
@@ -249,7 +255,16 @@ async def test_a_nats_node_that_drops_frames_as_a_slow_consumer_reads_them_from_
             await slow.subscribe(RoomId(1))
             for i in range(40):
                 await sender.broker.publish(RoomId(1), f"f{i}".encode())
-            await until(lambda: resyncs >= 1, "a resync after the dropped frames")
+            client = slow._nc
+            assert client is not None
+
+            def seen() -> str:
+                return f"{client.stats['in_msgs']} frames reached the node, {resyncs} resyncs"
+
+            # Every frame reaches the node's connection: one taken, four queued, the rest
+            # dropped by nats-py.
+            await until(lambda: client.stats["in_msgs"] >= 40, "the 40 frames arrive", seen)
+            await until(lambda: resyncs >= 1, "a resync after the dropped frames", seen)
             assert slow.healthy  # not a reconnect: the connection never went away
             stalled.set()
             await until(lambda: len(handled) >= 4, "the frames it could queue")
