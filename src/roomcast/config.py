@@ -41,6 +41,14 @@ class Settings(BaseSettings):
         20.0, ge=0, description="send/typing/dm requests a second per connection; 0: no limit"
     )
     rate_burst: int = Field(40, ge=1, description="requests a connection may burst above the rate")
+    request_rate_limit: float = Field(
+        50.0,
+        ge=0,
+        description="join/leave/history/rooms/members requests a second per connection; 0: any",
+    )
+    request_rate_burst: int = Field(
+        200, ge=1, description="such requests a connection may burst above their rate"
+    )
     ping_interval: float = Field(
         25.0, gt=0, le=3600, description="seconds between Engine.IO pings to a client"
     )

@@ -46,6 +46,8 @@ class Node:
             hub=self.hub,
             rate_limit=settings.rate_limit,
             rate_burst=settings.rate_burst,
+            request_rate_limit=settings.request_rate_limit,
+            request_rate_burst=settings.request_rate_burst,
             # The in-process broker hands a frame to this node's members during the
             # publish itself: nothing to gain there.
             local_first=urlsplit(settings.broker_url).scheme.lower() != "memory",

@@ -476,6 +476,30 @@ async def test_unknown_users_and_bad_requests_get_statuses(login):
     assert alice.index in await alice.users()
 
 
+async def test_commands_past_the_request_rate_are_refused_and_change_nothing(tmp_path):
+    port = free_port()
+    args = ("--grpc-port", str(port), "--request-rate-limit", "0.1", "--request-rate-burst", "3")
+    with run_server(*args, log_dir=tmp_path):
+        alice = await GrpcClient(f"127.0.0.1:{port}").login()  # its first command: a listing
+        bob = await GrpcClient(f"127.0.0.1:{port}").login()
+        try:
+            made = await alice.make_channel()
+            assert made in (await alice.command(Command.LIST_CHANNELS)).channels
+            # One request every 10 s past a burst of 3: none comes back during the test.
+            refused = await _error(
+                alice.lobby.TryCommand(Command(status=Command.LEAVE_CHANNEL, index=alice.index))
+            )
+            assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and refused.details()
+            # Still in its channel; bob (a budget of his own) sees it there, and can join.
+            assert (await bob.users())[alice.index] == made
+            assert (await bob.join_channel(made)).status == SUCCESS
+            await alice.say_in_channel("still heard")
+            await bob.wait_for(lambda: (alice.index, "still heard") in bob.channel_chats)
+        finally:
+            await alice.close()
+            await bob.close()
+
+
 # -- liveness --------------------------------------------------------------------------
 
 

@@ -327,6 +327,37 @@ async def test_flooding_is_rate_limited_and_changes_nothing(tmp_path):
             await alice.close()
 
 
+async def test_a_loop_of_joins_and_listings_is_rate_limited_and_changes_nothing(tmp_path):
+    """A client stuck in a loop (a page joining on every render) is slowed down by its
+    request rate; its messages have a rate of their own."""
+    # One request every 10 s past a burst of 4: none comes back during the test.
+    args = ("--request-rate-limit", "0.1", "--request-rate-burst", "4")
+    with run_server(*args, log_dir=tmp_path) as server:
+        alice = await ChatClient(server.url, "alice").connect()
+        bob = await ChatClient(server.url, "bob").connect()
+        try:
+            await alice.ok("join", {"room": "calm"})
+            replies = [await alice.call("history", {"room": "calm"}) for _ in range(5)]
+            assert [r["ok"] for r in replies[:3]] == [True, True, True]
+            refused = [r for r in replies[3:] if not r["ok"]]
+            assert refused and all(r["error"]["code"] == "rate_limited" for r in refused)
+            # A join past the rate changes nothing: not a member, nobody told.
+            joins = [await alice.call("join", {"room": "busy"}) for _ in range(3)]
+            assert [r["error"]["code"] for r in joins] == ["rate_limited"] * 3
+            members = (await bob.ok("members", {"room": "calm"}))["members"]
+            assert [m["name"] for m in members] == ["alice"]
+            missing = await bob.call("members", {"room": "busy"})
+            assert missing["ok"] is False and missing["error"]["code"] == "not_found"
+            # Messages are not requests: the room still hears alice.
+            sent = await alice.ok("send", {"room": "calm", "text": "still here"})
+            assert sent["message"]["seq"] == 1
+            # Another connection has its own rate.
+            assert (await bob.ok("rooms", {}))["rooms"]
+        finally:
+            await alice.close()
+            await bob.close()
+
+
 async def test_one_connection_s_messages_keep_its_sending_order(connect):
     """Events are handled concurrently; a connection's sends still get seqs in send order."""
     name = room_name("pipelined")

@@ -84,6 +84,10 @@ class Session:
     user: User
     rooms: set[RoomId] = field(default_factory=set)
     bucket: TokenBucket | None = None
+    """The connection's rate of ``send``, ``typing`` and ``dm``."""
+    requests: TokenBucket | None = None
+    """Its rate of the other requests: ``join``, ``leave``, ``history``, ``rooms``,
+    ``members`` (see :meth:`ChatService.spend_request`)."""
     sending: asyncio.Lock = field(default_factory=asyncio.Lock)
     """Held while one of the connection's messages is being sequenced: a connection's
     messages get seqs in the order it sent them, even when its requests are handled
@@ -449,12 +453,18 @@ class ChatService:
         hub: Hub,
         rate_limit: float = 0.0,
         rate_burst: int = 1,
+        request_rate_limit: float = 0.0,
+        request_rate_burst: int = 1,
         clock: Callable[[], float] = time.time,
         local_first: bool = False,
     ) -> None:
         """``local_first``: a message this node stores goes to its own members at once, not
         after the broker has brought it back — for a broker in another process, where
-        that round trip is the longest step between a ``send`` and its delivery."""
+        that round trip is the longest step between a ``send`` and its delivery.
+
+        ``rate_limit`` (a second, bursts of ``rate_burst``) bounds each connection's
+        messages (``send``, ``typing``, ``dm``); ``request_rate_limit`` and
+        ``request_rate_burst`` its other requests. 0: no limit."""
         self.node = node
         self.history = history
         self.broker = broker
@@ -463,6 +473,8 @@ class ChatService:
         self._clock = clock
         self._rate = rate_limit
         self._burst = max(rate_burst, 1)
+        self._request_rate = request_rate_limit
+        self._request_burst = max(request_rate_burst, 1)
         self.sequencer = Sequencer(
             history, broker, local=hub.deliver_stored if local_first else None
         )
@@ -494,7 +506,10 @@ class ChatService:
         nickname = validation.nickname(name)
         user = User(await self.history.next_user_id(), nickname)
         bucket = TokenBucket(self._rate, self._burst) if self._rate > 0 else None
-        session = Session(conn, user, bucket=bucket)
+        requests = (
+            TokenBucket(self._request_rate, self._request_burst) if self._request_rate > 0 else None
+        )
+        session = Session(conn, user, bucket=bucket, requests=requests)
         try:
             await self.presence.register(Member(user, conn.id, self.node))
         except UnavailableError as exc:
@@ -632,6 +647,16 @@ class ChatService:
     @staticmethod
     def _spend(session: Session) -> None:
         if session.bucket is not None and not session.bucket.take():
+            raise ChatError(ErrorCode.RATE_LIMITED, "too many requests, slow down")
+
+    @staticmethod
+    def spend_request(session: Session) -> None:
+        """Count a request other than a message (``join``, ``leave``, ``history``,
+        ``rooms``, ``members``) against the connection's request rate; raises
+        ``RATE_LIMITED`` past it. Transports call it before they handle the request, so a
+        client stuck in a loop of joins or listings is slowed down before it costs the
+        node (and every member of the room it joins and leaves) more than its rate."""
+        if session.requests is not None and not session.requests.take():
             raise ChatError(ErrorCode.RATE_LIMITED, "too many requests, slow down")
 
     async def send(

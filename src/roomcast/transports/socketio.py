@@ -149,6 +149,10 @@ MAX_IN_FLIGHT = 64
 
 _RESERVED_EVENTS = frozenset(("connect", "connect_error", "disconnect"))
 
+_REQUESTS = frozenset(("join", "leave", "history", "rooms", "members"))
+"""Events counted against the connection's request rate (``send``, ``typing`` and ``dm``
+count against its message rate, in the service)."""
+
 _KEPT_ENVIRON = frozenset(("REQUEST_METHOD", "PATH_INFO", "QUERY_STRING", "CONTENT_TYPE"))
 """What an upgraded session keeps of its long-poll's WSGI environ, besides the headers."""
 
@@ -768,6 +772,8 @@ class SocketIOTransport:
                 raise ChatError(ErrorCode.BAD_REQUEST, "not connected")
             if handler is None:
                 raise ChatError(ErrorCode.UNKNOWN_EVENT, f"unknown event {event!r}")
+            if event in _REQUESTS:
+                self.service.spend_request(session)
             if len(args) > 1:
                 raise ChatError(ErrorCode.BAD_REQUEST, "an event takes one argument")
             data = validation.payload(args[0] if args else None)

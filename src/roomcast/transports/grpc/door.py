@@ -68,6 +68,7 @@ class GrpcDoor:
         self._server: Any = None
         self._stopping = asyncio.Event()
         self._buckets: OrderedDict[UserId, TokenBucket] = OrderedDict()
+        self._request_buckets: OrderedDict[UserId, TokenBucket] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -150,6 +151,18 @@ class GrpcDoor:
         if bucket is not None and not bucket.take():
             raise ChatError(ErrorCode.RATE_LIMITED, "too many requests, slow down")
 
+    def spend_request(self, user: UserId) -> None:
+        """Count a command (listing, joining, leaving) against the user's request rate."""
+        settings = self.settings
+        bucket = _kept_bucket(
+            self._request_buckets,
+            user,
+            settings.request_rate_limit,
+            settings.request_rate_burst,
+        )
+        if bucket is not None and not bucket.take():
+            raise ChatError(ErrorCode.RATE_LIMITED, "too many requests, slow down")
+
     def spawn(self, coro: Awaitable[object], what: str) -> None:
         """Run ``coro`` in the background; failures are logged."""
 
@@ -164,17 +177,7 @@ class GrpcDoor:
         task.add_done_callback(self._tasks.discard)
 
     def _bucket(self, user: UserId) -> TokenBucket | None:
-        if self.settings.rate_limit <= 0:
-            return None
-        bucket = self._buckets.get(user)
-        if bucket is None:
-            bucket = TokenBucket(self.settings.rate_limit, self.settings.rate_burst)
-            self._buckets[user] = bucket
-            while len(self._buckets) > BUCKETS_MAX:
-                self._buckets.popitem(last=False)
-        else:
-            self._buckets.move_to_end(user)
-        return bucket
+        return _kept_bucket(self._buckets, user, self.settings.rate_limit, self.settings.rate_burst)
 
     async def _still_member(self, index: UserId, room: RoomId) -> bool:
         user = await self.users.find(index)
@@ -213,3 +216,21 @@ def _server_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.http2.ping_timeout_ms", third),
     ]
+
+
+def _kept_bucket(
+    buckets: OrderedDict[UserId, TokenBucket], user: UserId, rate: float, burst: int
+) -> TokenBucket | None:
+    """The user's bucket in ``buckets`` (made full the first time; the least recently used
+    forgotten past ``BUCKETS_MAX``); None when ``rate`` is 0 (no limit)."""
+    if rate <= 0:
+        return None
+    bucket = buckets.get(user)
+    if bucket is None:
+        bucket = TokenBucket(rate, burst)
+        buckets[user] = bucket
+        while len(buckets) > BUCKETS_MAX:
+            buckets.popitem(last=False)
+    else:
+        buckets.move_to_end(user)
+    return bucket

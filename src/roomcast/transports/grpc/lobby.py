@@ -111,6 +111,7 @@ class LobbyService(pb2_grpc.LobbyServicer):
         if command is None:
             raise ChatError(ErrorCode.BAD_REQUEST, f"unknown command {request.status}")
         user = await self._door.users.get(request.index)
+        self._door.spend_request(user.index)
         channel = _channel_field(request)
         return await command(user, channel)
 
