@@ -17,6 +17,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from .core.timing import Durations
+from .exceptions import ErrorCode
 
 if TYPE_CHECKING:
     from .node import Node
@@ -122,6 +123,15 @@ class NodeCollector(Collector):
             events.add_metric([node.id, "direct"], direct_events)
             events.add_metric([node.id, "queued"], self.socketio.events - direct_events)
             yield events
+            refused = CounterMetricFamily(
+                "roomcast_socketio_refused",
+                "Client events answered with an error, by its code (rate_limited: a client "
+                "past its rate; unavailable: an engine out of reach; the rest: bad requests)",
+                labels=["node", "code"],
+            )
+            for code in ErrorCode:
+                refused.add_metric([node.id, code.value], self.socketio.refused[code])
+            yield refused
             yield _single(
                 CounterMetricFamily,
                 "roomcast_socketio_upgrades",

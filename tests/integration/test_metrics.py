@@ -49,3 +49,27 @@ async def test_stored_messages_and_per_batch_durations_are_exported(tmp_path):
         )
         counts = [v for _, v in buckets]
         assert counts == sorted(counts), f"{name} buckets are not cumulative: {buckets}"
+
+
+async def test_refused_events_are_counted_by_code(tmp_path):
+    """What an operator watches for a client stuck in a loop, or an engine out of reach."""
+    args = ("--request-rate-limit", "0.1", "--request-rate-burst", "2")
+    with run_server(*args, log_dir=tmp_path) as server:
+        client = await ChatClient(server.url, "ada").connect()
+        try:
+            await client.ok("join", {"room": "counted"})
+            replies = [await client.call("history", {"room": "counted"}) for _ in range(4)]
+            assert [r["ok"] for r in replies] == [True, False, False, False]
+            bad = await client.call("send", {"room": "counted", "text": ""})
+            assert bad["error"]["code"] == "invalid_text"
+            samples = scrape(server.url)
+        finally:
+            await client.close()
+    refused = {
+        re.search(r'code="([^"]+)"', k).group(1): v
+        for k, v in samples.items()
+        if k.startswith("roomcast_socketio_refused_total{")
+    }
+    assert refused["rate_limited"] == 3
+    assert refused["invalid_text"] == 1
+    assert refused["unavailable"] == 0

@@ -10,6 +10,7 @@ local member's Engine.IO socket.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Generator, Sequence
@@ -338,6 +339,8 @@ class SocketIOTransport:
         self.events = 0
         """Client events handled, on either path."""
         self.direct_events = 0
+        self.refused: collections.Counter[ErrorCode] = collections.Counter()
+        """Client events answered with an error, by its code."""
         """Client events read straight off a fast-path WebSocket by an EventReader."""
         self.upgrades_served = 0
         """Long-polling sessions that upgraded to an EngineWebSocket."""
@@ -779,13 +782,15 @@ class SocketIOTransport:
             data = validation.payload(args[0] if args else None)
             return await handler(session, data)
         except ChatError as exc:
-            return _error(exc)
+            refusal = exc
         except UnavailableError as exc:
             log.warning("event %r: %s", event, exc)
-            return _error(ChatError(ErrorCode.UNAVAILABLE, "the service is unavailable, try again"))
+            refusal = ChatError(ErrorCode.UNAVAILABLE, "the service is unavailable, try again")
         except Exception:
             log.exception("event %r failed", event)
-            return _error(ChatError(ErrorCode.UNAVAILABLE, "internal error, try again"))
+            refusal = ChatError(ErrorCode.UNAVAILABLE, "internal error, try again")
+        self.refused[refusal.code] += 1
+        return _error(refusal)
 
     async def _join(self, session: Session, data: dict[str, Any]) -> Reply:
         ref = validation.room_ref(data)
