@@ -120,6 +120,23 @@ async def test_rooms_get_ids_in_creation_order_and_a_stable_epoch(history: Histo
     assert third is not None and third.id == 3
 
 
+async def test_rooms_page_through_by_id(history: History) -> None:
+    made = [await history.room_by_name(f"r{i}", create=True) for i in range(7)]
+    pages, after = [], None
+    while True:
+        page = await history.rooms(after=after, limit=3)
+        pages.append([room.name for room in page])
+        if len(page) < 3:
+            break
+        after = page[-1].id
+    assert pages == [["r0", "r1", "r2"], ["r3", "r4", "r5"], ["r6"]]
+    last = made[-1]
+    assert last is not None
+    assert await history.rooms(after=last.id, limit=3) == []
+    assert await history.rooms(after=RoomId(0)) == made
+    assert await history.rooms(limit=2) == made[:2]
+
+
 async def test_unknown_rooms_are_none_unless_created(history: History) -> None:
     assert await history.room_by_name("nowhere") is None
     assert await history.room_by_id(RoomId(1)) is None

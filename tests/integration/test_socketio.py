@@ -154,6 +154,37 @@ async def test_occupied_rooms_are_those_with_members_most_first(connect, server)
     assert [(name, n) for name, n in mine if name in (busy, quiet, emptied)] == ours
 
 
+async def test_every_room_pages_through_by_id(connect, server):
+    alice = await connect("alice")
+    names = [room_name("paged") for _ in range(5)]
+    for name in names:
+        await alice.ok("join", {"room": name})
+    everything = (await alice.ok("rooms"))["rooms"]
+    assert len(everything) >= 5 and "next" not in (await alice.ok("rooms"))
+    pages, after = [], 0
+    for _ in range(len(everything)):  # bounded: a page holds at least one room
+        page = await alice.ok("rooms", {"after": after, "limit": 2})
+        pages.extend(page["rooms"])
+        if "next" not in page:
+            break
+        assert page["next"] == page["rooms"][-1]["id"]
+        after = page["next"]
+    # Other tests' members may still be leaving: ids and names, and the counts of ours.
+    assert [(r["id"], r["name"]) for r in pages] == [(r["id"], r["name"]) for r in everything]
+    assert {r["name"]: r["members"] for r in pages if r["name"] in names} == dict.fromkeys(names, 1)
+    top = (await alice.ok("rooms", {"occupied": True, "limit": 2}))["rooms"]
+    assert len(top) == 2
+    assert top[0]["members"] >= top[1]["members"] >= 1
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        first = (await http.get("/api/rooms", params={"limit": 2})).json()
+        assert [r["id"] for r in first["rooms"]] == [r["id"] for r in everything[:2]]
+        assert first["next"] == everything[1]["id"]
+        bad = await http.get("/api/rooms", params={"occupied": "true", "after": 1})
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_request"
+        too_many = await http.get("/api/rooms", params={"limit": 1001})
+        assert too_many.status_code == 400
+
+
 async def test_history_pages_backwards(connect):
     name = room_name("history")
     alice = await connect("alice")
@@ -245,6 +276,11 @@ async def test_history_survives_a_restart(tmp_path):
         ("send", {"room": "NOT_JOINED", "text": "hi"}, "not_member"),
         ("send", {"room": "never-created-room", "text": "hi"}, "not_found"),
         ("rooms", {"occupied": "yes"}, "bad_request"),
+        ("rooms", {"limit": 0}, "bad_request"),
+        ("rooms", {"limit": 1001}, "bad_request"),
+        ("rooms", {"after": -1, "limit": 5}, "bad_request"),
+        ("rooms", {"after": "r1"}, "bad_request"),
+        ("rooms", {"occupied": True, "after": 3}, "bad_request"),
         ("history", {"room": "VALID", "limit": 101}, "bad_request"),
         ("history", {"room": "VALID", "limit": 0}, "bad_request"),
         ("history", {"room": "VALID", "before": "x"}, "bad_request"),

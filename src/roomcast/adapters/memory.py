@@ -176,9 +176,18 @@ class MemoryHistory:
     async def room_by_id(self, room: RoomId) -> Room | None:
         return self._rooms.get(room)
 
-    async def rooms(self, ids: Sequence[RoomId] | None = None) -> list[Room]:
+    async def rooms(
+        self,
+        ids: Sequence[RoomId] | None = None,
+        *,
+        after: RoomId | None = None,
+        limit: int | None = None,
+    ) -> list[Room]:
         if ids is None:
-            return sorted(self._rooms.values(), key=lambda r: r.id)
+            found = sorted(self._rooms.values(), key=lambda r: r.id)
+            if after is not None:
+                found = [room for room in found if room.id > after]
+            return found if limit is None else found[:limit]
         return [self._rooms[room] for room in sorted(set(ids)) if room in self._rooms]
 
     async def latest(self, room: RoomId) -> int:

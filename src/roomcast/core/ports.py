@@ -115,8 +115,16 @@ class History(Protocol):
 
     async def room_by_id(self, room: RoomId) -> Room | None: ...
 
-    async def rooms(self, ids: Sequence[RoomId] | None = None) -> list[Room]:
-        """Every room, by id; with ``ids``, those of them that exist."""
+    async def rooms(
+        self,
+        ids: Sequence[RoomId] | None = None,
+        *,
+        after: RoomId | None = None,
+        limit: int | None = None,
+    ) -> list[Room]:
+        """Every room, by id; with ``ids``, those of them that exist. ``after`` and
+        ``limit`` page through them (without ``ids``): the first ``limit`` rooms whose id
+        is above ``after``."""
         ...
 
     async def latest(self, room: RoomId) -> int:

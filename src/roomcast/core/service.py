@@ -16,7 +16,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,6 +108,18 @@ class JoinResult:
 class RoomInfo:
     room: Room
     members: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {**self.room.to_wire(), "members": self.members}
+
+
+def rooms_wire(infos: Sequence[RoomInfo], page: int | None = None) -> dict[str, Any]:
+    """The fields of a ``rooms`` answer. ``page``: the ``limit`` of a page of every room;
+    a full page says where the next one starts (``next``: the id to pass as ``after``)."""
+    wire: dict[str, Any] = {"rooms": [info.to_wire() for info in infos]}
+    if page is not None and infos and len(infos) == page:
+        wire["next"] = infos[-1].room.id
+    return wire
 
 
 class Sequencer:
@@ -703,13 +715,17 @@ class ChatService:
         except UnavailableError as exc:
             raise ChatError(ErrorCode.UNAVAILABLE, "the message store is unavailable") from exc
 
-    async def rooms(self, *, occupied: bool = False) -> list[RoomInfo]:
+    async def rooms(
+        self, *, occupied: bool = False, after: RoomId | None = None, limit: int | None = None
+    ) -> list[RoomInfo]:
         """Every room ever made, by id, with its member count across the cluster — a read
-        of every room and of its count. With ``occupied``, only the rooms with members,
-        most members first: a read of the cluster's memberships, whatever the number of
-        rooms (what a list of rooms to show people wants)."""
+        of every room and of its count; ``after`` and ``limit`` page through them (the
+        first ``limit`` rooms with an id above ``after``), each page a read of its rooms
+        only. With ``occupied``, only the rooms with members, most members first (the
+        first ``limit`` of them): a read of the cluster's memberships, whatever the number
+        of rooms (what a list of rooms to show people wants)."""
         if not occupied:
-            rooms = await self.history.rooms()
+            rooms = await self.history.rooms(after=after, limit=limit)
             counts = await self.presence.counts([r.id for r in rooms])
             return [RoomInfo(room, counts.get(room.id, 0)) for room in rooms]
         # Rooms with ids below 1 are records a door keeps in presence, not rooms.
@@ -717,7 +733,7 @@ class ChatService:
         found = await self.history.rooms(list(counts)) if counts else []
         infos = [RoomInfo(room, counts[room.id]) for room in found]
         infos.sort(key=lambda info: (-info.members, info.room.id))
-        return infos
+        return infos if limit is None else infos[:limit]
 
     async def members(self, ref: RoomId | str) -> tuple[Room, list[User]]:
         room = await self.resolve(ref)

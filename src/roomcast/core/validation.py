@@ -17,6 +17,8 @@ NICKNAME_MAX = 32
 TEXT_MAX = 4000
 HISTORY_LIMIT_MAX = 100
 HISTORY_LIMIT_DEFAULT = 50
+ROOMS_LIMIT_MAX = 1000
+"""Most rooms one page of ``rooms`` holds (without a ``limit``, the reply holds all)."""
 
 # Categories never allowed in names: controls, surrogates, private use, unassigned, and
 # line/paragraph separators.
@@ -147,6 +149,22 @@ def history_args(data: dict[str, Any]) -> tuple[int | None, int]:
     if not 1 <= limit <= HISTORY_LIMIT_MAX:
         raise ChatError(ErrorCode.BAD_REQUEST, f"'limit' must be between 1 and {HISTORY_LIMIT_MAX}")
     return before, limit
+
+
+def rooms_args(data: dict[str, Any]) -> tuple[bool, RoomId | None, int | None]:
+    """``occupied`` (absent: False), ``after`` (a room id, >= 0; not with ``occupied``) and
+    ``limit`` (1-1000, absent: every room) of a ``rooms`` request."""
+    occupied = flag(data, "occupied")
+    after = _optional_int(data, "after")
+    if after is not None:
+        if occupied:
+            raise ChatError(ErrorCode.BAD_REQUEST, "'after' pages every room, not 'occupied'")
+        if not 0 <= after <= 2**53:
+            raise ChatError(ErrorCode.BAD_REQUEST, "'after' must be a room id (or 0)")
+    limit = _optional_int(data, "limit")
+    if limit is not None and not 1 <= limit <= ROOMS_LIMIT_MAX:
+        raise ChatError(ErrorCode.BAD_REQUEST, f"'limit' must be between 1 and {ROOMS_LIMIT_MAX}")
+    return occupied, None if after is None else RoomId(after), limit
 
 
 def since(data: dict[str, Any]) -> Position | None:

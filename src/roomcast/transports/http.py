@@ -17,7 +17,8 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..core.models import RoomId
-from ..core.validation import HISTORY_LIMIT_MAX
+from ..core.service import rooms_wire
+from ..core.validation import HISTORY_LIMIT_MAX, ROOMS_LIMIT_MAX
 from ..exceptions import ChatError, ErrorCode, UnavailableError
 from ..node import Node
 
@@ -78,10 +79,23 @@ def create_http_app(node: Node) -> FastAPI:
         return Response(generate_latest(node.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/api/rooms", summary="Every room with its member count across the cluster")
-    async def rooms(occupied: bool = False) -> dict[str, Any]:
-        """With ``occupied=true``, only the rooms with members, most members first."""
-        infos = await service.rooms(occupied=occupied)
-        return {"ok": True, "rooms": [{**i.room.to_wire(), "members": i.members} for i in infos]}
+    async def rooms(
+        occupied: bool = Query(False, description="only the rooms with members, most first"),
+        after: int | None = Query(
+            None, ge=0, le=2**53, description="a page of every room: ids above this one"
+        ),
+        limit: int | None = Query(
+            None, ge=1, le=ROOMS_LIMIT_MAX, description="at most this many rooms"
+        ),
+    ) -> dict[str, Any]:
+        """Every room by id, or with ``occupied=true`` only the rooms with members, most
+        members first. ``limit`` (and ``after`` for every room) pages through them: a
+        full page of every room says in ``next`` the ``after`` of the next one."""
+        if occupied and after is not None:
+            raise ChatError(ErrorCode.BAD_REQUEST, "'after' pages every room, not 'occupied'")
+        first = None if after is None else RoomId(after)
+        infos = await service.rooms(occupied=occupied, after=first, limit=limit)
+        return {"ok": True, **rooms_wire(infos, None if occupied else limit)}
 
     @app.get("/api/rooms/{room}/messages", summary="A page of a room's history, ascending")
     async def messages(

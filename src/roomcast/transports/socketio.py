@@ -25,7 +25,7 @@ from ..core import validation
 from ..core.events import Frame
 from ..core.hub import Connection
 from ..core.models import ConnId, Message
-from ..core.service import ChatService, JoinResult, Session
+from ..core.service import ChatService, JoinResult, Session, rooms_wire
 from ..exceptions import ChatError, ErrorCode, UnavailableError
 from . import fastjson
 from .fastws import (
@@ -832,8 +832,9 @@ class SocketIOTransport:
         return _ok(messages=_messages(await self.service.history_page(ref, before, limit)))
 
     async def _rooms(self, session: Session, data: dict[str, Any]) -> Reply:
-        rooms = await self.service.rooms(occupied=validation.flag(data, "occupied"))
-        return _ok(rooms=[{**info.room.to_wire(), "members": info.members} for info in rooms])
+        occupied, after, limit = validation.rooms_args(data)
+        rooms = await self.service.rooms(occupied=occupied, after=after, limit=limit)
+        return _ok(**rooms_wire(rooms, None if occupied else limit))
 
     async def _members(self, session: Session, data: dict[str, Any]) -> Reply:
         room, members = await self.service.members(validation.room_ref(data))

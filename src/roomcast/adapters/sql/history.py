@@ -253,11 +253,23 @@ class SqlHistory:
         found = await self._first(self._room_by_id_sql, room)
         return None if found is None else Room(RoomId(found[0]), found[1], found[2])
 
-    async def rooms(self, ids: Sequence[RoomId] | None = None) -> list[Room]:
-        """Every room, by id; with ``ids``, those of them that exist."""
+    async def rooms(
+        self,
+        ids: Sequence[RoomId] | None = None,
+        *,
+        after: RoomId | None = None,
+        limit: int | None = None,
+    ) -> list[Room]:
+        """Every room, by id; with ``ids``, those of them that exist; ``after`` and
+        ``limit`` page through them by their primary key."""
         query = sa.select(*_ROOM_COLUMNS).order_by(rooms.c.id)
         if ids is not None:
             query = query.where(rooms.c.id.in_(sorted(set(ids))))
+        else:
+            if after is not None:
+                query = query.where(rooms.c.id > after)
+            if limit is not None:
+                query = query.limit(limit)
         rows = await self._db.run(lambda conn: conn.execute(query).mappings().all())
         return [_room(row) for row in rows]
 
