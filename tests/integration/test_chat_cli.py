@@ -393,3 +393,33 @@ def test_typed_lines_become_commands(line: str, command: Command | None) -> None
 def test_bad_commands_say_how_to_write_them(line: str) -> None:
     with pytest.raises(UsageError):
         parse(line)
+
+
+def test_rooms_shows_the_first_rooms_of_very_many(
+    terminals: list[Terminal], tmp_path: Path
+) -> None:
+    """A deployment of thousands of rooms is not listed whole in a terminal."""
+    from roomcast.chat.socketio_backend import ROOMS_SHOWN
+
+    with run_server("--request-rate-limit", "0", log_dir=tmp_path) as server:
+        with socketio.SimpleClient() as maker:
+            maker.connect(server.url, socketio_path="/ws/socket.io", auth={"name": "maker"})
+            for i in range(ROOMS_SHOWN + 5):
+                assert maker.call("join", {"room": f"many-{i:03d}"}, timeout=WAIT)["ok"]
+            ada = Terminal("ada", "--url", server.url)
+            terminals.append(ada)
+            ada.ready()  # in the lobby: room ROOMS_SHOWN + 6
+            ada.type("/rooms")
+            ada.sees(f"the first {ROOMS_SHOWN} rooms (/list: those with members):")
+            ada.sees_re(r"#1\s+many-000\s+\(1 member\)")
+            ada.sees_re(rf"#{ROOMS_SHOWN}\s+many-{ROOMS_SHOWN - 1:03d}\s+\(1 member\)")
+            ada.type("/list")
+            ada.sees(f"the {ROOMS_SHOWN} rooms with most members:")
+            ada.sees_re(r"many-\d{3}\s+\(1 member\)")
+        screen = ada.text()
+        listing = screen.split(f"the first {ROOMS_SHOWN} rooms", 1)[1].split(
+            f"the {ROOMS_SHOWN} rooms with"
+        )[0]
+        assert sorted(set(re.findall(r"many-\d{3}", listing))) == [
+            f"many-{i:03d}" for i in range(ROOMS_SHOWN)
+        ], screen[-2000:]

@@ -34,6 +34,8 @@ Reply = dict[str, Any]
 
 _RESEND = frozenset({"offline", "timeout", "unavailable", "rate_limited"})
 RECONNECT_DELAY = 0.5
+ROOMS_SHOWN = 200
+"""Most rooms ``/rooms`` and ``/list`` show (a terminal has no use for ten thousand)."""
 RECONNECT_DELAY_MAX = 5.0
 
 
@@ -191,12 +193,14 @@ class SocketIOBackend:
         await self._enter(name)
 
     async def list_rooms(self) -> None:
-        rows = self._rows(await self._room_list(occupied=True))
-        self._screen.show(view.rooms("rooms with members:", rows, "no room has members"))
+        rooms, more = await self._room_list(occupied=True)
+        title = f"the {ROOMS_SHOWN} rooms with most members:" if more else "rooms with members:"
+        self._screen.show(view.rooms(title, self._rows(rooms), "no room has members"))
 
     async def rooms(self) -> None:
-        rows = self._rows(await self._room_list())
-        self._screen.show(view.rooms("rooms:", rows, "no rooms yet; /make NAME"))
+        rooms, more = await self._room_list()
+        title = f"the first {ROOMS_SHOWN} rooms (/list: those with members):" if more else "rooms:"
+        self._screen.show(view.rooms(title, self._rows(rooms), "no rooms yet; /make NAME"))
 
     async def join(self, target: str) -> None:
         ref: int | str = target
@@ -402,8 +406,11 @@ class SocketIOBackend:
         if self._current not in self._joined:
             self._current = self._lobby
 
-    async def _room_list(self, *, occupied: bool = False) -> list[Reply]:
-        return list((await self._call("rooms", {"occupied": occupied}))["rooms"])
+    async def _room_list(self, *, occupied: bool = False) -> tuple[list[Reply], bool]:
+        """At most ``ROOMS_SHOWN`` rooms, and whether there may be more."""
+        reply = await self._call("rooms", {"occupied": occupied, "limit": ROOMS_SHOWN})
+        rooms = list(reply["rooms"])
+        return rooms, "next" in reply or (occupied and len(rooms) == ROOMS_SHOWN)
 
     def _rows(self, rooms: list[Reply]) -> list[view.RoomLine]:
         rows = []
