@@ -33,6 +33,7 @@ from .events import (
     typing_frame,
 )
 from .hub import Connection, Hub
+from .listing import OccupiedRooms, WatchedPresence
 from .models import (
     ConnId,
     Draft,
@@ -480,7 +481,10 @@ class ChatService:
         self.node = node
         self.history = history
         self.broker = broker
-        self.presence = presence
+        self._occupied = OccupiedRooms(presence, clock=time.monotonic)
+        self.presence: Presence = WatchedPresence(presence, self._occupied.changed)
+        """The presence engine; a membership changed through it makes the next
+        ``rooms {occupied}`` read the cluster again (see :mod:`roomcast.core.listing`)."""
         self.hub = hub
         self._clock = clock
         self._rate = rate_limit
@@ -723,13 +727,15 @@ class ChatService:
         first ``limit`` rooms with an id above ``after``), each page a read of its rooms
         only. With ``occupied``, only the rooms with members, most members first (the
         first ``limit`` of them): a read of the cluster's memberships, whatever the number
-        of rooms (what a list of rooms to show people wants)."""
+        of rooms (what a list of rooms to show people wants), shared by the callers of
+        about a second — this node's own joins and leaves show at once, other nodes'
+        within the second (see :class:`~roomcast.core.listing.OccupiedRooms`)."""
         if not occupied:
             rooms = await self.history.rooms(after=after, limit=limit)
             counts = await self.presence.counts([r.id for r in rooms])
             return [RoomInfo(room, counts.get(room.id, 0)) for room in rooms]
         # Rooms with ids below 1 are records a door keeps in presence, not rooms.
-        counts = {room: n for room, n in (await self.presence.occupied()).items() if room > 0}
+        counts = {room: n for room, n in (await self._occupied.get()).items() if room > 0}
         found = await self.history.rooms(list(counts)) if counts else []
         infos = [RoomInfo(room, counts[room.id]) for room in found]
         infos.sort(key=lambda info: (-info.members, info.room.id))
