@@ -185,6 +185,25 @@ async def test_every_room_pages_through_by_id(connect, server):
         assert too_many.status_code == 400
 
 
+async def test_a_join_can_count_the_members_instead_of_listing_them(connect):
+    """What a client of a room of thousands asks for: the count, not every member."""
+    name = room_name("big")
+    alice, bob = await connect("alice"), await connect("bob")
+    listed = await alice.ok("join", {"room": name, "members": True})
+    assert [m["name"] for m in listed["members"]] == ["alice"] and "count" not in listed
+    counted = await bob.ok("join", {"room": name, "members": False})
+    assert counted["count"] == 2 and "members" not in counted
+    assert counted["room"] == listed["room"] and counted["seq"] == 0
+    # A join like any other: announced, and live from its reply on.
+    await alice.wait_for(
+        lambda: any(
+            p["event"] == "join" and p["user"]["id"] == bob.user["id"] for p in alice.of("presence")
+        )
+    )
+    await alice.ok("send", {"room": name, "text": "hi"})
+    assert await bob.wait_messages(counted["room"]["id"], 1) == ["hi"]
+
+
 async def test_history_pages_backwards(connect):
     name = room_name("history")
     alice = await connect("alice")
@@ -276,6 +295,7 @@ async def test_history_survives_a_restart(tmp_path):
         ("send", {"room": "NOT_JOINED", "text": "hi"}, "not_member"),
         ("send", {"room": "never-created-room", "text": "hi"}, "not_found"),
         ("rooms", {"occupied": "yes"}, "bad_request"),
+        ("join", {"room": "VALID", "members": "no"}, "bad_request"),
         ("rooms", {"limit": 0}, "bad_request"),
         ("rooms", {"limit": 1001}, "bad_request"),
         ("rooms", {"after": -1, "limit": 5}, "bad_request"),

@@ -99,10 +99,13 @@ class Session:
 class JoinResult:
     room: Room
     seq: int
-    members: list[User]
+    members: list[User] | None
+    """None when the join asked not to list them (see ``count``)."""
     recovered: bool | None
     """None when the join had no ``since``."""
     missed: list[Message]
+    count: int | None = None
+    """Instead of ``members``: how many the room has across the cluster (as ``rooms``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -593,8 +596,18 @@ class ChatService:
         return room_id, name
 
     async def join(
-        self, session: Session, ref: RoomId | str, since: Position | None = None
+        self,
+        session: Session,
+        ref: RoomId | str,
+        since: Position | None = None,
+        *,
+        members: bool = True,
     ) -> JoinResult:
+        """Make the session a member of the room (made if it does not exist) and announce
+        it. The result lists the room's members on every node, or with ``members=False``
+        only counts them: in a room of thousands, a join that lists them reads and sends
+        every one (~5 ms for 5,000 on Redis), and a storm of such joins costs the square
+        of the room's size."""
         room = await self.resolve(ref, create=True)
         if room.id in session.rooms:
             await self._leave(session, room.id, announce=False)
@@ -613,7 +626,12 @@ class ChatService:
             missed: list[Message] = []
             if since is not None:
                 recovered, missed = await self._recover(room, since, seq)
-            members = await self._members(room.id)
+            listed: list[User] | None = None
+            count: int | None = None
+            if members:
+                listed = await self._members(room.id)
+            else:
+                count = (await self.presence.counts([room.id])).get(room.id, 0)
             # Announced while the joiner is still held, so its own copy of the event
             # reaches it after the join reply, like every frame that follows.
             await self._publish_presence(room.id, "join", session.user)
@@ -622,7 +640,7 @@ class ChatService:
             await self._remove_presence(room.id, conn.id)
             raise
         session.rooms.add(room.id)
-        return JoinResult(room, seq, members, recovered, missed)
+        return JoinResult(room, seq, listed, recovered, missed, count)
 
     def activate(self, session: Session, join: JoinResult) -> list[Frame]:
         """Make a joined connection a live member of the room.

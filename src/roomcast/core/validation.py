@@ -121,9 +121,9 @@ def message_id(data: dict[str, Any]) -> str | None:
     return value
 
 
-def flag(data: dict[str, Any], key: str) -> bool:
-    """An optional boolean field (absent: False)."""
-    value = data.get(key, False)
+def flag(data: dict[str, Any], key: str, default: bool = False) -> bool:
+    """An optional boolean field (absent: ``default``)."""
+    value = data.get(key, default)
     if not isinstance(value, bool):
         raise ChatError(ErrorCode.BAD_REQUEST, f"'{key}' must be true or false")
     return value

@@ -795,14 +795,14 @@ class SocketIOTransport:
     async def _join(self, session: Session, data: dict[str, Any]) -> Reply:
         ref = validation.room_ref(data)
         since = validation.since(data)
-        result = await self.service.join(session, ref, since)
+        listed = validation.flag(data, "members", default=True)
+        result = await self.service.join(session, ref, since, members=listed)
         self._spawn(self._activate(session, result))
-        reply = _ok(
-            room=result.room.to_wire(),
-            epoch=result.room.epoch,
-            seq=result.seq,
-            members=[u.to_wire() for u in result.members],
-        )
+        reply = _ok(room=result.room.to_wire(), epoch=result.room.epoch, seq=result.seq)
+        if result.members is not None:
+            reply["members"] = [u.to_wire() for u in result.members]
+        else:
+            reply["count"] = result.count
         if result.recovered is not None:
             reply["recovered"] = result.recovered
             reply["missed"] = _messages(result.missed)
