@@ -34,9 +34,9 @@ Reply = dict[str, Any]
 
 _RESEND = frozenset({"offline", "timeout", "unavailable", "rate_limited"})
 RECONNECT_DELAY = 0.5
+RECONNECT_DELAY_MAX = 5.0
 ROOMS_SHOWN = 200
 """Most rooms ``/rooms`` and ``/list`` show (a terminal has no use for ten thousand)."""
-RECONNECT_DELAY_MAX = 5.0
 
 
 @dataclass(slots=True)
