@@ -126,7 +126,8 @@ class NodeCollector(Collector):
             refused = CounterMetricFamily(
                 "roomcast_socketio_refused",
                 "Client events answered with an error, by its code (rate_limited: a client "
-                "past its rate; unavailable: an engine out of reach; the rest: bad requests)",
+                "past its rate; unavailable: an engine out of reach; the rest: requests refused "
+                "for what they asked)",
                 labels=["node", "code"],
             )
             for code in ErrorCode:

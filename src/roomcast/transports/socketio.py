@@ -339,9 +339,9 @@ class SocketIOTransport:
         self.events = 0
         """Client events handled, on either path."""
         self.direct_events = 0
+        """Client events read straight off a fast-path WebSocket by an EventReader."""
         self.refused: collections.Counter[ErrorCode] = collections.Counter()
         """Client events answered with an error, by its code."""
-        """Client events read straight off a fast-path WebSocket by an EventReader."""
         self.upgrades_served = 0
         """Long-polling sessions that upgraded to an EngineWebSocket."""
         self._upgraded: dict[str, EngineWebSocket] = {}
