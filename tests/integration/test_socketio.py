@@ -172,6 +172,9 @@ async def test_every_room_pages_through_by_id(connect, server):
     # Other tests' members may still be leaving: ids and names, and the counts of ours.
     assert [(r["id"], r["name"]) for r in pages] == [(r["id"], r["name"]) for r in everything]
     assert {r["name"]: r["members"] for r in pages if r["name"] in names} == dict.fromkeys(names, 1)
+    last = await alice.ok("rooms", {"after": everything[-3]["id"], "limit": 2})
+    assert [r["id"] for r in last["rooms"]] == [r["id"] for r in everything[-2:]]
+    assert "next" not in last  # full, and the last: nothing follows
     top = (await alice.ok("rooms", {"occupied": True, "limit": 2}))["rooms"]
     assert len(top) == 2
     assert top[0]["members"] >= top[1]["members"] >= 1

@@ -117,12 +117,12 @@ class RoomInfo:
         return {**self.room.to_wire(), "members": self.members}
 
 
-def rooms_wire(infos: Sequence[RoomInfo], page: int | None = None) -> dict[str, Any]:
-    """The fields of a ``rooms`` answer. ``page``: the ``limit`` of a page of every room;
-    a full page says where the next one starts (``next``: the id to pass as ``after``)."""
+def rooms_wire(infos: Sequence[RoomInfo], following: RoomId | None = None) -> dict[str, Any]:
+    """The fields of a ``rooms`` answer; ``following``: where the next page of every room
+    starts (``next``: the id to pass as ``after``), when more rooms follow this one."""
     wire: dict[str, Any] = {"rooms": [info.to_wire() for info in infos]}
-    if page is not None and infos and len(infos) == page:
-        wire["next"] = infos[-1].room.id
+    if following is not None:
+        wire["next"] = following
     return wire
 
 
@@ -758,6 +758,17 @@ class ChatService:
         infos = [RoomInfo(room, counts[room.id]) for room in found]
         infos.sort(key=lambda info: (-info.members, info.room.id))
         return infos if limit is None else infos[:limit]
+
+    async def rooms_page(
+        self, after: RoomId | None, limit: int
+    ) -> tuple[list[RoomInfo], RoomId | None]:
+        """The first ``limit`` rooms with an id above ``after`` (every room: 0), with their
+        member counts, and the ``after`` of the next page (None when no room follows)."""
+        found = await self.history.rooms(after=after, limit=limit + 1)
+        page = found[:limit]
+        counts = await self.presence.counts([room.id for room in page])
+        infos = [RoomInfo(room, counts.get(room.id, 0)) for room in page]
+        return infos, page[-1].id if len(found) > limit else None
 
     async def members(self, ref: RoomId | str) -> tuple[Room, list[User]]:
         room = await self.resolve(ref)

@@ -90,12 +90,15 @@ def create_http_app(node: Node) -> FastAPI:
     ) -> dict[str, Any]:
         """Every room by id, or with ``occupied=true`` only the rooms with members, most
         members first. ``limit`` (and ``after`` for every room) pages through them: a
-        full page of every room says in ``next`` the ``after`` of the next one."""
+        page of every room that more rooms follow says in ``next`` the ``after`` of the
+        next one."""
         if occupied and after is not None:
             raise ChatError(ErrorCode.BAD_REQUEST, "'after' pages every room, not 'occupied'")
         first = None if after is None else RoomId(after)
+        if limit is not None and not occupied:
+            return {"ok": True, **rooms_wire(*await service.rooms_page(first, limit))}
         infos = await service.rooms(occupied=occupied, after=first, limit=limit)
-        return {"ok": True, **rooms_wire(infos, None if occupied else limit)}
+        return {"ok": True, **rooms_wire(infos)}
 
     @app.get("/api/rooms/{room}/messages", summary="A page of a room's history, ascending")
     async def messages(

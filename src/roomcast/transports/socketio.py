@@ -833,8 +833,10 @@ class SocketIOTransport:
 
     async def _rooms(self, session: Session, data: dict[str, Any]) -> Reply:
         occupied, after, limit = validation.rooms_args(data)
+        if limit is not None and not occupied:
+            return _ok(**rooms_wire(*await self.service.rooms_page(after, limit)))
         rooms = await self.service.rooms(occupied=occupied, after=after, limit=limit)
-        return _ok(**rooms_wire(rooms, None if occupied else limit))
+        return _ok(**rooms_wire(rooms))
 
     async def _members(self, session: Session, data: dict[str, Any]) -> Reply:
         room, members = await self.service.members(validation.room_ref(data))
