@@ -411,6 +411,76 @@ async def test_a_send_whose_answer_was_lost_is_sent_again_and_shown_once(
         assert chat.errors == [], chat.errors
 
 
+async def test_a_send_not_confirmed_before_a_reload_is_sent_again_once(
+    browser: Browser, chat_server: Server
+) -> None:
+    """bob's message is stored but its answer never comes, and he reloads the page: the
+    reloaded page sends it again with the same id once it is back in the room; the room
+    has it once."""
+    url = chat_server.url
+    hold_answer = {"on": False}
+    sends: list[str] = []
+
+    async def route_websocket(ws: WebSocketRoute) -> None:
+        server = ws.connect_to_server()
+
+        def to_server(message: str | bytes) -> None:
+            if isinstance(message, str) and '["send",' in message:
+                sends.append(message)
+            server.send(message)
+
+        def to_page(message: str | bytes) -> None:
+            # The answer to a send ("43" + ack id, with the stored message): never delivered.
+            if hold_answer["on"] and isinstance(message, str) and message.startswith("43"):
+                if '"message":' in message:
+                    return
+            ws.send(message)
+
+        ws.on_message(to_server)
+        server.on_message(to_page)
+
+    async def intercept(page: Page) -> None:
+        await page.route_web_socket(SOCKETIO_URL, route_websocket)
+
+    alice = await open_chat(browser, url, "alice")
+    bob = await open_chat(browser, url, "bob", before_load=intercept)
+    await join(alice, "lobby")
+    await join(bob, "lobby")
+    await say(alice, "before")
+    await expect(bob.page.locator("#messages .message")).to_have_count(1)
+
+    hold_answer["on"] = True
+    await say(bob, "did this go?")
+    await expect(alice.page.locator("#messages .message .text")).to_have_text(
+        ["before", "did this go?"]
+    )  # stored and delivered; bob's page has no answer
+    assert len(sends) == 1
+    kept = await bob.page.evaluate("sessionStorage.getItem('roomcast.unsent')")
+    assert "did this go?" in kept
+    hold_answer["on"] = False
+    await bob.page.reload()
+    await expect(bob.page.locator("#status")).to_have_attribute("data-state", "connected")
+    for _ in range(200):  # the reloaded page sends it again once back in the room
+        if len(sends) == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert len(sends) == 2 and sends[0].split(",", 1)[1] == sends[1].split(",", 1)[1], sends
+    await say(alice, "after")
+    expected = ["before", "did this go?", "after"]
+    for chat in (alice, bob):
+        await expect(chat.page.locator("#messages .message .text")).to_have_text(expected)
+    client = await ChatClient(url, "carol").connect()
+    try:
+        history = (await client.ok("history", {"room": "lobby"}))["messages"]
+    finally:
+        await client.close()
+    assert [m["text"] for m in history] == expected
+    assert await bob.page.evaluate("sessionStorage.getItem('roomcast.unsent')") == "[]"
+    for chat in (alice, bob):
+        assert chat.dialogs == [], chat.dialogs
+        assert chat.errors == [], chat.errors
+
+
 async def test_room_counts_follow_joins_and_leaves_without_asking_the_server(
     browser: Browser, chat_server: Server
 ) -> None:

@@ -30,6 +30,7 @@
   const STORE_NAME = "roomcast.nickname";
   const STORE_ROOMS = "roomcast.rooms";
   const STORE_ACTIVE = "roomcast.active";
+  const STORE_UNSENT = "roomcast.unsent"; // this tab's messages not yet confirmed
 
   // The page may be mounted under a prefix (/chat/): everything is relative to it.
   const BASE_PATH = location.pathname.replace(/[^/]*$/, "") || "/";
@@ -82,6 +83,36 @@
       } catch {
         /* storage unavailable (private mode): the page works without it */
       }
+    },
+  };
+
+  /**
+   * Messages sent but not yet confirmed, kept in this tab's session storage until the
+   * server confirms them or the page gives up on them: a page reloaded meanwhile (or
+   * restored after a crash) sends them again, with their ids, once it is back in their
+   * rooms — the room stores each once however many tries reach it.
+   */
+  const unsent = {
+    all() {
+      try {
+        const list = JSON.parse(sessionStorage.getItem(STORE_UNSENT) || "[]");
+        return Array.isArray(list) ? list : [];
+      } catch {
+        return [];
+      }
+    },
+    save(list) {
+      try {
+        sessionStorage.setItem(STORE_UNSENT, JSON.stringify(list));
+      } catch {
+        /* storage unavailable: a reload then loses what was not confirmed */
+      }
+    },
+    keep(entry) {
+      this.save([...this.all().filter((e) => e.id !== entry.id), entry]);
+    },
+    drop(id) {
+      this.save(this.all().filter((e) => e.id !== id));
     },
   };
 
@@ -233,7 +264,7 @@
         resyncAll();
       } else if (!restored) {
         restored = true;
-        restoreRooms();
+        restoreRooms().then(resendUnsent);
       }
     });
 
@@ -638,7 +669,26 @@
     ui.text.focus();
     room.lastTypingSent = 0;
     const id = newMessageId();
-    sendQueue = sendQueue.then(() => deliver(room, text, raw, id));
+    const deadline = Date.now() + RESEND_FOR_MS;
+    unsent.keep({ id, room: room.name, text, raw, deadline });
+    sendQueue = sendQueue.then(() => deliver(room, text, raw, id, deadline));
+  }
+
+  /** What this tab sent before it was reloaded and never saw confirmed: sent again. */
+  function resendUnsent() {
+    const now = Date.now();
+    for (const entry of unsent.all()) {
+      const room = [...rooms.values()].find((r) => r.name === entry.room);
+      const valid = entry && typeof entry.id === "string" && typeof entry.text === "string";
+      if (!valid || !room || !(entry.deadline > now)) {
+        if (entry && typeof entry.id === "string") unsent.drop(entry.id);
+        continue;
+      }
+      showNotice("Sending again what was not confirmed before the page was reloaded…", "info");
+      sendQueue = sendQueue.then(() =>
+        deliver(room, entry.text, String(entry.raw ?? entry.text), entry.id, entry.deadline)
+      );
+    }
   }
 
   /** A message id of this page's own: random, so unique in any room (see docs/protocol.md). */
@@ -654,13 +704,16 @@
    * confirm, is sent again with the same id for up to RESEND_FOR_MS, once connected and
    * the room re-joined — the room stores it once however many tries reach it.
    */
-  async function deliver(room, text, raw, id) {
-    const deadline = Date.now() + RESEND_FOR_MS;
+  async function deliver(room, text, raw, id, deadline) {
     let pause = 1000;
     for (;;) {
-      if (rooms.get(room.id) !== room) return; // left meanwhile
+      if (rooms.get(room.id) !== room) {
+        unsent.drop(id); // left meanwhile
+        return;
+      }
       try {
         const res = await request("send", { room: room.id, text, id });
+        unsent.drop(id);
         if (res.message && rooms.get(room.id) === room) {
           addMessages(room, [res.message], { live: true });
         }
@@ -676,6 +729,7 @@
           }
           continue;
         }
+        unsent.drop(id);
         // Without an answer, or when the store could not say, the message may have been
         // stored all the same: it then shows up in the room, so it is not "not sent".
         if (err.code === "timeout") {
