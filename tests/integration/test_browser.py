@@ -337,78 +337,100 @@ async def test_reconnect_recovers_missed_messages(browser: Browser, chat_server:
         assert chat.errors == [], chat.errors
 
 
-async def test_a_send_whose_answer_was_lost_is_sent_again_and_shown_once(
-    browser: Browser, chat_server: Server
-) -> None:
-    """bob's connection drops after the server stored his message and before its answer
-    reached him: the page sends it again, with the same id, once it is back; the room has
-    it once, and his text is not handed back to him as unsent."""
-    url = chat_server.url
-    lose_answer = {"on": False}
-    sends: list[str] = []
-    sockets: list[tuple[WebSocketRoute, WebSocketRoute]] = []
+class SendTap:
+    """Routes a page's Socket.IO WebSocket through the test: records every ``send`` the
+    page makes and, while ``answers`` says so, keeps the answers to them from the page —
+    ``"lose"``: the next one is dropped with its connection; ``"hold"``: none arrives."""
 
-    async def route_websocket(ws: WebSocketRoute) -> None:
+    def __init__(self) -> None:
+        self.sends: list[str] = []
+        self.sockets = 0
+        self.answers: str | None = None
+
+    async def install(self, page: Page) -> None:
+        await page.route_web_socket(SOCKETIO_URL, self._route)
+
+    async def _route(self, ws: WebSocketRoute) -> None:
         server = ws.connect_to_server()
-        sockets.append((ws, server))
+        self.sockets += 1
 
         def to_server(message: str | bytes) -> None:
             if isinstance(message, str) and '["send",' in message:
-                sends.append(message)
+                self.sends.append(message)
             server.send(message)
 
         async def to_page(message: str | bytes) -> None:
-            # A Socket.IO answer over Engine.IO ("43" + ack id) to a send: dropped, and the
-            # connection with it.
-            if lose_answer["on"] and isinstance(message, str) and message.startswith("43"):
-                if '"message":' in message:
-                    lose_answer["on"] = False
+            # A Socket.IO answer over Engine.IO ("43" + ack id) to a send.
+            answer = isinstance(message, str) and message.startswith("43")
+            if self.answers and answer and '"message":' in str(message):
+                if self.answers == "lose":
+                    self.answers = None
                     await server.close()
                     await ws.close()
-                    return
+                return
             ws.send(message)
 
         ws.on_message(to_server)
         server.on_message(to_page)
 
-    async def intercept(page: Page) -> None:
-        await page.route_web_socket(SOCKETIO_URL, route_websocket)
+    async def sent_again(self) -> None:
+        """Wait for the page's second try of its send; it carries the first's payload."""
+        for _ in range(200):
+            if len(self.sends) == 2:
+                break
+            await asyncio.sleep(0.05)
+        sends = self.sends
+        assert len(sends) == 2 and sends[0].split(",", 1)[1] == sends[1].split(",", 1)[1], sends
+        assert '"id":"' in sends[0]
 
+
+async def lobby_with_a_tap(browser: Browser, url: str, tap: SendTap) -> tuple[Chat, Chat]:
+    """alice, and bob whose page goes through ``tap``, in the lobby with one message."""
     alice = await open_chat(browser, url, "alice")
-    bob = await open_chat(browser, url, "bob", before_load=intercept)
+    bob = await open_chat(browser, url, "bob", before_load=tap.install)
     await join(alice, "lobby")
     await join(bob, "lobby")
     await say(alice, "before")
     await expect(bob.page.locator("#messages .message")).to_have_count(1)
+    return alice, bob
 
-    lose_answer["on"] = True
-    await say(bob, "did this go?")
-    await expect(bob.page.locator("#status")).to_have_attribute(
-        "data-state", "connected", timeout=20_000
-    )
-    await expect(bob.page.locator("#notice")).to_have_text(re.compile("sending the message again"))
-    for _ in range(200):  # the page sends it again a second after the answer was lost
-        if len(sends) == 2:
-            break
-        await asyncio.sleep(0.05)
-    assert len(sends) == 2 and sends[0].split(",", 1)[1] == sends[1].split(",", 1)[1], sends
-    assert len(sockets) == 2  # the answer was lost with the first connection
+
+async def shown_and_stored_once(url: str, alice: Chat, bob: Chat) -> None:
+    """alice says "after": both pages and the room's history hold bob's message once."""
     await say(alice, "after")
     expected = ["before", "did this go?", "after"]
     for chat in (alice, bob):
         await expect(chat.page.locator("#messages .message .text")).to_have_text(expected)
-    assert '"id":"' in sends[0]
-    await expect(bob.page.locator("#text")).to_have_value("")  # not handed back as unsent
     client = await ChatClient(url, "carol").connect()
     try:
         history = (await client.ok("history", {"room": "lobby"}))["messages"]
     finally:
         await client.close()
     assert [m["text"] for m in history] == expected
-    assert await seqs(alice) == await seqs(bob) == [1, 2, 3]
     for chat in (alice, bob):
         assert chat.dialogs == [], chat.dialogs
         assert chat.errors == [], chat.errors
+
+
+async def test_a_send_whose_answer_was_lost_is_sent_again_and_shown_once(
+    browser: Browser, chat_server: Server
+) -> None:
+    """bob's connection drops after the server stored his message and before its answer
+    reached him: the page sends it again, with the same id, once it is back; the room has
+    it once, and his text is not handed back to him as unsent."""
+    tap = SendTap()
+    alice, bob = await lobby_with_a_tap(browser, chat_server.url, tap)
+    tap.answers = "lose"
+    await say(bob, "did this go?")
+    await expect(bob.page.locator("#status")).to_have_attribute(
+        "data-state", "connected", timeout=20_000
+    )
+    await expect(bob.page.locator("#notice")).to_have_text(re.compile("sending the message again"))
+    await tap.sent_again()  # a second after the answer was lost
+    assert tap.sockets == 2  # the answer was lost with the first connection
+    await shown_and_stored_once(chat_server.url, alice, bob)
+    await expect(bob.page.locator("#text")).to_have_value("")  # not handed back as unsent
+    assert await seqs(alice) == await seqs(bob) == [1, 2, 3]
 
 
 async def test_a_send_not_confirmed_before_a_reload_is_sent_again_once(
@@ -417,68 +439,22 @@ async def test_a_send_not_confirmed_before_a_reload_is_sent_again_once(
     """bob's message is stored but its answer never comes, and he reloads the page: the
     reloaded page sends it again with the same id once it is back in the room; the room
     has it once."""
-    url = chat_server.url
-    hold_answer = {"on": False}
-    sends: list[str] = []
-
-    async def route_websocket(ws: WebSocketRoute) -> None:
-        server = ws.connect_to_server()
-
-        def to_server(message: str | bytes) -> None:
-            if isinstance(message, str) and '["send",' in message:
-                sends.append(message)
-            server.send(message)
-
-        def to_page(message: str | bytes) -> None:
-            # The answer to a send ("43" + ack id, with the stored message): never delivered.
-            if hold_answer["on"] and isinstance(message, str) and message.startswith("43"):
-                if '"message":' in message:
-                    return
-            ws.send(message)
-
-        ws.on_message(to_server)
-        server.on_message(to_page)
-
-    async def intercept(page: Page) -> None:
-        await page.route_web_socket(SOCKETIO_URL, route_websocket)
-
-    alice = await open_chat(browser, url, "alice")
-    bob = await open_chat(browser, url, "bob", before_load=intercept)
-    await join(alice, "lobby")
-    await join(bob, "lobby")
-    await say(alice, "before")
-    await expect(bob.page.locator("#messages .message")).to_have_count(1)
-
-    hold_answer["on"] = True
+    tap = SendTap()
+    alice, bob = await lobby_with_a_tap(browser, chat_server.url, tap)
+    tap.answers = "hold"
     await say(bob, "did this go?")
     await expect(alice.page.locator("#messages .message .text")).to_have_text(
         ["before", "did this go?"]
     )  # stored and delivered; bob's page has no answer
-    assert len(sends) == 1
+    assert len(tap.sends) == 1
     kept = await bob.page.evaluate("sessionStorage.getItem('roomcast.unsent')")
     assert "did this go?" in kept
-    hold_answer["on"] = False
+    tap.answers = None
     await bob.page.reload()
     await expect(bob.page.locator("#status")).to_have_attribute("data-state", "connected")
-    for _ in range(200):  # the reloaded page sends it again once back in the room
-        if len(sends) == 2:
-            break
-        await asyncio.sleep(0.05)
-    assert len(sends) == 2 and sends[0].split(",", 1)[1] == sends[1].split(",", 1)[1], sends
-    await say(alice, "after")
-    expected = ["before", "did this go?", "after"]
-    for chat in (alice, bob):
-        await expect(chat.page.locator("#messages .message .text")).to_have_text(expected)
-    client = await ChatClient(url, "carol").connect()
-    try:
-        history = (await client.ok("history", {"room": "lobby"}))["messages"]
-    finally:
-        await client.close()
-    assert [m["text"] for m in history] == expected
+    await tap.sent_again()  # once the reloaded page is back in the room
+    await shown_and_stored_once(chat_server.url, alice, bob)
     assert await bob.page.evaluate("sessionStorage.getItem('roomcast.unsent')") == "[]"
-    for chat in (alice, bob):
-        assert chat.dialogs == [], chat.dialogs
-        assert chat.errors == [], chat.errors
 
 
 async def test_room_counts_follow_joins_and_leaves_without_asking_the_server(
