@@ -269,13 +269,13 @@ async def test_presence_spans_nodes_and_dead_nodes_are_reaped():
     bob = await connect(s2, r2, "bob")
     await join(s1, alice, "lobby")
     await join(s2, bob, "lobby")
-    _, members = await s1.members("lobby")
+    _, members, _ = await s1.members("lobby")
     assert {u.name for u in members} == {"alice", "bob"}
     assert [(i.room.name, i.members) for i in await s2.rooms()] == [("lobby", 2)]
     await cluster.presence.heartbeat(s2.node, ttl=-1)  # node 2 has stopped heartbeating
     removed = await cluster.presence.reap()
     await s1.announce_departed(removed)
-    _, members = await s1.members("lobby")
+    _, members, _ = await s1.members("lobby")
     assert [u.name for u in members] == ["alice"]
     leaves = [f.data() for f in alice.conn.frames if f.kind is Kind.PRESENCE]
     assert leaves[-1] == {"room": 1, "event": "leave", "user": bob.user.to_wire()}

@@ -207,6 +207,41 @@ async def test_a_join_can_count_the_members_instead_of_listing_them(connect):
     assert await bob.wait_messages(counted["room"]["id"], 1) == ["hi"]
 
 
+async def test_members_page_through_by_user_id(connect, server):
+    """What a client of a big room asks for on demand: its members a page at a time."""
+    name = room_name("crowd")
+    clients = [await connect(f"u{i}") for i in range(5)]
+    for client in reversed(clients):  # joined in the reverse of their ids
+        await client.ok("join", {"room": name})
+    ids = sorted(client.user["id"] for client in clients)
+    everyone = await clients[0].ok("members", {"room": name})
+    assert [m["id"] for m in everyone["members"]] == ids[::-1]  # in join order
+    assert "next" not in everyone
+    pages, after = [], 0
+    for _ in range(len(ids)):  # bounded: a page holds at least one member
+        page = await clients[0].ok("members", {"room": name, "after": after, "limit": 2})
+        assert page["room"] == everyone["room"]
+        pages.extend(page["members"])
+        if "next" not in page:
+            break
+        assert page["next"] == page["members"][-1]["id"]
+        after = page["next"]
+    assert [m["id"] for m in pages] == ids
+    assert {m["id"]: m["name"] for m in pages} == {m["id"]: m["name"] for m in everyone["members"]}
+    last = await clients[0].ok("members", {"room": name, "after": ids[2], "limit": 2})
+    assert [m["id"] for m in last["members"]] == ids[3:] and "next" not in last
+    rest = await clients[0].ok("members", {"room": name, "after": ids[3]})
+    assert [m["id"] for m in rest["members"]] == ids[4:] and "next" not in rest
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        url = f"/api/rooms/{everyone['room']['id']}/members"
+        first = (await http.get(url, params={"limit": 3})).json()
+        assert [m["id"] for m in first["members"]] == ids[:3] and first["next"] == ids[2]
+        whole = (await http.get(url)).json()
+        assert whole["members"] == everyone["members"] and "next" not in whole
+        bad = await http.get(url, params={"limit": 0})
+        assert bad.status_code == 400
+
+
 async def test_history_pages_backwards(connect):
     name = room_name("history")
     alice = await connect("alice")
@@ -309,6 +344,10 @@ async def test_history_survives_a_restart(tmp_path):
         ("history", {"room": "VALID", "before": "x"}, "bad_request"),
         ("leave", {"room": "NOT_JOINED"}, "not_member"),
         ("members", {"room": "never-created-room"}, "not_found"),
+        ("members", {"room": "VALID", "limit": 0}, "bad_request"),
+        ("members", {"room": "VALID", "limit": 1001}, "bad_request"),
+        ("members", {"room": "VALID", "after": -1}, "bad_request"),
+        ("members", {"room": "VALID", "after": "alice"}, "bad_request"),
         ("typing", {"room": "NOT_JOINED"}, "not_member"),
         ("no_such_event", {"room": "VALID"}, "unknown_event"),
         ("message", {"room": "VALID", "text": "events are not client events"}, "unknown_event"),

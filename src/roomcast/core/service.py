@@ -126,6 +126,15 @@ def rooms_wire(infos: Sequence[RoomInfo], following: RoomId | None = None) -> di
     return wire
 
 
+def members_wire(users: Sequence[User], following: UserId | None = None) -> dict[str, Any]:
+    """The fields of a ``members`` answer; ``following``: the ``after`` of the next page
+    (``next``), when more members follow this one."""
+    wire: dict[str, Any] = {"members": [user.to_wire() for user in users]}
+    if following is not None:
+        wire["next"] = following
+    return wire
+
+
 class Sequencer:
     """Batches concurrent appends into one History call, then publishes in seq order.
 
@@ -770,9 +779,22 @@ class ChatService:
         infos = [RoomInfo(room, counts.get(room.id, 0)) for room in page]
         return infos, page[-1].id if len(found) > limit else None
 
-    async def members(self, ref: RoomId | str) -> tuple[Room, list[User]]:
+    async def members(
+        self, ref: RoomId | str, *, after: UserId | None = None, limit: int | None = None
+    ) -> tuple[Room, list[User], UserId | None]:
+        """The room and its members on every node, each user once, in join order. With
+        ``after`` or ``limit``: by user id, the first ``limit`` (None: all) with an id above
+        ``after``, and the ``after`` of the next page (None when no member follows). Each
+        call reads every membership of the room: a page bounds the answer, not the read."""
         room = await self.resolve(ref)
-        return room, await self._members(room.id)
+        users = await self._members(room.id)
+        if after is None and limit is None:
+            return room, users, None
+        ranked = sorted((u for u in users if after is None or u.id > after), key=lambda u: u.id)
+        if limit is None or len(ranked) <= limit:
+            return room, ranked, None
+        page = ranked[:limit]
+        return room, page, page[-1].id
 
     # -- direct messages -------------------------------------------------------------
 

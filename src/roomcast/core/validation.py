@@ -10,7 +10,7 @@ import unicodedata
 from typing import Any
 
 from ..exceptions import ChatError, ErrorCode
-from .models import Position, RoomId
+from .models import Position, RoomId, UserId
 
 ROOM_NAME_MAX = 64
 NICKNAME_MAX = 32
@@ -19,6 +19,8 @@ HISTORY_LIMIT_MAX = 100
 HISTORY_LIMIT_DEFAULT = 50
 ROOMS_LIMIT_MAX = 1000
 """Most rooms one page of ``rooms`` holds (without a ``limit``, the reply holds all)."""
+MEMBERS_LIMIT_MAX = 1000
+"""Most members one page of ``members`` holds (without a ``limit``, the reply holds all)."""
 
 # Categories never allowed in names: controls, surrogates, private use, unassigned, and
 # line/paragraph separators.
@@ -165,6 +167,18 @@ def rooms_args(data: dict[str, Any]) -> tuple[bool, RoomId | None, int | None]:
     if limit is not None and not 1 <= limit <= ROOMS_LIMIT_MAX:
         raise ChatError(ErrorCode.BAD_REQUEST, f"'limit' must be between 1 and {ROOMS_LIMIT_MAX}")
     return occupied, None if after is None else RoomId(after), limit
+
+
+def members_args(data: dict[str, Any]) -> tuple[UserId | None, int | None]:
+    """``after`` (a user id, >= 0) and ``limit`` (1-1000) of a ``members`` request; either
+    asks for members by user id (absent both: every member, in join order)."""
+    after = _optional_int(data, "after")
+    if after is not None and not 0 <= after <= 2**53:
+        raise ChatError(ErrorCode.BAD_REQUEST, "'after' must be a user id (or 0)")
+    limit = _optional_int(data, "limit")
+    if limit is not None and not 1 <= limit <= MEMBERS_LIMIT_MAX:
+        raise ChatError(ErrorCode.BAD_REQUEST, f"'limit' must be between 1 and {MEMBERS_LIMIT_MAX}")
+    return None if after is None else UserId(after), limit
 
 
 def since(data: dict[str, Any]) -> Position | None:

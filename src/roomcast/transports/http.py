@@ -16,9 +16,9 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..core.models import RoomId
-from ..core.service import rooms_wire
-from ..core.validation import HISTORY_LIMIT_MAX, ROOMS_LIMIT_MAX
+from ..core.models import RoomId, UserId
+from ..core.service import members_wire, rooms_wire
+from ..core.validation import HISTORY_LIMIT_MAX, MEMBERS_LIMIT_MAX, ROOMS_LIMIT_MAX
 from ..exceptions import ChatError, ErrorCode, UnavailableError
 from ..node import Node
 
@@ -110,9 +110,21 @@ def create_http_app(node: Node) -> FastAPI:
         return {"ok": True, "messages": [m.to_wire() for m in page]}
 
     @app.get("/api/rooms/{room}/members", summary="A room's members across the cluster")
-    async def members(room: str) -> dict[str, Any]:
-        found, users = await service.members(_room_ref(room))
-        return {"ok": True, "room": found.to_wire(), "members": [u.to_wire() for u in users]}
+    async def members(
+        room: str,
+        after: int | None = Query(
+            None, ge=0, le=2**53, description="by user id: members with ids above this one"
+        ),
+        limit: int | None = Query(
+            None, ge=1, le=MEMBERS_LIMIT_MAX, description="by user id: at most this many"
+        ),
+    ) -> dict[str, Any]:
+        """Every member in join order, or with ``after`` / ``limit`` a page of them by user
+        id; a page that more members follow says in ``next`` the ``after`` of the next."""
+        found, users, following = await service.members(
+            _room_ref(room), after=None if after is None else UserId(after), limit=limit
+        )
+        return {"ok": True, "room": found.to_wire(), **members_wire(users, following)}
 
     if WEB_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")

@@ -25,7 +25,7 @@ from ..core import validation
 from ..core.events import Frame
 from ..core.hub import Connection
 from ..core.models import ConnId, Message
-from ..core.service import ChatService, JoinResult, Session, rooms_wire
+from ..core.service import ChatService, JoinResult, Session, members_wire, rooms_wire
 from ..exceptions import ChatError, ErrorCode, UnavailableError
 from . import fastjson
 from .fastws import (
@@ -839,8 +839,11 @@ class SocketIOTransport:
         return _ok(**rooms_wire(rooms))
 
     async def _members(self, session: Session, data: dict[str, Any]) -> Reply:
-        room, members = await self.service.members(validation.room_ref(data))
-        return _ok(room=room.to_wire(), members=[u.to_wire() for u in members])
+        after, limit = validation.members_args(data)
+        room, members, following = await self.service.members(
+            validation.room_ref(data), after=after, limit=limit
+        )
+        return _ok(room=room.to_wire(), **members_wire(members, following))
 
     async def _dm(self, session: Session, data: dict[str, Any]) -> Reply:
         to = validation.user_id(data, "to")
