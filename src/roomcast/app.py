@@ -88,6 +88,7 @@ class RoomcastApp:
                     from .transports.grpc import GrpcDoor
 
                     self.grpc = GrpcDoor(self.node)
+                    self.node.metrics.collector.grpc_refused = self.grpc.refused
                     await self.grpc.start()
                 for callback in self.on_started:
                     callback()

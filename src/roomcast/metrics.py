@@ -4,6 +4,7 @@ counted twice on the hot path)."""
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -29,6 +30,8 @@ class NodeCollector(Collector):
     def __init__(self, node: Node) -> None:
         self._node = node
         self.socketio: SocketIOTransport | None = None
+        self.grpc_refused: collections.Counter[str] | None = None
+        """The gRPC door's refusals by status name (see ``GrpcDoor.refused``), once it runs."""
         self.handoff_sender: HandoffSender | None = None
         self.handoff_receiver: HandoffReceiver | None = None
 
@@ -141,6 +144,17 @@ class NodeCollector(Collector):
                 node.id,
                 self.socketio.upgrades_served,
             )
+        if self.grpc_refused is not None:
+            statuses = CounterMetricFamily(
+                "roomcast_grpc_refused",
+                "gRPC calls ended with a status other than OK, by status (RESOURCE_EXHAUSTED: "
+                "a user past its rate or its streams; UNAVAILABLE: an engine out of reach; the "
+                "rest: calls refused for what they asked)",
+                labels=["node", "status"],
+            )
+            for status, count in sorted(self.grpc_refused.items()):
+                statuses.add_metric([node.id, status], count)
+            yield statuses
         if self.handoff_sender is not None:
             handoffs = CounterMetricFamily(
                 "roomcast_worker_handoffs",

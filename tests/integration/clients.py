@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
+import urllib.request
 from collections.abc import Callable
 from typing import Any
 
@@ -104,3 +106,11 @@ async def eventually(condition: Callable[[], Any], timeout: float = WAIT) -> Any
             raise AssertionError(f"condition not met within {timeout}s")
         await asyncio.sleep(0.01)
     return result
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Every sample of a server's /metrics, keyed by its name and labels as written."""
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as response:
+        text = response.read().decode()
+    samples = re.findall(r"^(roomcast_\S+) (\S+)$", text, re.MULTILINE)
+    return {name: float(value) for name, value in samples}

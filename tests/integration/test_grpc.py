@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 import signal
 import sys
 import time
@@ -21,7 +22,7 @@ import pytest
 from roomcast.grpc import client_to_agent_pb2 as pb2
 from roomcast.grpc import client_to_agent_pb2_grpc as pb2_grpc
 
-from .clients import ChatClient
+from .clients import ChatClient, scrape
 from .servers import Server, free_port, run_server
 
 WAIT = 10.0
@@ -498,6 +499,13 @@ async def test_commands_past_the_request_rate_are_refused_and_change_nothing(tmp
             assert alice.index in {m["id"] for m in joined["members"]}
             await alice.say_in_channel("still heard")
             assert await sam.wait_messages(made, 1) == ["still heard"]
+            # What an operator sees: the refusal, by its status.
+            refusals = {
+                re.search(r'status="([^"]+)"', k).group(1): v
+                for k, v in scrape(server.url).items()
+                if k.startswith("roomcast_grpc_refused_total{")
+            }
+            assert refusals == {"RESOURCE_EXHAUSTED": 1}
         finally:
             await alice.close()
             await bob.close()

@@ -4,18 +4,9 @@ store and the broker take per batch."""
 from __future__ import annotations
 
 import re
-import urllib.request
 
-from .clients import ChatClient
+from .clients import ChatClient, scrape
 from .servers import run_server
-
-
-def scrape(url: str) -> dict[str, float]:
-    """Every sample of the exposition, keyed by its name and labels as written."""
-    with urllib.request.urlopen(url + "/metrics", timeout=5) as response:
-        text = response.read().decode()
-    samples = re.findall(r"^(roomcast_\S+) (\S+)$", text, re.MULTILINE)
-    return {name: float(value) for name, value in samples}
 
 
 def one(samples: dict[str, float], prefix: str) -> float:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from ...grpc import client_to_agent_pb2 as pb2
 from ...grpc import client_to_agent_pb2_grpc as pb2_grpc
-from .errors import Context, answer
+from .errors import Context
 
 if TYPE_CHECKING:
     from .door import GrpcDoor
@@ -26,7 +26,7 @@ class AgentService(pb2_grpc.AgentServicer):
         The user is in the lobby from now on and stays logged in while it beats; it has
         the liveness timeout to open its heartbeat stream.
         """
-        user = await answer(context, self._door.users.login())
+        user = await self._door.answer(context, self._door.users.login())
         log.debug("gRPC user %s logged in from %r", user.index, request.ip)
         address = self._door.address
         return pb2.LoginReply(index=user.index, heartbeat_ip=address, lobby_ip=address)

@@ -16,7 +16,7 @@ from ...core.models import RoomId
 from ...exceptions import ChatError, ErrorCode
 from ...grpc import client_to_agent_pb2 as pb2
 from ...grpc import client_to_agent_pb2_grpc as pb2_grpc
-from .errors import Context, abort, answer, chosen_id
+from .errors import Context, chosen_id
 from .users import GrpcUser
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ class ChannelService(pb2_grpc.ChannelServicer):
 
     async def TryChatSend(self, request: pb2.Chat, context: Context) -> pb2.Empty:
         """Chat to the other members of the user's channel; an empty text is dropped."""
-        await answer(context, self._chat(request))
+        await self._door.answer(context, self._chat(request))
         return pb2.Empty()
 
     async def _chat(self, request: pb2.Chat) -> None:
@@ -45,14 +45,16 @@ class ChannelService(pb2_grpc.ChannelServicer):
 
     async def TryChatReceive(self, request: pb2.Chat, context: Context) -> AsyncIterator[pb2.Chat]:
         """The channel's chat from the other members (Socket.IO users of the room too)."""
-        user, channel = await answer(context, self._member(request.index))
+        user, channel = await self._door.answer(context, self._member(request.index))
         transport = self._door.transport
-        stream = await answer(context, transport.open_chat(channel, user.index, lobby=False))
+        stream = await self._door.answer(
+            context, transport.open_chat(channel, user.index, lobby=False)
+        )
         try:
             while (chat := await stream.next()) is not None:
                 yield chat
             if stream.error:
-                await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, stream.error)
+                await self._door.abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, stream.error)
         finally:
             transport.release(channel, user.index, stream)
 
@@ -61,21 +63,23 @@ class ChannelService(pb2_grpc.ChannelServicer):
     ) -> AsyncIterator[pb2.StatusReply]:
         """Opening it announces the user: JOIN_USER {index, channel} goes to every member,
         the user included. Then the channel's joins and leaves."""
-        user, channel = await answer(context, self._member(request.index))
+        user, channel = await self._door.answer(context, self._member(request.index))
         transport = self._door.transport
-        stream = await answer(context, transport.open_status(channel, user.index, lobby=False))
+        stream = await self._door.answer(
+            context, transport.open_status(channel, user.index, lobby=False)
+        )
         try:
             await self._door.users.announce(channel, "join", user.user)
             while (status := await stream.next()) is not None:
                 yield status
             if stream.error:
-                await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, stream.error)
+                await self._door.abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, stream.error)
         finally:
             transport.release(channel, user.index, stream)
 
     async def TryUserRemove(self, request: pb2.UserRequest, context: Context) -> pb2.Empty:
         """Take the user out of its channel (it stays in the lobby), with LEAVE_USER."""
-        await answer(context, self._remove(request.index))
+        await self._door.answer(context, self._remove(request.index))
         return pb2.Empty()
 
     async def _remove(self, index: int) -> None:

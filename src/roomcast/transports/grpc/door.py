@@ -4,12 +4,13 @@ Heartbeat, Lobby and Channel services on one address."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import socket
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
 
@@ -21,6 +22,7 @@ from ...exceptions import ChatError, ConfigError, ErrorCode
 from ...grpc import client_to_agent_pb2_grpc as pb2_grpc
 from .agent import AgentService
 from .channel import ChannelService
+from .errors import Context, abort, answer
 from .heartbeat import HeartbeatService
 from .lobby import LobbyService
 from .streams import GrpcTransport
@@ -30,6 +32,8 @@ if TYPE_CHECKING:
     from ...node import Node
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 BEAT = 1.0
 """Seconds between two beats of a heartbeat stream (less for very short timeouts)."""
@@ -71,6 +75,8 @@ class GrpcDoor:
         self._request_buckets: OrderedDict[UserId, TokenBucket] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        self.refused: collections.Counter[str] = collections.Counter()
+        """Calls this door ended with a status other than OK, by the status's name."""
 
     @property
     def stopping(self) -> bool:
@@ -144,6 +150,15 @@ class GrpcDoor:
         sender = _Sender(user.conn, self.transport)
         session = Session(sender, user.user, {room}, self._bucket(user.index))
         await self.service.send(session, room, text, message_id)
+
+    async def answer(self, context: Context, call: Awaitable[T]) -> T:
+        """Await ``call``; what it raises ends the gRPC call with a status, counted in
+        :attr:`refused` (see :func:`~roomcast.transports.grpc.errors.answer`)."""
+        return await answer(context, call, self.refused)
+
+    async def abort(self, context: Context, code: Any, message: str) -> NoReturn:
+        """End the gRPC call with ``code`` and ``message``, counted in :attr:`refused`."""
+        await abort(context, code, message, self.refused)
 
     def spend(self, user: GrpcUser) -> None:
         """Count a costly request (a new channel) against the user's rate limit."""

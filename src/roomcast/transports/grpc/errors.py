@@ -3,6 +3,7 @@ message, never with a traceback on the client's side or a crash in the server.""
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Awaitable
 from typing import Any, NoReturn, TypeVar
@@ -42,8 +43,11 @@ def status_of(code: ErrorCode) -> Any:
     return _STATUS.get(code, grpc.StatusCode.FAILED_PRECONDITION)
 
 
-async def answer(context: Context, call: Awaitable[T]) -> T:
-    """Await ``call``; end the gRPC call with a status for what it raises:
+async def answer(
+    context: Context, call: Awaitable[T], refused: collections.Counter[str] | None = None
+) -> T:
+    """Await ``call``; end the gRPC call with a status for what it raises (each counted in
+    ``refused`` by the status's name, when given):
 
     ==============================  =====================================================
     ChatError                       its code mapped (INVALID_ARGUMENT, NOT_FOUND, ...)
@@ -56,15 +60,22 @@ async def answer(context: Context, call: Awaitable[T]) -> T:
     except grpc.aio.AbortError:
         raise
     except ChatError as exc:
-        await abort(context, status_of(exc.code), exc.message)
+        await abort(context, status_of(exc.code), exc.message, refused)
     except UnavailableError:
-        await abort(context, grpc.StatusCode.UNAVAILABLE, "an engine is unavailable, try again")
+        await abort(
+            context, grpc.StatusCode.UNAVAILABLE, "an engine is unavailable, try again", refused
+        )
     except Exception:
         log.exception("a gRPC call failed")
-        await abort(context, grpc.StatusCode.INTERNAL, "internal error, try again")
+        await abort(context, grpc.StatusCode.INTERNAL, "internal error, try again", refused)
 
 
-async def abort(context: Context, code: Any, message: str) -> NoReturn:
-    """End the call with ``code`` and ``message`` (raises grpc.aio.AbortError)."""
+async def abort(
+    context: Context, code: Any, message: str, refused: collections.Counter[str] | None = None
+) -> NoReturn:
+    """End the call with ``code`` and ``message`` (raises grpc.aio.AbortError), counted in
+    ``refused`` by the code's name when given."""
+    if refused is not None:
+        refused[code.name] += 1
     await context.abort(code, message)
     raise AssertionError("context.abort() returned")

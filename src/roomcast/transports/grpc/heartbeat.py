@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from ...core.models import UserId
 from ...grpc import client_to_agent_pb2 as pb2
 from ...grpc import client_to_agent_pb2_grpc as pb2_grpc
-from .errors import Context, answer
+from .errors import Context
 from .users import GrpcUser, check_index
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ class HeartbeatService(pb2_grpc.HeartbeatServicer):
         When the client closes the stream (or its connection breaks) the user is removed
         at once. The stream ends by itself when the user was removed elsewhere.
         """
-        user = await answer(context, self._door.users.get(request.index))
+        user = await self._door.answer(context, self._door.users.get(request.index))
         self._beating[user.index] += 1
         try:
             while not self._door.stopping:
@@ -63,7 +63,7 @@ class HeartbeatService(pb2_grpc.HeartbeatServicer):
 
     async def TryUserLives(self, request: pb2.UserRequest, context: Context) -> pb2.UserLivesReply:
         """LIVE while the user is logged in and beating, else UNKNOWN."""
-        found = await answer(context, self._find(request.index))
+        found = await self._door.answer(context, self._find(request.index))
         live = pb2.UserLivesReply.LIVE if found else pb2.UserLivesReply.UNKNOWN
         return pb2.UserLivesReply(status=live)
 

@@ -17,7 +17,7 @@ from ...core.models import RoomId
 from ...exceptions import ChatError, ErrorCode
 from ...grpc import client_to_agent_pb2 as pb2
 from ...grpc import client_to_agent_pb2_grpc as pb2_grpc
-from .errors import Context, abort, answer, chosen_id
+from .errors import Context, chosen_id
 from .users import INDEX_MAX, GrpcUser
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ class LobbyService(pb2_grpc.LobbyServicer):
 
     async def TryChatSend(self, request: pb2.Chat, context: Context) -> pb2.Empty:
         """Chat to every other logged-in user; an empty text is dropped."""
-        await answer(context, self._chat(request))
+        await self._door.answer(context, self._chat(request))
         return pb2.Empty()
 
     async def _chat(self, request: pb2.Chat) -> None:
@@ -54,15 +54,17 @@ class LobbyService(pb2_grpc.LobbyServicer):
 
     async def TryChatReceive(self, request: pb2.Chat, context: Context) -> AsyncIterator[pb2.Chat]:
         """The lobby chat of the other users, until the client cancels or logs out."""
-        user = await answer(context, self._door.users.get(request.index))
-        lobby = await answer(context, self._door.users.lobby())
+        user = await self._door.answer(context, self._door.users.get(request.index))
+        lobby = await self._door.answer(context, self._door.users.lobby())
         transport = self._door.transport
-        stream = await answer(context, transport.open_chat(lobby.id, user.index, lobby=True))
+        stream = await self._door.answer(
+            context, transport.open_chat(lobby.id, user.index, lobby=True)
+        )
         try:
             while (chat := await stream.next()) is not None:
                 yield chat
             if stream.error:
-                await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, stream.error)
+                await self._door.abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, stream.error)
         finally:
             transport.release(lobby.id, user.index, stream)
 
@@ -71,15 +73,17 @@ class LobbyService(pb2_grpc.LobbyServicer):
     ) -> AsyncIterator[pb2.StatusReply]:
         """JOIN_USER / LEAVE_USER of the lobby's users (``channel`` unset), and QUIT once
         the user itself has been removed."""
-        user = await answer(context, self._door.users.get(request.index))
-        lobby = await answer(context, self._door.users.lobby())
+        user = await self._door.answer(context, self._door.users.get(request.index))
+        lobby = await self._door.answer(context, self._door.users.lobby())
         transport = self._door.transport
-        stream = await answer(context, transport.open_status(lobby.id, user.index, lobby=True))
+        stream = await self._door.answer(
+            context, transport.open_status(lobby.id, user.index, lobby=True)
+        )
         try:
             while (status := await stream.next()) is not None:
                 yield status
             if stream.error:
-                await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, stream.error)
+                await self._door.abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, stream.error)
         finally:
             transport.release(lobby.id, user.index, stream)
 
@@ -87,12 +91,12 @@ class LobbyService(pb2_grpc.LobbyServicer):
 
     async def TryUserRemove(self, request: pb2.UserRequest, context: Context) -> pb2.Empty:
         """Remove the user from the lobby and its channel, with LEAVE_USER to the others."""
-        await answer(context, self._remove(request.index))
+        await self._door.answer(context, self._remove(request.index))
         return pb2.Empty()
 
     async def TryUserExit(self, request: pb2.UserRequest, context: Context) -> pb2.StatusReply:
         """Log the user out (as TryUserRemove); the reply is QUIT."""
-        user = await answer(context, self._remove(request.index))
+        user = await self._door.answer(context, self._remove(request.index))
         return pb2.StatusReply(status=pb2.StatusReply.QUIT, index=user.index)
 
     async def _remove(self, index: int) -> GrpcUser:
@@ -104,7 +108,7 @@ class LobbyService(pb2_grpc.LobbyServicer):
 
     async def TryCommand(self, request: pb2.CommandRequest, context: Context) -> pb2.CommandReply:
         """LIST_CHANNELS, MAKE_CHANNEL, JOIN_CHANNEL, LEAVE_CHANNEL, LIST_USERS."""
-        return await answer(context, self._command(request))
+        return await self._door.answer(context, self._command(request))
 
     async def _command(self, request: pb2.CommandRequest) -> pb2.CommandReply:
         command = self._commands.get(request.status)
