@@ -16,11 +16,13 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ..core import validation
 from ..core.models import RoomId, UserId
 from ..core.service import members_wire, rooms_wire
 from ..core.validation import HISTORY_LIMIT_MAX, MEMBERS_LIMIT_MAX, ROOMS_LIMIT_MAX
 from ..exceptions import ChatError, ErrorCode, UnavailableError
 from ..node import Node
+from .schema import ERRORS, HealthReply, MembersReply, MessagesReply, RoomsReply
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
@@ -34,7 +36,13 @@ _STATUS = {
 
 
 def _room_ref(room: str) -> RoomId | str:
-    return RoomId(int(room)) if room.isascii() and room.isdigit() else room
+    """A ``{room}`` of a path: a room id (digits) or a name, checked as the Socket.IO
+    events check theirs (an id out of range or a name that cannot be one: ``invalid_room``)."""
+    if not (room.isascii() and room.isdigit()):
+        return validation.room_ref({"room": room})
+    if len(room) > 16:  # past any room id, and past what int() takes (4,300 digits)
+        raise ChatError(ErrorCode.INVALID_ROOM, "a room id is a positive integer")
+    return validation.room_ref({"room": int(room)})
 
 
 def create_http_app(node: Node) -> FastAPI:
@@ -68,7 +76,18 @@ def create_http_app(node: Node) -> FastAPI:
     async def index() -> FileResponse:
         return FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
-    @app.get("/healthz", summary="Liveness and engine health")
+    @app.get(
+        "/healthz",
+        summary="Liveness and engine health",
+        response_model=None,
+        responses={
+            200: {"model": HealthReply},
+            503: {
+                "model": HealthReply,
+                "description": "the node is not running or its broker is out of reach",
+            },
+        },
+    )
     async def healthz() -> JSONResponse:
         healthy = node.started and node.broker.healthy
         body = {"ok": healthy, "node": node.id, "broker": node.broker.healthy}
@@ -78,7 +97,12 @@ def create_http_app(node: Node) -> FastAPI:
     async def metrics() -> Response:
         return Response(generate_latest(node.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/api/rooms", summary="Every room with its member count across the cluster")
+    @app.get(
+        "/api/rooms",
+        summary="Every room with its member count across the cluster",
+        response_model=None,
+        responses={200: {"model": RoomsReply}, **ERRORS},
+    )
     async def rooms(
         occupied: bool = Query(False, description="only the rooms with members, most first"),
         after: int | None = Query(
@@ -100,16 +124,28 @@ def create_http_app(node: Node) -> FastAPI:
         infos = await service.rooms(occupied=occupied, after=first, limit=limit)
         return {"ok": True, **rooms_wire(infos)}
 
-    @app.get("/api/rooms/{room}/messages", summary="A page of a room's history, ascending")
+    @app.get(
+        "/api/rooms/{room}/messages",
+        summary="A page of a room's history, ascending",
+        response_model=None,
+        responses={200: {"model": MessagesReply}, **ERRORS},
+    )
     async def messages(
         room: str,
-        before: int | None = Query(None, gt=0, description="only messages with a lower seq"),
+        before: int | None = Query(
+            None, gt=0, le=2**53, description="only messages with a lower seq"
+        ),
         limit: int = Query(50, ge=1, le=HISTORY_LIMIT_MAX),
     ) -> dict[str, Any]:
         page = await service.history_page(_room_ref(room), before, limit)
         return {"ok": True, "messages": [m.to_wire() for m in page]}
 
-    @app.get("/api/rooms/{room}/members", summary="A room's members across the cluster")
+    @app.get(
+        "/api/rooms/{room}/members",
+        summary="A room's members across the cluster",
+        response_model=None,
+        responses={200: {"model": MembersReply}, **ERRORS},
+    )
     async def members(
         room: str,
         after: int | None = Query(

@@ -1,0 +1,103 @@
+"""The shapes of the REST API's answers, as its OpenAPI document describes them.
+
+The routes answer with the same dicts the Socket.IO events do (built once, by the service's
+``*_wire`` helpers); these models document them for ``/docs`` and for clients generated from
+``/openapi.json``, and tests check real answers against them. They are not used to build or
+validate answers at run time.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from ..exceptions import ErrorCode
+
+
+class UserOut(BaseModel):
+    """A user: its id, unique across the cluster, and its nickname."""
+
+    id: int
+    name: str
+
+
+class RoomOut(BaseModel):
+    """A room: its id, which never changes, and its name."""
+
+    id: int
+    name: str
+
+
+class RoomCount(RoomOut):
+    """A room with its members (connections) across the cluster."""
+
+    members: int = Field(ge=0)
+
+
+class MessageOut(BaseModel):
+    """A stored message: ``seq`` is 1, 2, 3, ... per room and ``epoch``, with no gaps."""
+
+    room: int
+    seq: int = Field(ge=1)
+    epoch: str
+    id: str
+    user: UserOut
+    text: str
+    ts: int = Field(description="milliseconds since the Unix epoch, set by the server")
+
+
+class RoomsReply(BaseModel):
+    ok: Literal[True]
+    rooms: list[RoomCount]
+    next: int | None = Field(
+        None, description="present when more rooms follow: the `after` of the next page"
+    )
+
+
+class MessagesReply(BaseModel):
+    ok: Literal[True]
+    messages: list[MessageOut] = Field(description="ascending by seq")
+
+
+class MembersReply(BaseModel):
+    ok: Literal[True]
+    room: RoomOut
+    members: list[UserOut]
+    next: int | None = Field(
+        None, description="present when more members follow: the `after` of the next page"
+    )
+
+
+class HealthReply(BaseModel):
+    ok: bool = Field(description="the node runs and its broker is reachable")
+    node: str
+    broker: bool
+
+
+class ErrorOut(BaseModel):
+    code: ErrorCode
+    message: str
+
+
+class ErrorReply(BaseModel):
+    """What every refused request answers, with the status that goes with its code."""
+
+    ok: Literal[False]
+    error: ErrorOut
+
+
+ERRORS: dict[int | str, dict[str, object]] = {
+    "4XX": {
+        "model": ErrorReply,
+        "description": "Refused, nothing done: 400 `bad_request` (a parameter out of range or "
+        "of the wrong type), 404 `not_found` (no such room)",
+    },
+    503: {
+        "model": ErrorReply,
+        "description": "`unavailable`: an engine the request needs (store, presence) cannot "
+        "be reached; try again",
+    },
+}
+"""The error answers of every API route (declaring ``4XX`` also keeps FastAPI from
+documenting a 422 that roomcast never sends: validation errors are 400s)."""
