@@ -3,20 +3,35 @@ a code from the documented set, nothing invalid is stored, and the connection su
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import pytest
 import socketio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from roomcast.exceptions import ErrorCode
 
-EVENTS = ["join", "leave", "send", "history", "rooms", "members", "typing", "no_such_event"]
+from .servers import Server, run_server
+
+EVENTS = [
+    "join",
+    "leave",
+    "send",
+    "history",
+    "rooms",
+    "members",
+    "typing",
+    "dm",
+    "no_such_event",
+]
 CODES = {code.value for code in ErrorCode}
 SENTINEL = "fuzz-sentinel"
 
 json_values = st.recursive(
     st.none()
     | st.booleans()
-    | st.integers(min_value=-(2**63), max_value=2**63)
+    | st.integers(min_value=-(2**70), max_value=2**70)
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=70),
     lambda inner: (
@@ -32,11 +47,25 @@ shaped = st.fixed_dictionaries(
         "since": json_values,
         "before": json_values,
         "limit": json_values,
+        "after": json_values,
+        "occupied": json_values,
+        "members": json_values,
+        "id": json_values,
+        "to": json_values,
     },
 )
 to_sentinel = st.builds(
     lambda text: {"room": SENTINEL, "text": text}, json_values | st.text(max_size=4010)
 )
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server of its own, without rate limits: every payload reaches the events, none is
+    turned away as ``rate_limited`` first."""
+    args = ("--rate-limit", "0", "--request-rate-limit", "0")
+    with run_server(*args, log_dir=tmp_path_factory.mktemp("server")) as srv:
+        yield srv
 
 
 def test_random_payloads_get_well_formed_acks(server):
