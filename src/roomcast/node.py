@@ -77,13 +77,13 @@ class Node:
 
     async def _on_reconnect(self) -> None:
         """The broker is back: restore presence it may have lost, then deliver from history
-        whatever the local rooms missed meanwhile."""
+        whatever the local rooms missed meanwhile, and the joins and leaves."""
         try:
-            await self.presence.heartbeat(self.id, self.settings.node_ttl)
-            await self.service.restore_presence()
+            lapsed = await self.presence.heartbeat(self.id, self.settings.node_ttl)
+            await self.service.restore_presence(announce=lapsed)
         except Exception:
             log.warning("restoring presence after a reconnect failed", exc_info=True)
-        await self.hub.resync()
+        await self.service.resync()
 
     async def _heartbeat_loop(self) -> None:
         """Heartbeat into the registry and reap dead nodes, until stopped."""
@@ -96,7 +96,7 @@ class Node:
                 if await self.presence.heartbeat(self.id, self.settings.node_ttl):
                     # This node was taken for dead (a long pause): write its entries again.
                     log.warning("node %s had lapsed; restoring its presence", self.id)
-                    await self.service.restore_presence()
+                    await self.service.restore_presence(announce=True)
                 removed = await self.presence.reap()
                 if removed:
                     await self.service.announce_departed(removed)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from roomcast.adapters.memory import MemoryBroker, MemoryHistory
-from roomcast.core.events import Frame, message_frame
+from roomcast.core.events import Frame, Kind, message_frame, presence_frame
 from roomcast.core.hub import Hub
 from roomcast.core.models import ConnId, Draft, NodeId, RoomId, User, UserId
 
@@ -236,3 +236,52 @@ async def test_a_joiner_ahead_of_the_node_gets_the_run_that_passes_it_filled_fro
     assert seqs(joiner) == [3, 4]
     await hub.on_frame((await store(history, room, 1))[0])
     assert seqs(joiner) == [3, 4, 5]
+
+
+def _user(n: int) -> User:
+    return User(UserId(n), f"u{n}")
+
+
+async def test_a_roster_read_keeps_what_happened_while_it_was_under_way():
+    """Presence events that arrive during a read of the members are newer than what the
+    read may return: a join seen meanwhile is not taken for a leave, nor a leave for a
+    join, and the first read only tells the node what its members know."""
+    _, hub, conn, room = await setup()
+    first = hub.begin_roster_read(room)
+    assert first is not None and not hub.knows_roster(room)
+    assert hub.end_roster_read(room, first, [_user(1), _user(2)]) == []
+    assert hub.knows_roster(room)
+
+    read = hub.begin_roster_read(room)
+    assert read is not None
+    await hub.on_frame(presence_frame(room, "join", _user(3)).encode())
+    await hub.on_frame(presence_frame(room, "leave", _user(2)).encode())
+    # The read saw neither: 3 had not joined yet, 2 had not left.
+    assert hub.end_roster_read(room, read, [_user(1), _user(2)]) == []
+
+    read = hub.begin_roster_read(room)
+    assert read is not None
+    missed = hub.end_roster_read(room, read, [_user(3), _user(4)])  # 1 left, 4 joined unseen
+    assert [f.data() for f in missed] == [
+        {"room": room, "event": "leave", "user": {"id": 1, "name": "u1"}},
+        {"room": room, "event": "join", "user": {"id": 4, "name": "u4"}},
+    ]
+    await hub.deliver_presence(missed)
+    told = [f.data()["event"] for f in conn.frames if f.kind is Kind.PRESENCE]
+    assert told == ["join", "leave", "leave", "join"]
+    read = hub.begin_roster_read(room)
+    assert read is not None
+    assert hub.end_roster_read(room, read, [_user(3), _user(4)]) == []  # told once
+
+
+async def test_a_stale_read_that_ends_after_a_newer_one_is_not_taken():
+    _, hub, _, room = await setup()
+    seed = hub.begin_roster_read(room)
+    assert seed is not None
+    hub.end_roster_read(room, seed, [_user(1)])
+    older, newer = hub.begin_roster_read(room), hub.begin_roster_read(room)
+    assert older is not None and newer is not None
+    assert [f.data()["event"] for f in hub.end_roster_read(room, newer, [_user(1), _user(2)])] == [
+        "join"
+    ]
+    assert hub.end_roster_read(room, older, []) == []

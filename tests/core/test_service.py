@@ -715,3 +715,80 @@ async def test_messages_a_dead_node_stored_but_never_published_reach_the_room_on
     ]
     leave = [f.data() for f in alice.conn.frames if f.kind is Kind.PRESENCE][-1]
     assert leave == {"room": 1, "event": "leave", "user": carol.user.to_wire()}
+
+
+class DeafBroker(MemoryBroker):
+    """An in-process broker whose node hears no room frames while ``deaf``: a broker
+    outage as one node sees it, the others going on without it."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.deaf = False
+
+    async def start(self, node, on_room, on_inbox, on_reconnect):
+        async def heard(data: bytes) -> None:
+            if not self.deaf:
+                await on_room(data)
+
+        await super().start(node, heard, on_inbox, on_reconnect)
+
+
+def told(session, joined) -> list[str]:
+    """The members a client knows of: its join reply's, then the presence events since."""
+    names = {user.id: user.name for user in joined.members}
+    for frame in session.conn.frames:
+        if frame.kind is Kind.PRESENCE:
+            event = frame.data()
+            if event["event"] == "join":
+                names[event["user"]["id"]] = event["user"]["name"]
+            else:
+                names.pop(event["user"]["id"], None)
+    return sorted(names.values())
+
+
+async def test_after_an_outage_a_node_tells_its_members_the_joins_and_leaves_they_missed():
+    cluster = Cluster()
+    a, broker, rec_a = await cluster.node(DeafBroker)
+    b, _, rec_b = await cluster.node()
+    alice = await connect(a, rec_a, "alice")
+    bob, carol = await connect(b, rec_b, "bob"), await connect(b, rec_b, "carol")
+    await join(b, bob, "lobby")
+    await join(b, carol, "lobby")
+    joined = await join(a, alice, "lobby")
+    await _until(lambda: told(alice, joined) == ["alice", "bob", "carol"])
+    assert told(alice, joined) == ["alice", "bob", "carol"]
+
+    broker.deaf = True  # node a's broker is out of reach; node b goes on
+    await b.leave(carol, "lobby")
+    dave = await connect(b, rec_b, "dave")
+    await join(b, dave, "lobby")
+    await b.send(bob, "lobby", "while a was away")
+    assert told(alice, joined) == ["alice", "bob", "carol"]  # a heard none of it
+
+    broker.deaf = False  # back: what a broker's reconnect makes the node do
+    await a.resync()
+    assert [m["text"] for m in alice.conn.messages()] == ["while a was away"]
+    assert told(alice, joined) == ["alice", "bob", "dave"]
+    frames = len(alice.conn.frames)
+    await a.resync()  # nothing more was missed: nothing more is told
+    assert len(alice.conn.frames) == frames
+
+
+async def test_a_node_taken_for_dead_announces_its_members_again_when_it_is_back():
+    cluster = Cluster()
+    a, _, rec_a = await cluster.node()
+    b, _, rec_b = await cluster.node()
+    alice, bob = await connect(a, rec_a, "alice"), await connect(b, rec_b, "bob")
+    joined = await join(a, alice, "lobby")
+    await join(b, bob, "lobby")
+    await _until(lambda: told(alice, joined) == ["alice", "bob"])
+    await cluster.presence.heartbeat(b.node, ttl=-1)  # b stalled past its ttl: reaped
+    await a.announce_departed(await cluster.presence.reap())
+    assert told(alice, joined) == ["alice"]
+
+    assert await cluster.presence.heartbeat(b.node, ttl=10)  # b is back, and lapsed
+    await b.restore_presence(announce=True)
+    await _until(lambda: told(alice, joined) == ["alice", "bob"])
+    assert told(alice, joined) == ["alice", "bob"]
+    _, members, _ = await a.members("lobby")
+    assert sorted(u.name for u in members) == ["alice", "bob"]

@@ -8,8 +8,11 @@ import json
 import time
 import urllib.error
 import urllib.request
+import uuid
 
+from tests import services
 from tests.redis_server import private_redis
+from tests.relay import TcpRelay
 
 from .clients import ChatClient
 from .cluster import cluster, postgres_schema
@@ -144,3 +147,76 @@ async def test_members_are_listed_again_after_redis_restarts_empty(tmp_path):
             finally:
                 for client in clients:
                     await client.close()
+
+
+def told(client: ChatClient, joined: dict) -> list[str]:
+    """The members a client knows of: its join reply's, then the presence events since."""
+    names = {m["id"]: m["name"] for m in joined["members"]}
+    for event in client.of("presence"):
+        if event["room"] != joined["room"]["id"]:
+            continue
+        if event["event"] == "join":
+            names[event["user"]["id"]] = event["user"]["name"]
+        else:
+            names.pop(event["user"]["id"], None)
+    return sorted(names.values())
+
+
+async def test_a_node_cut_off_from_the_broker_tells_its_members_who_came_and_went(tmp_path):
+    """RabbitMQ reached by one node through a relay that is cut: while it is away, a member
+    of another node leaves and another joins; once it is back, its members are told."""
+    services.require("RabbitMQ", services.RABBITMQ_HOST, services.RABBITMQ_PORT)
+    relay = TcpRelay(services.RABBITMQ_HOST, services.RABBITMQ_PORT)
+    await relay.start()
+    prefix = f"roster{uuid.uuid4().hex[:8]}"
+    relayed = f"amqp://guest:guest@127.0.0.1:{relay.port}/?prefix={prefix}"
+    direct = f"{services.RABBITMQ_URL}?prefix={prefix}"
+    try:
+        async with postgres_schema() as store:
+            with cluster(direct, store, tmp_path) as c:
+                (far,) = c.start(1)
+                c.broker = relayed
+                # Off the event loop: the relay runs on it, and the node connects through it.
+                (near,) = await asyncio.to_thread(c.start, 1)
+                bob = await ChatClient(far.url, "bob").connect()
+                carol = await ChatClient(far.url, "carol").connect()
+                alice = await ChatClient(near.url, "alice").connect()
+                dave = await ChatClient(far.url, "dave").connect()
+                try:
+                    await bob.ok("join", {"room": "roster"})
+                    await carol.ok("join", {"room": "roster"})
+                    joined = await alice.ok("join", {"room": "roster"})
+                    assert told(alice, joined) == ["alice", "bob", "carol"]
+
+                    await relay.cut()
+                    await until_status(near.url, 503)  # the node knows its broker is gone
+                    await carol.ok("leave", {"room": "roster"})
+                    await dave.ok("join", {"room": "roster"})
+                    sent = await bob.ok("send", {"room": "roster", "text": "while away"})
+
+                    await relay.start()
+                    await alice.wait_for(
+                        lambda: told(alice, joined) == ["alice", "bob", "dave"], timeout=30
+                    )
+                    assert await alice.wait_messages(joined["room"]["id"], 1) == ["while away"]
+                    assert alice.messages()[0]["seq"] == sent["message"]["seq"]
+                finally:
+                    for client in (alice, bob, carol, dave):
+                        await client.close()
+    finally:
+        await relay.cut()
+
+
+async def until_status(url: str, status: int, timeout: float = 30) -> None:
+    """Poll ``/healthz`` until it answers ``status`` (bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=5) as response:
+                seen = response.status
+        except urllib.error.HTTPError as error:
+            seen = error.code
+        if seen == status:
+            return
+        assert time.monotonic() < deadline, f"/healthz never answered {status} (last {seen})"
+        await asyncio.sleep(0.1)

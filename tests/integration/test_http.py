@@ -25,7 +25,9 @@ async def test_answers_match_the_documented_schemas(connect, server):
     room = (await alice.ok("join", {"room": name}))["room"]
     await bob.ok("join", {"room": name})
     for i in range(3):
-        await alice.ok("send", {"room": name, "text": f"m{i}", **({"id": f"chosen-{i}"} if i else {})})
+        await alice.ok(
+            "send", {"room": name, "text": f"m{i}", **({"id": f"chosen-{i}"} if i else {})}
+        )
     async with httpx.AsyncClient(base_url=server.url) as http:
         spec = (await http.get("/openapi.json")).json()
         answers = {

@@ -23,14 +23,15 @@ when it falls behind.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .events import Frame, Kind, message_frame
-from .models import ConnId, RoomId
+from .events import Frame, Kind, message_frame, presence_frame
+from .models import ConnId, RoomId, User, UserId
 from .ports import Broker, History
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,44 @@ class Transport(Protocol):
 
 
 @dataclass(eq=False)
+class _Roster:
+    """Who this node's members of a room were last told is in it: a read of presence, then
+    the room's presence frames. After a broker outage (or frames a broker dropped), a new
+    read compared with it says which joins and leaves the members missed."""
+
+    users: dict[UserId, User] | None = None
+    """None until a read of presence has told."""
+    reads: dict[int, list[tuple[str, User]]] = field(default_factory=dict)
+    """The presence events seen during each read under way (by read number): they are newer
+    than what the read may return, so they are applied to its result."""
+    settled: int = 0
+    """The newest read whose result was taken: an older one ending later is stale."""
+
+    def saw(self, event: str, user: User) -> None:
+        for seen in self.reads.values():
+            seen.append((event, user))
+        if self.users is not None:
+            _apply(self.users, event, user)
+
+
+def _apply(users: dict[UserId, User], event: str, user: User) -> None:
+    if event == "join":
+        users[user.id] = user
+    elif event == "leave":
+        users.pop(user.id, None)
+
+
+def _presence_of(frame: Frame) -> tuple[str, User] | None:
+    """The event and user of a presence frame; None if its body is not one."""
+    try:
+        data = frame.data()
+        user = data["user"]
+        return str(data["event"]), User(UserId(int(user["id"])), str(user["name"]))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+@dataclass(eq=False)
 class _LocalRoom:
     ready: asyncio.Future[None]
     next_seq: int | None = None
@@ -79,6 +118,7 @@ class _LocalRoom:
     they get only the messages after it, until the room's order here passes it."""
     drop: asyncio.TimerHandle | None = None
     gap: asyncio.TimerHandle | None = None
+    roster: _Roster = field(default_factory=_Roster)
 
     def empty(self) -> bool:
         return not self.pending and not self.behind and not any(self.groups.values())
@@ -101,6 +141,8 @@ class Hub:
         self._gap_wait = gap_wait
         self._rooms: dict[RoomId, _LocalRoom] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._reads = itertools.count(1)
+        """Numbers of reads of presence (see :meth:`begin_roster_read`), across rooms."""
         self.frames_received = 0
         self.frames_by_room: Counter[RoomId] = Counter()
         """Frames received per room: with ref-counted subscriptions, only rooms that have
@@ -181,6 +223,10 @@ class Hub:
         """Add ``frame`` to ``run`` if it is next in the room's order (with the early frames
         it lets through after it); hold it if it is early; drop it if it was delivered."""
         if frame.kind is not Kind.MESSAGE:
+            if frame.kind is Kind.PRESENCE and (room.roster.users is not None or room.roster.reads):
+                seen = _presence_of(frame)
+                if seen is not None:
+                    room.roster.saw(*seen)
             run.append(frame)
             return
         expected = room.next_seq
@@ -301,6 +347,66 @@ class Hub:
                 log.warning("resync of room %s failed", room_id, exc_info=True)
                 continue
             await self._fill_gap(room_id, room, upto=latest)
+
+    # -- who is in the room, as this node's members were told -------------------------
+
+    def rooms_with_members(self) -> list[RoomId]:
+        """The rooms this node has members in. A room kept only for its grace forgets its
+        roster: nobody here is told of its joins and leaves, so it is read again if
+        someone joins."""
+        out: list[RoomId] = []
+        for room_id, room in self._rooms.items():
+            if room.empty():
+                room.roster.users = None
+            else:
+                out.append(room_id)
+        return out
+
+    def knows_roster(self, room_id: RoomId) -> bool:
+        room = self._rooms.get(room_id)
+        return room is not None and room.roster.users is not None
+
+    def begin_roster_read(self, room_id: RoomId) -> int | None:
+        """A read of the room's members in presence is about to start: from now on the
+        room's presence events are kept for it. Returns the read's number (None: the room
+        has no members here)."""
+        room = self._rooms.get(room_id)
+        if room is None:
+            return None
+        read = next(self._reads)
+        room.roster.reads[read] = []
+        return read
+
+    def end_roster_read(
+        self, room_id: RoomId, read: int, users: Sequence[User] | None
+    ) -> list[Frame]:
+        """The read ended with ``users`` (None: it failed). The first read of a room is
+        what its members were told; after that, returns the presence frames that tell
+        them what they missed (a leave for each user gone, a join for each new one) —
+        hand them over with :meth:`deliver_presence`."""
+        room = self._rooms.get(room_id)
+        if room is None:
+            return []
+        roster = room.roster
+        seen = roster.reads.pop(read, None)
+        if users is None or seen is None or read < roster.settled:
+            return []
+        roster.settled = read
+        now = {user.id: user for user in users}
+        for event, user in seen:
+            _apply(now, event, user)
+        if roster.users is None:
+            roster.users = now
+            return []
+        told = roster.users
+        frames = [presence_frame(room_id, "leave", u) for i, u in told.items() if i not in now]
+        frames += [presence_frame(room_id, "join", u) for i, u in now.items() if i not in told]
+        return frames
+
+    async def deliver_presence(self, frames: Sequence[Frame]) -> None:
+        """Hand presence frames made on this node to its members, as if they had come
+        from the broker (the roster follows them)."""
+        await self._route_many(frames)
 
     # -- membership --------------------------------------------------------------------
 

@@ -638,8 +638,10 @@ class ChatService:
             listed: list[User] | None = None
             count: int | None = None
             if members:
-                listed = await self._members(room.id)
+                listed = await self._members_noted(room.id)
             else:
+                if not self.hub.knows_roster(room.id):
+                    await self._members_noted(room.id)  # once per room a node has members in
                 count = (await self.presence.counts([room.id])).get(room.id, 0)
             # Announced while the joiner is still held, so its own copy of the event
             # reaches it after the join reply, like every frame that follows.
@@ -891,6 +893,8 @@ class ChatService:
         try:
             await self.hub.begin_join(room_id, conn)
             latest = await self.history.latest(room_id)
+            if not self.hub.knows_roster(room_id):
+                await self._members_noted(room_id)  # once per room a node has members in
         except UnavailableError as exc:
             self.hub.detach(room_id, conn)
             raise ChatError(ErrorCode.UNAVAILABLE, "the broker is unavailable") from exc
@@ -908,14 +912,22 @@ class ChatService:
 
     # -- cluster -----------------------------------------------------------------------
 
-    async def restore_presence(self) -> None:
+    async def restore_presence(self, *, announce: bool = False) -> None:
         """Write this node's entries again (after the presence engine lost them, e.g. a
-        Redis restart). Adding an entry that exists is harmless."""
+        Redis restart). Adding an entry that exists is harmless. With ``announce`` (the
+        entries may have been gone: the node had been taken for dead, and the other nodes
+        told the rooms its members left), each membership is announced again with a
+        ``join``."""
+        joins: list[tuple[RoomId, User]] = []
         for session in list(self._sessions.values()):
             member = Member(session.user, session.conn.id, self.node)
             await self._quiet(self.presence.register(member))
             for room_id in list(session.rooms):
                 await self._quiet(self.presence.add(room_id, member))
+                joins.append((room_id, session.user))
+        if announce and joins:
+            # One announcer batch, not a broker round trip each (failures are logged).
+            await asyncio.gather(*(self._publish_presence(r, "join", u) for r, u in joins))
 
     async def announce_departed(self, removed: list[tuple[RoomId, Member]]) -> None:
         """Send leave events for members whose owner died (found by the reaper). Rooms
@@ -947,6 +959,41 @@ class ChatService:
         if room_id not in session.rooms:
             raise ChatError(ErrorCode.NOT_MEMBER, f"join room {name!r} first")
         return room_id
+
+    async def _members_noted(self, room_id: RoomId) -> list[User]:
+        """The room's members (as :meth:`_members`); a room whose roster this node does not
+        know yet learns it from this read (see :meth:`~roomcast.core.hub.Hub.end_roster_read`)."""
+        if self.hub.knows_roster(room_id):
+            return await self._members(room_id)
+        read = self.hub.begin_roster_read(room_id)
+        users: list[User] | None = None
+        try:
+            users = await self._members(room_id)
+        finally:
+            missed = [] if read is None else self.hub.end_roster_read(room_id, read, users)
+        if missed:
+            await self.hub.deliver_presence(missed)
+        return users
+
+    async def resync(self) -> None:
+        """After the broker was out of reach, or dropped frames: deliver from history every
+        message the local rooms missed, then tell their members of the joins and leaves
+        they missed — each room's members in presence compared with what its members here
+        were told (a read of presence per room)."""
+        await self.hub.resync()
+        for room_id in self.hub.rooms_with_members():
+            read = self.hub.begin_roster_read(room_id)
+            if read is None:
+                continue
+            users: list[User] | None = None
+            try:
+                users = await self._members(room_id)
+            except Exception:
+                log.warning("reading the members of room %s failed", room_id, exc_info=True)
+            finally:
+                missed = self.hub.end_roster_read(room_id, read, users)
+            if missed:
+                await self.hub.deliver_presence(missed)
 
     async def _members(self, room_id: RoomId) -> list[User]:
         seen: dict[int, User] = {}
