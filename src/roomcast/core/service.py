@@ -893,14 +893,22 @@ class ChatService:
         try:
             await self.hub.begin_join(room_id, conn)
             latest = await self.history.latest(room_id)
-            if not self.hub.knows_roster(room_id):
-                await self._members_noted(room_id)  # once per room a node has members in
         except UnavailableError as exc:
             self.hub.detach(room_id, conn)
             raise ChatError(ErrorCode.UNAVAILABLE, "the broker is unavailable") from exc
         except BaseException:
             self.hub.detach(room_id, conn)
             raise
+        if not self.hub.knows_roster(room_id):
+            try:
+                await self._members_noted(room_id)  # once per room a node has members in
+            except Exception:
+                # Presence out of reach: the stream opens all the same; the next join or
+                # stream of the room reads the roster again.
+                log.warning("reading the members of room %s failed", room_id, exc_info=True)
+            except BaseException:  # cancelled
+                self.hub.detach(room_id, conn)
+                raise
         return self.hub.activate(room_id, conn, after=latest)
 
     def unwatch(self, room_id: RoomId, conn: Connection) -> None:
