@@ -114,3 +114,16 @@ def scrape(url: str) -> dict[str, float]:
         text = response.read().decode()
     samples = re.findall(r"^(roomcast_\S+) (\S+)$", text, re.MULTILINE)
     return {name: float(value) for name, value in samples}
+
+
+def told(client: ChatClient, joined: dict[str, Any]) -> list[str]:
+    """The names of the members a client knows of in a room: its join reply's, then the
+    room's presence events since (as a client keeps its member list)."""
+    names = {m["id"]: m["name"] for m in joined["members"]}
+    for event in client.of("presence"):
+        if event["room"] == joined["room"]["id"]:
+            if event["event"] == "join":
+                names[event["user"]["id"]] = event["user"]["name"]
+            else:
+                names.pop(event["user"]["id"], None)
+    return sorted(names.values())

@@ -14,7 +14,7 @@ from tests import services
 from tests.redis_server import private_redis
 from tests.relay import TcpRelay
 
-from .clients import ChatClient
+from .clients import ChatClient, told
 from .cluster import cluster, postgres_schema
 
 OUTAGE_SENDS = 5
@@ -147,19 +147,6 @@ async def test_members_are_listed_again_after_redis_restarts_empty(tmp_path):
             finally:
                 for client in clients:
                     await client.close()
-
-
-def told(client: ChatClient, joined: dict) -> list[str]:
-    """The members a client knows of: its join reply's, then the presence events since."""
-    names = {m["id"]: m["name"] for m in joined["members"]}
-    for event in client.of("presence"):
-        if event["room"] != joined["room"]["id"]:
-            continue
-        if event["event"] == "join":
-            names[event["user"]["id"]] = event["user"]["name"]
-        else:
-            names.pop(event["user"]["id"], None)
-    return sorted(names.values())
 
 
 async def test_a_node_cut_off_from_the_broker_tells_its_members_who_came_and_went(tmp_path):

@@ -4,6 +4,7 @@ through Redis, RabbitMQ or NATS, with the durable history in PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 
 import pytest
@@ -11,7 +12,7 @@ import socketio
 
 from tests.contract.engines import engine_url
 
-from .clients import ChatClient
+from .clients import ChatClient, told
 from .cluster import BROKERS, cluster, postgres_schema, room_frames
 
 LONG = 60.0
@@ -273,3 +274,32 @@ async def test_direct_message_to_a_client_on_the_other_server(engines, clients, 
         assert got == [reply["dm"]]
         back = await b.ok("dm", {"to": a.user["id"], "text": "and back"})
         assert await a.wait_for(lambda: a.of("dm")) == [back["dm"]]
+
+
+async def test_a_node_paused_past_its_ttl_announces_its_members_again_when_it_wakes(
+    clients, tmp_path
+):
+    """A node stopped longer than ``node_ttl`` (a stall, a stopped VM) is taken for dead:
+    the others remove its members and send their leaves. When it wakes, its members are
+    still connected to it: it writes their entries again and announces them, so the other
+    nodes' members see them back."""
+    async with engine_url("redis", tmp_path) as broker, postgres_schema() as store:
+        with cluster(broker, store, tmp_path) as c:
+            one, sleeper = c.start(2)
+            alice, carol = await clients(one, "alice"), await clients(sleeper, "carol")
+            joined = await alice.ok("join", {"room": "naps"})
+            await carol.ok("join", {"room": "naps"})
+            room = joined["room"]["id"]
+            await alice.wait_for(lambda: told(alice, joined) == ["alice", "carol"])
+
+            sleeper.process.send_signal(signal.SIGSTOP)
+            try:
+                await alice.wait_for(lambda: told(alice, joined) == ["alice"], timeout=15)
+            finally:
+                sleeper.process.send_signal(signal.SIGCONT)
+            await alice.wait_for(lambda: told(alice, joined) == ["alice", "carol"], timeout=15)
+            members = await alice.ok("members", {"room": "naps"})
+            assert sorted(m["name"] for m in members["members"]) == ["alice", "carol"]
+            # And carol is a member as before: what she sends reaches alice.
+            await carol.ok("send", {"room": "naps", "text": "back"})
+            assert await alice.wait_messages(room, 1) == ["back"]
