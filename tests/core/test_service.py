@@ -90,6 +90,18 @@ async def join(service, session, room, since=None):
     return result
 
 
+async def two_in_lobby(first: str, second: str):
+    """Two nodes of one cluster, a client of each joined to the lobby: the cluster, then
+    per node (service, session, join result)."""
+    cluster = Cluster()
+    nodes = [await cluster.node(), await cluster.node()]
+    out = []
+    for (service, _, recorder), name in zip(nodes, (first, second), strict=True):
+        session = await connect(service, recorder, name)
+        out.append((service, session, await join(service, session, "lobby")))
+    return cluster, out[0], out[1]
+
+
 @pytest.fixture
 async def one():
     cluster = Cluster()
@@ -491,15 +503,10 @@ async def test_a_client_recovering_on_a_node_behind_the_store_gets_each_message_
     behind the store until they fill the gap from history. A client of the dead node
     that reconnects to one of them meanwhile recovers that message in its join reply's
     ``missed``: it must not get it once more, out of order, when the gap is filled."""
-    cluster = Cluster()
-    a, _, rec_a = await cluster.node()
-    b, _, rec_b = await cluster.node()
-    alice, carol = await connect(a, rec_a, "alice"), await connect(b, rec_b, "carol")
-    joined = await join(a, alice, "lobby")
-    await join(b, carol, "lobby")
+    cluster, (a, alice, joined), (b, carol, _) = await two_in_lobby("alice", "carol")
     # Stored by a third node, which died before publishing it: no frame ever comes.
     await cluster.history.append([Draft(joined.room.id, "lost-frame", alice.user, "x", 0)])
-    dave = await connect(b, rec_b, "dave")
+    dave = await connect(b, carol.conn.transport, "dave")
     since = Position(joined.room.epoch, joined.seq)
     recovered = await join(b, dave, "lobby", since)
     assert [m.seq for m in recovered.missed] == [1]
@@ -775,12 +782,7 @@ async def test_after_an_outage_a_node_tells_its_members_the_joins_and_leaves_the
 
 
 async def test_a_node_taken_for_dead_announces_its_members_again_when_it_is_back():
-    cluster = Cluster()
-    a, _, rec_a = await cluster.node()
-    b, _, rec_b = await cluster.node()
-    alice, bob = await connect(a, rec_a, "alice"), await connect(b, rec_b, "bob")
-    joined = await join(a, alice, "lobby")
-    await join(b, bob, "lobby")
+    cluster, (a, alice, joined), (b, _, _) = await two_in_lobby("alice", "bob")
     await _until(lambda: told(alice, joined) == ["alice", "bob"])
     await cluster.presence.heartbeat(b.node, ttl=-1)  # b stalled past its ttl: reaped
     await a.announce_departed(await cluster.presence.reap())
