@@ -70,10 +70,17 @@ def error(code: str, text: str) -> str:
     return f"! {clean(code)}: {clean(text)}"
 
 
+NAMES_SHOWN = 50
+"""Most names a line of members shows; a bigger room's line says how many more there are."""
+
+
 def _members(names: Iterable[str]) -> str:
     unique = sorted({clean(n) for n in names}, key=str.casefold)
     count = f"{len(unique)} member" + ("" if len(unique) == 1 else "s")
-    return f"{count}: " + (", ".join(unique) or "nobody")
+    shown = ", ".join(unique[:NAMES_SHOWN]) or "nobody"
+    if len(unique) > NAMES_SHOWN:
+        shown += f" and {len(unique) - NAMES_SHOWN} more"
+    return f"{count}: {shown}"
 
 
 def members(room: str, names: Iterable[str]) -> str:
