@@ -794,3 +794,41 @@ async def test_a_node_taken_for_dead_announces_its_members_again_when_it_is_back
     assert told(alice, joined) == ["alice", "bob"]
     _, members, _ = await a.members("lobby")
     assert sorted(u.name for u in members) == ["alice", "bob"]
+
+
+class HeldPresence(MemoryPresence):
+    """Presence whose membership writes wait until the test lets them through (as an
+    engine on another machine takes a round trip)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.held = 0
+
+    async def add(self, room, member):
+        self.held += 1
+        await self.gate.wait()
+        await super().add(room, member)
+
+
+async def test_a_connection_that_closes_while_it_joins_is_not_left_in_the_room():
+    cluster = Cluster()
+    cluster.presence = presence = HeldPresence()
+    service, _, rec = await cluster.node()
+    bob = await connect(service, rec, "bob")
+    presence.gate.set()
+    joined = await join(service, bob, "lobby")
+    presence.gate.clear()
+    alice = await connect(service, rec, "alice")
+    joining = asyncio.ensure_future(service.join(alice, "lobby"))
+    await _until(lambda: presence.held == 2)  # alice's join waits for presence
+    await service.disconnect(alice.conn.id)  # her client closes meanwhile
+    presence.gate.set()
+    with pytest.raises(ChatError) as refused:
+        await joining
+    assert refused.value.code is ErrorCode.BAD_REQUEST
+    _, members, _ = await service.members("lobby")
+    assert [u.name for u in members] == ["bob"]
+    assert told(bob, joined) == ["bob"]  # her join was announced, and so is her leave
+    await service.send(bob, "lobby", "after she left")
+    assert alice.conn.messages() == []  # no longer attached to the room either

@@ -650,6 +650,14 @@ class ChatService:
             self.hub.detach(room.id, conn)
             await self._remove_presence(room.id, conn.id)
             raise
+        if self._sessions.get(conn.id) is not session:
+            # The connection closed while it joined: its disconnect left the rooms it was
+            # in by then, not this one. Undone here, or its entry would stay listed (and
+            # its node subscribed) for as long as the node lives.
+            self.hub.detach(room.id, conn)
+            await self._remove_presence(room.id, conn.id)
+            await self._publish_presence(room.id, "leave", session.user)
+            raise ChatError(ErrorCode.BAD_REQUEST, "not connected")
         session.rooms.add(room.id)
         return JoinResult(room, seq, listed, recovered, missed, count)
 
