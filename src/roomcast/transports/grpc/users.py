@@ -161,7 +161,9 @@ class Users:
         if user.channel is not None:
             user = await self.leave(user)
         await _guard(self.service.presence.add(room.id, user.member))
-        return await self._move(user, replace(user, channel=room.id))
+        moved = await self._move(user, replace(user, channel=room.id))
+        await self._confirm(moved)
+        return moved
 
     async def leave(self, user: GrpcUser) -> GrpcUser:
         """Take the user out of its channel (back to the lobby only), with a leave event."""
@@ -171,6 +173,7 @@ class Users:
         await _guard(self.service.presence.remove(channel, user.conn))
         moved = await self._move(user, replace(user, channel=None))
         await self.announce(channel, "leave", user.user)
+        await self._confirm(moved)
         return moved
 
     async def _move(self, old: GrpcUser, new: GrpcUser) -> GrpcUser:
@@ -180,6 +183,15 @@ class Users:
         await _guard(presence.add(_record_room(new.index), _record(new)))
         await _guard(presence.remove(_record_room(old.index), _record(old).conn))
         return new
+
+    async def _confirm(self, user: GrpcUser) -> None:
+        """After a channel move wrote entries of ``user``: if the user was removed
+        meanwhile (its heartbeat stream closed while the command ran), take them out again
+        and answer NOT_FOUND. Nothing else would: entries whose owner is off the registry
+        are never reaped, and the new record would keep the user looking logged in."""
+        if await _guard(self.service.presence.heartbeat(user.owner, self.ttl)):
+            await self.remove(user)
+            raise ChatError(ErrorCode.NOT_FOUND, f"no user {user.index} is logged in")
 
     # -- listing -------------------------------------------------------------------------
 
