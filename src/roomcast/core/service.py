@@ -76,6 +76,11 @@ all the same, before answering its senders that it cannot tell."""
 LATE_SETTLE_WAIT = 60.0
 """Seconds it goes on asking after that, to publish the batch if the store had it."""
 
+ROSTER_READS = 16
+"""Rooms whose members a node reads at once when it corrects its members' lists after a
+broker outage (one presence read per room: a node in thousands of rooms would otherwise
+wait a round trip for each, one after another)."""
+
 
 @dataclass(eq=False)
 class Session:
@@ -997,10 +1002,18 @@ class ChatService:
         they missed — each room's members in presence compared with what its members here
         were told (a read of presence per room)."""
         await self.hub.resync()
-        for room_id in self.hub.rooms_with_members():
+        reads = asyncio.Semaphore(ROSTER_READS)
+        await asyncio.gather(
+            *(self._correct_roster(room_id, reads) for room_id in self.hub.rooms_with_members())
+        )
+
+    async def _correct_roster(self, room_id: RoomId, reads: asyncio.Semaphore) -> None:
+        """Read a room's members and tell its members here the difference (see
+        :meth:`resync`)."""
+        async with reads:
             read = self.hub.begin_roster_read(room_id)
             if read is None:
-                continue
+                return
             users: list[User] | None = None
             try:
                 users = await self._members(room_id)
@@ -1008,8 +1021,8 @@ class ChatService:
                 log.warning("reading the members of room %s failed", room_id, exc_info=True)
             finally:
                 missed = self.hub.end_roster_read(room_id, read, users)
-            if missed:
-                await self.hub.deliver_presence(missed)
+        if missed:
+            await self.hub.deliver_presence(missed)
 
     async def _members(self, room_id: RoomId) -> list[User]:
         seen: dict[int, User] = {}
