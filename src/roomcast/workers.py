@@ -1,8 +1,13 @@
 """``roomcast serve --workers N``: N processes on one port, no sticky load balancer needed.
 
-The parent binds the port once and starts N worker processes that accept on the same
-socket; each worker is a full node (its own broker subscriptions, only for its own members)
-and the workers share rooms through the broker like nodes on different hosts do.
+The parent binds the port and starts N worker processes; each worker is a full node (its
+own broker subscriptions, only for its own members) and the workers share rooms through the
+broker like nodes on different hosts do. On Linux each worker accepts on a listening socket
+of its own, all bound to the port with ``SO_REUSEPORT``, so the kernel spreads connections
+over the workers by a hash of their addresses. On one socket shared by every worker (the
+fallback elsewhere) the worker that wakes first takes each connection: under a steady
+trickle of connections that is nearly always the same one, and long-lived WebSocket
+connections pile up on it while the others idle.
 
 WebSocket connections live on whichever worker accepted them. Long-polling is the hard part:
 an Engine.IO session lives in one worker, but the kernel hands each new HTTP request to any
@@ -21,6 +26,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -66,17 +72,32 @@ def check(settings: Settings, workers: int) -> None:
             "--workers > 1 needs a broker the workers share: "
             "--broker-url redis://..., amqp://... or nats://..."
         )
+    if workers > 1 and settings.node_id is not None:
+        longest = worker_node_id(settings.node_id, workers - 1)
+        if len(longest) > NODE_ID_MAX:
+            raise ConfigError(
+                f"--node-id {settings.node_id!r} is too long for {workers} workers: each worker "
+                f"is node '<node id>-w<index>' ({longest!r}), at most {NODE_ID_MAX} characters"
+            )
+
+
+NODE_ID_MAX = 64
+"""The longest node id (see ``Settings.node_id``)."""
+
+
+def worker_node_id(node_id: str, index: int) -> str:
+    """The node id of worker ``index`` of a server started with ``--node-id node_id``.
+
+    Every worker is a node of the cluster: the ids of its connections, its inbox and its
+    presence entries are made from its node id, so siblings sharing one would take each
+    other's members for their own (one worker's client leaving removed another worker's)."""
+    return f"{node_id}-w{index}"
 
 
 def serve(settings: Settings, workers: int) -> int:
     """Run ``workers`` worker processes on one port until SIGINT/SIGTERM."""
     check(settings, workers)
-    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-    listener = socket.socket(family, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((settings.host, settings.port))
-    listener.listen(2048)
-    listener.set_inheritable(True)
+    listeners = _listeners(settings.host, settings.port, workers)
     socket_dir = tempfile.mkdtemp(prefix="roomcast-workers-")
     context = multiprocessing.get_context("spawn")
     stopping = threading.Event()
@@ -86,7 +107,7 @@ def serve(settings: Settings, workers: int) -> int:
         info = WorkerInfo(index, workers, socket_dir)
         process = context.Process(
             target=_worker_main,
-            args=(settings.model_dump(), info, listener),
+            args=(settings.model_dump(), info, listeners[index % len(listeners)]),
             name=f"roomcast-worker-{index}",
         )
         process.start()
@@ -116,9 +137,49 @@ def serve(settings: Settings, workers: int) -> int:
                 process.join(5)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        listener.close()
+        for listener in listeners:
+            listener.close()
         shutil.rmtree(socket_dir, ignore_errors=True)
     return 0
+
+
+REUSEPORT = sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
+"""Whether the kernel spreads connections over sockets bound to one port with
+``SO_REUSEPORT`` (Linux does; elsewhere the option exists without the spreading)."""
+
+
+def _listeners(host: str, port: int, workers: int) -> list[socket.socket]:
+    """The listening sockets of ``workers`` workers: one each where :data:`REUSEPORT`, kept
+    by the parent so that a worker that is restarted finds its socket, and what waited in
+    its backlog, again; else one for all.
+
+    The port is bound first without ``SO_REUSEPORT``: a port another process listens on —
+    another roomcast with workers included — fails to start the server instead of being
+    shared with it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror}") from error
+        port = probe.getsockname()[1]  # port 0: the one the system chose, for every worker
+    listeners: list[socket.socket] = []
+    try:
+        for _ in range(workers if REUSEPORT else 1):
+            listener = socket.socket(family, socket.SOCK_STREAM)
+            listeners.append(listener)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if REUSEPORT:
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            listener.bind((host, port))
+            listener.listen(2048)
+            listener.set_inheritable(True)
+    except BaseException:
+        for listener in listeners:
+            listener.close()
+        raise
+    return listeners
 
 
 def _worker_main(settings_data: dict[str, Any], info: WorkerInfo, listener: socket.socket) -> None:
@@ -126,6 +187,11 @@ def _worker_main(settings_data: dict[str, Any], info: WorkerInfo, listener: sock
     from .server import run
     from .transports.handoff import handoff_socket
 
+    if settings_data.get("node_id"):
+        settings_data = {
+            **settings_data,
+            "node_id": worker_node_id(settings_data["node_id"], info.index),
+        }
     settings = Settings(**settings_data)
     logging.basicConfig(
         level=settings.log_level.upper(),

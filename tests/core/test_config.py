@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 
@@ -45,6 +46,10 @@ def test_environment_sets_and_a_flag_wins(monkeypatch):
         (["--node-id", "has.dots"], "--node-id"),
         (["--broker-url", "kafka://x"], "unknown broker URL scheme"),
         (["--workers", "2"], "--workers > 1 needs a broker"),
+        (
+            ["--workers", "2", "--broker-url", "redis://127.0.0.1:1/0", "--node-id", "n" * 62],
+            "is too long for 2 workers",
+        ),
     ],
 )
 def test_bad_settings_exit_2_with_a_message(flags, message):
@@ -56,3 +61,19 @@ def test_bad_settings_exit_2_with_a_message(flags, message):
     )
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
+
+
+def test_workers_on_a_port_another_process_listens_on_exit_2_with_a_message():
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [
+                sys.executable, "-m", "roomcast", "serve", "--grpc-port", "0",
+                "--port", str(port), "--workers", "2", "--broker-url", "redis://127.0.0.1:1/0",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr

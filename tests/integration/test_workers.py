@@ -146,3 +146,44 @@ async def test_upgrades_landing_on_another_worker_are_served_by_the_owner(tmp_pa
         sent = metric_total(metrics, "roomcast_worker_handoffs_total", direction="sent")
         taken = metric_total(metrics, "roomcast_worker_handoffs_total", direction="taken")
         assert sent == taken and sent >= 1, (sent, taken)
+
+
+async def test_workers_of_a_server_with_a_node_id_are_nodes_of_their_own(tmp_path, redis_url):
+    """``--node-id host1 --workers 2``: each worker is a node (``host1-w0``, ``host1-w1``).
+    Sharing one id, the workers numbered their connections alike, and a client leaving one
+    worker removed the member of the other worker that had its number."""
+    with run_server(
+        "--workers", "2", "--node-id", "host1", "--broker-url", redis_url, log_dir=tmp_path
+    ) as server:
+        assert set(every_workers_metrics(server.url, 2)) == {"host1-w0", "host1-w1"}
+        watcher = await ChatClient(server.url, "watcher").connect()
+        try:
+            room = (await watcher.ok("join", {"room": "ids"}))["room"]["id"]
+            for i in range(12):  # spread over both workers by the kernel
+                passer = await ChatClient(server.url, f"passer{i}").connect()
+                await passer.ok("join", {"room": "ids"})
+                await passer.close()
+            members = await watcher.ok("members", {"room": room})
+            assert [m["name"] for m in members["members"]] == ["watcher"]
+        finally:
+            await watcher.close()
+
+
+async def test_connections_are_spread_over_the_workers(tmp_path, redis_url):
+    """Clients connecting one after another land on every worker. On one listening socket
+    shared by the workers, the one that woke first took nearly every connection."""
+    with run_server("--workers", "2", "--broker-url", redis_url, log_dir=tmp_path) as server:
+        clients = [ChatClient(server.url, f"c{i}", transports=["websocket"]) for i in range(16)]
+        try:
+            for client in clients:
+                await client.connect()
+            texts = every_workers_metrics(server.url, 2)
+            held = {
+                node: metric_total({node: text}, "roomcast_connections")
+                for node, text in texts.items()
+            }
+            assert sum(held.values()) == 16
+            assert all(count >= 1 for count in held.values()), held
+        finally:
+            for client in clients:
+                await client.close()
