@@ -70,10 +70,24 @@ class Node:
             # queued together) go to the hub together:
             # each room's frames of them go to each member in one write.
             hand_batches_to(self.hub.on_frames)
+        await self._drop_previous_run()
         await self.presence.heartbeat(self.id, self.settings.node_ttl)
         self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="roomcast-heartbeat")
         self.started = True
         log.info("node %s started (broker %s)", self.id, urlsplit(self.settings.broker_url).scheme)
+
+    async def _drop_previous_run(self) -> None:
+        """Remove the presence entries a previous run of this node id left (a process that
+        died and was started again with the same ``--node-id``, or a worker restarted by
+        its supervisor), and announce their leaves. Within ``node_ttl`` of the death the
+        old run still counts as alive, and this run's heartbeats would keep it so: its
+        members would stay listed for as long as this run lives."""
+        removed = await self.presence.drop_node(self.id)
+        if removed:
+            log.warning(
+                "node %s: removed %d memberships left by a previous run", self.id, len(removed)
+            )
+            await self.service.announce_departed(removed)
 
     async def _on_reconnect(self) -> None:
         """The broker is back: restore presence it may have lost, then deliver from history

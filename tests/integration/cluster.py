@@ -58,6 +58,16 @@ class Cluster:
             started.append(node)
         return started
 
+    def restart(self, node: Server) -> Server:
+        """Start a node again, with its node id and port (once it has stopped or died)."""
+        index = self.nodes.index(node)
+        again = start_server(
+            "--broker-url", self.broker, "--node-id", f"node{index + 1}", *FAST, *self.extra,
+            store_url=self.store, log_dir=self.log_dir, port=node.port,
+        )  # fmt: skip
+        self.nodes[index] = again
+        return again
+
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()

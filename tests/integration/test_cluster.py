@@ -262,6 +262,35 @@ async def test_kill_9_of_a_node_removes_its_members_and_its_clients_recover(
         assert [m["seq"] for m in bob.messages(room)] == list(range(1, 9))
 
 
+async def test_a_node_started_again_at_once_with_its_id_removes_what_its_last_run_left(
+    engines, clients, tmp_path
+):
+    """A node with a fixed ``--node-id`` that dies and is started again within its ttl (a
+    supervisor's restart): the new run removes the members the dead one left, with leave
+    events. Without it, the new run's heartbeats kept the old run alive: its members stayed
+    listed for as long as the new run lived."""
+    broker, store = engines
+    with cluster(broker, store, tmp_path, "--node-ttl", "30") as c:
+        one, doomed = c.start(2)
+        alice, carol = await clients(one, "alice"), await clients(doomed, "carol")
+        joined = await alice.ok("join", {"room": "restarted"})
+        await carol.ok("join", {"room": "restarted"})
+        await alice.wait_for(lambda: told(alice, joined) == ["alice", "carol"])
+
+        doomed.kill()
+        again = c.restart(doomed)  # same node id, same port, well within the ttl of 30 s
+        await alice.wait_for(lambda: told(alice, joined) == ["alice"])
+        members = await alice.ok("members", {"room": "restarted"})
+        assert [m["name"] for m in members["members"]] == ["alice"]
+
+        dave = await clients(again, "dave")  # the new run serves its own members
+        await dave.ok("join", {"room": "restarted"})
+        await alice.wait_for(lambda: told(alice, joined) == ["alice", "dave"])
+        sent = await dave.ok("send", {"room": "restarted", "text": "from the new run"})
+        assert await alice.wait_messages(joined["room"]["id"], 1) == ["from the new run"]
+        assert alice.messages()[0]["seq"] == sent["message"]["seq"]
+
+
 async def test_direct_message_to_a_client_on_the_other_server(engines, clients, tmp_path):
     """Two servers on two ports: a message to a client connected to the other server."""
     broker, store = engines
