@@ -186,3 +186,39 @@ async def test_members_who_leave_while_redis_is_out_of_reach_are_removed_once_it
         await broker.close()
         await presence.close()
         await relay.cut()
+
+
+async def test_a_redis_that_has_become_a_replica_makes_presence_unavailable(
+    tmp_path: Path,
+) -> None:
+    """After a failover that the URL's address did not follow, that address leads to a
+    replica: presence writes are refused, and that is an engine out of use (``unavailable``
+    to the client, a warning in the log), not an internal error."""
+    import redis.asyncio as redis
+
+    from roomcast.adapters.redis import RedisPresence
+    from roomcast.core.models import ConnId, Member, User, UserId
+
+    (tmp_path / "primary").mkdir()
+    (tmp_path / "old").mkdir()
+    async with (
+        private_redis(tmp_path / "primary") as primary,
+        private_redis(tmp_path / "old") as old,
+    ):
+        presence = RedisPresence(f"{old.url}?prefix={unique()}")
+        await presence.start()
+        client = redis.Redis(host="127.0.0.1", port=old.port)
+        try:
+            ada = Member(User(UserId(1), "ada"), ConnId("n1.1"), NodeId("n1"))
+            await presence.add(RoomId(1), ada)
+            await client.replicaof("127.0.0.1", str(primary.port))
+            for _ in range(500):  # 5 s at most: until it has synced with its primary
+                if (await client.info("replication")).get("master_link_status") == "up":
+                    break
+                await asyncio.sleep(0.01)
+            bob = Member(User(UserId(2), "bob"), ConnId("n1.2"), NodeId("n1"))
+            with pytest.raises(UnavailableError, match="read only replica"):
+                await presence.add(RoomId(1), bob)
+        finally:
+            await client.aclose()
+            await presence.close()

@@ -51,7 +51,7 @@ from redis.asyncio.connection import (
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ...core.models import NodeId, RoomId
@@ -77,8 +77,9 @@ IDLE_PING = 5.0
 second silent interval means the connection is dead even if TCP has not noticed (a lost
 peer sends no reset, a stuck server still acknowledges)."""
 
-UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
-"""What redis-py raises when the server cannot be reached."""
+UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError, ReadOnlyError)
+"""What redis-py raises when the server cannot be reached, or cannot take writes (the
+address leads to a replica: a failover that the address has not followed yet)."""
 
 
 def connection_options(url: str) -> tuple[dict[str, Any], str]:
