@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
@@ -186,4 +189,58 @@ async def test_connections_are_spread_over_the_workers(tmp_path, redis_url):
             assert all(count >= 1 for count in held.values()), held
         finally:
             for client in clients:
+                await client.close()
+
+
+def worker_pids(parent: int) -> list[int]:
+    """The worker processes of a ``roomcast serve --workers`` parent (Linux /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and b"spawn_main" in cmdline:
+            pids.append(int(entry.name))
+    return sorted(pids)
+
+
+async def test_a_killed_worker_is_started_again_on_its_socket_and_its_members_removed(
+    tmp_path, redis_url
+):
+    """``kill -9`` of a worker of ``--node-id web --workers 2``: the supervisor starts it
+    again on the socket it had, clients connect as before (those the kernel gives that
+    socket wait for the new worker), and the new run removes the killed one's members."""
+    with run_server(
+        "--workers", "2", "--node-id", "web", "--broker-url", redis_url, log_dir=tmp_path
+    ) as server:
+        first = [ChatClient(server.url, f"a{i}", transports=["websocket"]) for i in range(8)]
+        later: list[ChatClient] = []
+        try:
+            for client in first:
+                await client.connect()
+                await client.ok("join", {"room": "kill"})
+            pids = worker_pids(server.process.pid)
+            assert len(pids) == 2
+            os.kill(pids[0], signal.SIGKILL)
+            for i in range(10):
+                later.append(ChatClient(server.url, f"b{i}", transports=["websocket"]))
+                await later[-1].connect()
+            assert set(every_workers_metrics(server.url, 2)) == {"web-w0", "web-w1"}
+            for _ in range(100):  # 10 s at most: the killed worker's clients see the reset
+                survivors = sorted(c.name for c in first if c.sio.connected)
+                members = await later[0].ok("members", {"room": "kill"})
+                listed = sorted(m["name"] for m in members["members"])
+                if listed == survivors and len(survivors) < len(first):
+                    break
+                await asyncio.sleep(0.1)
+            assert 0 < len(survivors) < len(first)  # the kernel had spread them over both
+            assert listed == survivors
+            assert "removed" in server.output() and "left by a previous run" in server.output()
+        finally:
+            for client in first + later:
                 await client.close()
