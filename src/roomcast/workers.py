@@ -29,6 +29,7 @@ import socket
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -46,6 +47,8 @@ class WorkerInfo:
     index: int
     count: int
     socket_dir: str
+    parent: int = 0
+    """The supervisor's process id (0: none to watch)."""
 
     def uds(self, index: int) -> str:
         return os.path.join(self.socket_dir, f"w{index}.sock")
@@ -104,7 +107,7 @@ def serve(settings: Settings, workers: int) -> int:
     processes: dict[int, Any] = {}
 
     def start(index: int) -> None:
-        info = WorkerInfo(index, workers, socket_dir)
+        info = WorkerInfo(index, workers, socket_dir, os.getpid())
         process = context.Process(
             target=_worker_main,
             args=(settings.model_dump(), info, listeners[index % len(listeners)]),
@@ -197,6 +200,8 @@ def _worker_main(settings_data: dict[str, Any], info: WorkerInfo, listener: sock
         level=settings.log_level.upper(),
         format=f"%(asctime)s %(levelname)s w{info.index} %(name)s: %(message)s",
     )
+    if info.parent:
+        _stop_when_orphaned(info.parent)
     path = info.uds(info.index)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
@@ -206,3 +211,22 @@ def _worker_main(settings_data: dict[str, Any], info: WorkerInfo, listener: sock
     handoff = handoff_socket(info.handoff(info.index))
     app = RoomcastApp(settings, worker=info)
     run(app, [listener, private], handoff=handoff, log_level=settings.log_level)
+
+
+PARENT_CHECK = 1.0
+"""Seconds between a worker's looks at whether its supervisor is still there."""
+
+
+def _stop_when_orphaned(parent: int) -> None:
+    """Stop this worker (SIGTERM: a graceful stop, its clients told to reconnect) once its
+    supervisor has gone — killed with ``kill -9``, say, which gives it no chance to stop its
+    workers. Orphaned workers would go on serving the port, unsupervised, and a new
+    ``roomcast serve`` could not listen on it."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK)
+        log.warning("the supervisor (pid %d) has gone; stopping", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="roomcast-parent-watch", daemon=True).start()

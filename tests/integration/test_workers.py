@@ -244,3 +244,35 @@ async def test_a_killed_worker_is_started_again_on_its_socket_and_its_members_re
         finally:
             for client in first + later:
                 await client.close()
+
+
+def running(pid: int) -> bool:
+    """Whether a process is alive (a zombie waiting to be reaped is not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def test_workers_stop_when_their_supervisor_is_killed(tmp_path, redis_url):
+    """``kill -9`` of the parent of ``--workers 2``: its workers stop within seconds, so a
+    new server can take the port (orphans would go on serving it, unsupervised)."""
+    with run_server("--workers", "2", "--broker-url", redis_url, log_dir=tmp_path) as server:
+        client = await ChatClient(server.url, "orphan", transports=["websocket"]).connect()
+        pids = worker_pids(server.process.pid)
+        assert len(pids) == 2
+        server.kill()
+        for _ in range(150):  # 15 s at most
+            if not any(running(pid) for pid in pids):
+                break
+            await asyncio.sleep(0.1)
+        assert not any(running(pid) for pid in pids)
+        await client.wait_for(lambda: not client.sio.connected)
+        port = server.port
+    with run_server(
+        "--workers", "2", "--broker-url", redis_url, port=port, log_dir=tmp_path
+    ) as again:
+        fresh = await ChatClient(again.url, "fresh").connect()
+        await fresh.ok("join", {"room": "after"})
+        await fresh.close()
