@@ -118,6 +118,10 @@ class Node:
                 await self.service.retry_removals(budget=interval / 2)
             except Exception:
                 log.warning("heartbeat failed", exc_info=True)
+            try:
+                await self.service.beacon()
+            except Exception as exc:  # the broker is away: the next beat sends one
+                log.debug("beacon failed: %s", exc)
 
     async def stop(self) -> None:
         if not self.started:

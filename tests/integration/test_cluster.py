@@ -4,16 +4,19 @@ through Redis, RabbitMQ or NATS, with the durable history in PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
+import urllib.request
 
 import pytest
 import socketio
 
 from tests.contract.engines import engine_url
 
-from .clients import ChatClient, told
-from .cluster import BROKERS, cluster, postgres_schema, room_frames
+from .clients import ChatClient, eventually, told
+from .cluster import BROKERS, FAST, cluster, postgres_schema, room_frames
+from .servers import run_server
 
 LONG = 60.0
 
@@ -289,6 +292,31 @@ async def test_a_node_started_again_at_once_with_its_id_removes_what_its_last_ru
         sent = await dave.ok("send", {"room": "restarted", "text": "from the new run"})
         assert await alice.wait_messages(joined["room"]["id"], 1) == ["from the new run"]
         assert alice.messages()[0]["seq"] == sent["message"]["seq"]
+
+
+@pytest.mark.parametrize("broker_kind", ["redis", "nats"])
+async def test_two_servers_given_one_node_id_say_so(broker_kind, tmp_path):
+    """Two running servers with one ``--node-id`` (a template that sets it for every
+    replica): each logs an error and ``/healthz`` says ``node_id_shared``; a server of its
+    own id does not. (On RabbitMQ the second one cannot start: the node's queue is
+    exclusive.)"""
+    async with engine_url(broker_kind, tmp_path) as broker, postgres_schema() as store:
+        common = ("--broker-url", broker, *FAST)
+        with (
+            run_server(*common, "--node-id", "same", store_url=store, log_dir=tmp_path) as one,
+            run_server(*common, "--node-id", "same", store_url=store, log_dir=tmp_path) as two,
+            run_server(*common, "--node-id", "other", store_url=store, log_dir=tmp_path) as other,
+        ):
+            for server in (one, two):
+                await eventually(lambda s=server: health(s)["node_id_shared"], timeout=10)
+                assert "another process runs as node same" in server.output()
+            assert health(other)["node_id_shared"] is False
+            assert "another process runs as node" not in other.output()
+
+
+def health(server) -> dict:
+    with urllib.request.urlopen(server.url + "/healthz", timeout=5) as response:
+        return json.loads(response.read())
 
 
 async def test_direct_message_to_a_client_on_the_other_server(engines, clients, tmp_path):

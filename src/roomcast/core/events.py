@@ -89,6 +89,7 @@ def dm_frame(body: dict[str, Any]) -> Frame:
 #
 #   Q <request id> <reply node> <user id>\n<frame>   deliver the frame to a user's connections
 #   A <request id> <delivered count>\n                the answer, to the requesting node's inbox
+#   R <run>\n                                       a node's beacon to its own inbox (see RunBeacon)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,12 +112,26 @@ class DeliverAnswer:
         return b"A %d %d\n" % (self.request, self.delivered)
 
 
-def decode_envelope(data: bytes) -> DeliverRequest | DeliverAnswer:
+@dataclass(frozen=True, slots=True)
+class RunBeacon:
+    """What a node sends its own inbox now and then: the token of its process (its run).
+    Only processes with that node id receive it, so a beacon of another run means two
+    processes were given one node id."""
+
+    run: str
+
+    def encode(self) -> bytes:
+        return b"R %s\n" % self.run.encode()
+
+
+def decode_envelope(data: bytes) -> DeliverRequest | DeliverAnswer | RunBeacon:
     """Parse an inbox envelope. Raises ValueError on anything malformed."""
     head, sep, rest = data.partition(b"\n")
     if not sep:
         raise ValueError("envelope without header")
     parts = head.split(b" ")
+    if parts[0] == b"R" and len(parts) == 2:
+        return RunBeacon(parts[1].decode())
     if parts[0] == b"Q" and len(parts) == 4:
         return DeliverRequest(int(parts[1]), parts[2].decode(), int(parts[3]), rest)
     if parts[0] == b"A" and len(parts) == 3:

@@ -26,6 +26,7 @@ from .events import (
     DeliverAnswer,
     DeliverRequest,
     Frame,
+    RunBeacon,
     decode_envelope,
     dm_frame,
     message_frame,
@@ -512,6 +513,10 @@ class ChatService:
             history, broker, local=hub.deliver_stored if local_first else None
         )
         self._sessions: dict[ConnId, Session] = {}
+        self.run = secrets.token_hex(8)
+        """This process's token among those that may share its node id (see :meth:`beacon`)."""
+        self.shared_id: set[str] = set()
+        """The runs of other processes seen with this node id: should be empty."""
         self._id_prefix = secrets.token_hex(6)
         self._message_ids = itertools.count(1)
         self._room_ids: dict[str, RoomId] = {}
@@ -881,6 +886,15 @@ class ChatService:
         except (ValueError, UnicodeDecodeError):
             log.warning("dropped a malformed inbox frame (%d bytes)", len(data))
             return
+        if isinstance(envelope, RunBeacon):
+            if envelope.run != self.run and envelope.run not in self.shared_id:
+                self.shared_id.add(envelope.run)
+                log.error(
+                    "another process runs as node %s: node ids must be unique, or the "
+                    "nodes take each other's members for their own (its run %s, ours %s)",
+                    self.node, envelope.run, self.run,
+                )  # fmt: skip
+            return
         if isinstance(envelope, DeliverAnswer):
             future = self._waiting.get(envelope.request)
             if future is not None and not future.done():
@@ -897,6 +911,12 @@ class ChatService:
             await self.broker.send(NodeId(envelope.reply_to), answer.encode())
         except Exception:
             log.warning("answer to node %s failed", envelope.reply_to, exc_info=True)
+
+    async def beacon(self) -> None:
+        """Send this process's run to the node's own inbox. Every process subscribed to
+        it receives the beacon: one with another run (see :attr:`shared_id`) was given
+        this node id too."""
+        await self.broker.send(self.node, RunBeacon(self.run).encode())
 
     # -- listeners without a session (the gRPC door's streams) ---------------------
 

@@ -90,7 +90,12 @@ def create_http_app(node: Node) -> FastAPI:
     )
     async def healthz() -> JSONResponse:
         healthy = node.started and node.broker.healthy
-        body = {"ok": healthy, "node": node.id, "broker": node.broker.healthy}
+        body = {
+            "ok": healthy,
+            "node": node.id,
+            "broker": node.broker.healthy,
+            "node_id_shared": bool(node.service.shared_id),
+        }
         return JSONResponse(body, 200 if healthy else 503)
 
     @app.get("/metrics", include_in_schema=False)

@@ -73,6 +73,10 @@ class HealthReply(BaseModel):
     ok: bool = Field(description="the node runs and its broker is reachable")
     node: str
     broker: bool
+    node_id_shared: bool = Field(
+        description="another process runs with this node id (a misconfiguration, logged "
+        "as an error): node ids must be unique"
+    )
 
 
 class ErrorOut(BaseModel):
