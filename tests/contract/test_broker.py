@@ -275,3 +275,21 @@ async def test_a_malformed_bundle_on_rabbitmq_is_dropped_and_what_follows_arrive
             await connection.close()
             await a.broker.close()
             await c.broker.close()
+
+
+async def test_a_second_rabbitmq_node_with_a_node_id_in_use_is_refused_with_the_reason(
+    tmp_path,
+):
+    """Two running servers given one node id: on RabbitMQ the second cannot take the
+    node's exclusive queue, and its start says why instead of RabbitMQ's RESOURCE_LOCKED."""
+    async with engine_url("amqp", tmp_path) as url:
+        first = await Node(url).start()
+        second = Node(url)
+        second.id = first.id
+        try:
+            with pytest.raises(UnavailableError, match="another running server has this node"):
+                await second.start()
+            assert first.broker.healthy
+        finally:
+            await first.broker.close()
+            await second.broker.close()

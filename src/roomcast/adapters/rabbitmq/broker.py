@@ -79,7 +79,12 @@ from aio_pika.abc import (
     AbstractRobustQueue,
 )
 from aio_pika.connection import make_url
-from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, ChannelNotFoundEntity
+from aio_pika.exceptions import (
+    AMQPError,
+    ChannelInvalidStateError,
+    ChannelNotFoundEntity,
+)
+from aiormq.exceptions import ChannelLockedResource  # aio-pika's own AMQP client
 
 from ...core.models import NodeId, RoomId
 from ...core.ports import BatchHandler, FrameHandler, ReconnectHandler
@@ -208,6 +213,13 @@ class RabbitBroker:
                 if attempt == 0 and vanished:
                     continue
                 self._node = None
+                if isinstance(exc.__cause__, ChannelLockedResource):
+                    raise UnavailableError(
+                        f"RabbitMQ: the queue of node {node!r} is held by another connection:"
+                        " another running server has this node id (node ids must be unique),"
+                        " or RabbitMQ has not yet noticed that a previous run of it died"
+                        " (it does within the connection heartbeat)"
+                    ) from exc
                 raise
         self._drainer = asyncio.get_running_loop().create_task(
             self._drain(), name=f"roomcast-rabbitmq-{node}"
