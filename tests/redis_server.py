@@ -4,17 +4,20 @@ without disturbing anything else."""
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+import redis as syncredis
 import redis.asyncio as redis
 
 WAIT = 15.0
@@ -102,3 +105,145 @@ async def private_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
         yield srv
     finally:
         await srv.kill()
+
+
+class RedisClusterServers:
+    """A throw-away Redis Cluster on free ports: ``primaries`` shards, each with ``replicas``
+    replicas, keeping nothing on disk but the cluster's own node files."""
+
+    def __init__(
+        self, directory: Path, *, primaries: int = 3, replicas: int = 0, node_timeout: int = 1000
+    ) -> None:
+        self.directory = directory
+        self.primaries = primaries
+        self.replicas = replicas
+        self.node_timeout = node_timeout
+        self.ports = [free_port() for _ in range(primaries * (1 + replicas))]
+        self.bus_ports = {port: free_port() for port in self.ports}
+        """Each node's cluster bus port, given: Redis's default (port + 10000) can be
+        past 65535 for a free port."""
+        self.processes: dict[int, subprocess.Popen[bytes]] = {}
+
+    @property
+    def url(self) -> str:
+        """The URL roomcast takes: any one node's address, ``cluster=true``."""
+        return f"redis://127.0.0.1:{self.ports[0]}/0?cluster=true"
+
+    def start(self) -> None:
+        binary, cli = _redis_binaries()
+        for port in self.ports:
+            self._launch(binary, port)
+        for port in self.ports:
+            self._wait(port, lambda client: bool(client.ping()), "PING")
+        addresses = [f"127.0.0.1:{port}" for port in self.ports]
+        done = subprocess.run(
+            [cli, "--cluster", "create", *addresses, "--cluster-replicas", str(self.replicas),
+             "--cluster-yes"],
+            capture_output=True, timeout=60, check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed:\n{done.stdout.decode()}")
+        for port in self.ports:
+            self._wait(port, _cluster_ready(len(self.ports)), "cluster_state:ok")
+
+    def _launch(self, binary: str, port: int) -> None:
+        with (self.directory / f"redis-{port}.log").open("ab") as log:
+            self.processes[port] = subprocess.Popen(
+                [binary, "--port", str(port), "--bind", "127.0.0.1",
+                 "--save", "", "--appendonly", "no", "--dir", str(self.directory),
+                 "--repl-diskless-sync-delay", "0", "--cluster-enabled", "yes",
+                 "--cluster-config-file", f"nodes-{port}.conf",
+                 "--cluster-port", str(self.bus_ports[port]),
+                 "--cluster-node-timeout", str(self.node_timeout)],
+                stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+
+    def _wait(self, port: int, condition: Callable[[syncredis.Redis], bool], what: str) -> None:
+        client = syncredis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
+        deadline = time.monotonic() + WAIT
+        try:
+            while True:
+                with contextlib.suppress(syncredis.ConnectionError, syncredis.TimeoutError):
+                    if condition(client):
+                        return
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server on {port}: no {what} within {WAIT}s")
+                time.sleep(0.05)
+        finally:
+            client.close()
+
+    def primary_of(self, key: bytes) -> int:
+        """The port of the primary that owns ``key``'s slot now."""
+        from redis.crc import key_slot
+
+        slot = key_slot(key)
+        for port in self.processes:
+            client = syncredis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
+            try:
+                for start, end, primary, *_ in client.execute_command("CLUSTER", "SLOTS"):
+                    if start <= slot <= end:
+                        return int(primary[1])
+            except syncredis.RedisError:
+                continue
+            finally:
+                client.close()
+        raise RuntimeError(f"no live node knows the owner of slot {slot}")
+
+    def replicated(self) -> None:
+        """Wait until every primary's replicas have what it has written so far."""
+        for port in self.processes:
+            client = syncredis.Redis(host="127.0.0.1", port=port, socket_timeout=WAIT)
+            try:
+                if client.info("replication")["role"] == "master":
+                    client.execute_command("WAIT", self.replicas, int(WAIT * 1000))
+            finally:
+                client.close()
+
+    def kill(self, port: int) -> None:
+        """SIGKILL one node, as in a crash."""
+        process = self.processes.pop(port)
+        process.kill()
+        process.wait(WAIT)
+
+    def stop(self) -> None:
+        for port in list(self.processes):
+            self.kill(port)
+
+
+def _cluster_ready(nodes: int) -> Callable[[syncredis.Redis], bool]:
+    def ready(client: syncredis.Redis) -> bool:
+        info = client.execute_command("CLUSTER", "INFO").decode()
+        known = client.execute_command("CLUSTER", "NODES").decode().strip().splitlines()
+        replication = client.info("replication")
+        # A replica that has never synced with its primary would not take over from it.
+        synced = replication["role"] == "master" or replication["master_link_status"] == "up"
+        return "cluster_state:ok" in info and len(known) == nodes and synced
+
+    return ready
+
+
+def _redis_binaries() -> tuple[str, str]:
+    binary, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if binary is None or cli is None:
+        reason = "redis-server and redis-cli are needed to start a Redis Cluster"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return binary, cli
+
+
+_shared_cluster: RedisClusterServers | None = None
+
+
+def shared_redis_cluster() -> RedisClusterServers:
+    """One Redis Cluster of three primaries for the whole test run (tests keep apart by
+    their prefixes), started on first use and killed when the run ends."""
+    global _shared_cluster
+    if _shared_cluster is None:
+        directory = Path(tempfile.mkdtemp(prefix="roomcast-redis-cluster-"))
+        servers = RedisClusterServers(directory)
+        atexit.register(servers.stop)
+        atexit.register(shutil.rmtree, directory, True)
+        servers.start()
+        _shared_cluster = servers
+    return _shared_cluster

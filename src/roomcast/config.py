@@ -24,7 +24,9 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="HTTP / Socket.IO port (0: any free)")
     socketio_path: str = Field("/ws/socket.io", description="path of the Socket.IO endpoint")
     broker_url: str = Field(
-        "memory://", description="broker: memory://, redis://, amqp:// or nats://"
+        "memory://",
+        description="broker: memory://, redis:// (?cluster=true: a Redis Cluster), amqp:// "
+        "or nats://",
     )
     store_url: str = Field(
         "sqlite:///./roomcast.db",

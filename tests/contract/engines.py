@@ -8,9 +8,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from tests import services
+from tests.redis_server import shared_redis_cluster
 
-BROKERS = ["memory", "redis", "amqp", "nats"]
-PRESENCES = ["memory", "redis", "sqlite", "postgresql"]
+BROKERS = ["memory", "redis", "redis-cluster", "amqp", "nats"]
+PRESENCES = ["memory", "redis", "redis-cluster", "sqlite", "postgresql"]
 
 
 def unique(label: str = "t") -> str:
@@ -27,6 +28,10 @@ async def engine_url(kind: str, tmp_path: Path) -> AsyncIterator[str]:
         services.require("Redis", services.REDIS_HOST, services.REDIS_PORT)
         yield f"{services.REDIS_URL}/0?prefix={prefix}"
         await _redis_cleanup(prefix)
+    elif kind == "redis-cluster":
+        servers = shared_redis_cluster()
+        yield f"{servers.url}&prefix={prefix}"
+        await _redis_cleanup(prefix, servers.ports)
     elif kind == "amqp":
         services.require("RabbitMQ", services.RABBITMQ_HOST, services.RABBITMQ_PORT)
         yield f"{services.RABBITMQ_URL}?prefix={prefix}"
@@ -43,16 +48,21 @@ async def engine_url(kind: str, tmp_path: Path) -> AsyncIterator[str]:
         raise ValueError(kind)
 
 
-async def _redis_cleanup(prefix: str) -> None:
+async def _redis_cleanup(prefix: str, ports: list[int] | None = None) -> None:
+    """Delete the prefix's keys (on every node of a cluster, given their ports)."""
     import redis.asyncio as redis
 
-    client = redis.Redis(host=services.REDIS_HOST, port=services.REDIS_PORT)
-    try:
-        keys = [key async for key in client.scan_iter(match=f"*{prefix}*", count=1000)]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
+    for port in ports or [services.REDIS_PORT]:
+        client = redis.Redis(host=services.REDIS_HOST, port=port)
+        try:
+            keys = [key async for key in client.scan_iter(match=f"*{prefix}*", count=1000)]
+            for key in keys:  # one by one: on a cluster, keys of one node's slots only
+                with contextlib.suppress(redis.ResponseError):  # a replica's: its primary's
+                    await client.delete(key)
+        except redis.ConnectionError:
+            continue  # a node a test killed
+        finally:
+            await client.aclose()
 
 
 async def _postgres_cleanup(schema: str) -> None:

@@ -12,7 +12,8 @@ import urllib.request
 import pytest
 import socketio
 
-from tests.contract.engines import engine_url
+from tests.contract.engines import engine_url, unique
+from tests.redis_server import RedisClusterServers
 
 from .clients import ChatClient, eventually, told
 from .cluster import BROKERS, FAST, cluster, postgres_schema, room_frames
@@ -360,3 +361,53 @@ async def test_a_node_paused_past_its_ttl_announces_its_members_again_when_it_wa
             # And carol is a member as before: what she sends reaches alice.
             await carol.ok("send", {"room": "naps", "text": "back"})
             assert await alice.wait_messages(room, 1) == ["back"]
+
+
+async def test_a_redis_cluster_primary_dies_and_its_rooms_go_on(clients, tmp_path):
+    """Two nodes on a Redis Cluster of three primaries with a replica each. The primary
+    that holds a room (its channel and its members) is killed: while its replica takes
+    over, sends may answer ``unavailable`` and are sent again with their ids; afterwards
+    every member has every message once, in order, and the members are listed again."""
+    servers = RedisClusterServers(tmp_path, primaries=3, replicas=1)
+    try:
+        servers.start()
+        prefix = unique()
+        async with postgres_schema() as store:
+            with cluster(f"{servers.url}&prefix={prefix}", store, tmp_path) as c:
+                one, two = c.start(2)
+                alice, bob = await clients(one, "alice"), await clients(two, "bob")
+                joined = await alice.ok("join", {"room": "failover"})
+                room = joined["room"]["id"]
+                await bob.ok("join", {"room": "failover"})
+                await alice.ok("send", {"room": "failover", "text": "before", "id": "a0"})
+                await bob.wait_messages(room, 1)
+                servers.kill(servers.primary_of(b"%s:room:{r%d}" % (prefix.encode(), room)))
+
+                async def send(i: int) -> None:
+                    message = {"room": "failover", "text": f"after {i}", "id": f"a{i}"}
+                    deadline = time.monotonic() + LONG
+                    while True:
+                        reply = await alice.call("send", message)
+                        if reply["ok"]:
+                            return
+                        assert reply["error"]["code"] == "unavailable", reply
+                        assert time.monotonic() < deadline, "no send went through"
+                        await asyncio.sleep(0.2)
+
+                for i in range(1, 6):
+                    await send(i)
+                texts = ["before"] + [f"after {i}" for i in range(1, 6)]
+                for client in (alice, bob):
+                    assert await client.wait_messages(room, 6, timeout=LONG) == texts
+                    assert [m["seq"] for m in client.messages(room)] == list(range(1, 7))
+
+                async def listed() -> list[str]:
+                    reply = await bob.call("members", {"room": "failover"})
+                    return sorted(m["name"] for m in reply.get("members", []))
+
+                deadline = time.monotonic() + LONG
+                while await listed() != ["alice", "bob"]:
+                    assert time.monotonic() < deadline, await listed()
+                    await asyncio.sleep(0.2)
+    finally:
+        servers.stop()

@@ -7,6 +7,8 @@ URL                            what                                       extra
 ``sqlite:///PATH``             durable history in SQLite                  (none)
 ``postgresql://...``           durable history in PostgreSQL              ``postgres``
 ``redis://HOST:PORT/DB``       broker (sharded pub/sub) and presence      ``redis``
+``redis://HOST:PORT?cluster=   the same on a Redis Cluster (any node's    ``redis``
+true``                         address)
 ``amqp://USER:PASS@HOST/VH``   broker (RabbitMQ topic exchange)           ``rabbitmq``
 ``nats://HOST:PORT``           broker (a subject per room)                ``nats``
 =============================  =========================================  ============
@@ -51,10 +53,10 @@ def open_broker(url: str) -> Broker:
         return MemoryBroker(urlsplit(url).netloc)
     if scheme in ("redis", "rediss"):
         try:
-            from .redis import RedisBroker
+            from .redis import RedisBroker, RedisClusterBroker, is_cluster
         except ImportError as exc:  # pragma: no cover - depends on the installed extras
             raise _missing("redis", exc) from exc
-        return RedisBroker(url)
+        return RedisClusterBroker(url) if is_cluster(url) else RedisBroker(url)
     if scheme in ("amqp", "amqps"):
         try:
             from .rabbitmq import RabbitBroker

@@ -37,21 +37,29 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import (
     AbstractConnection,
     BlockingConnectionPool,
     Connection,
+    SSLConnection,
     parse_url,
 )
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import (
+    ClusterError,
+    ReadOnlyError,
+    RedisClusterException,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ...core.models import NodeId, RoomId
@@ -77,17 +85,39 @@ IDLE_PING = 5.0
 second silent interval means the connection is dead even if TCP has not noticed (a lost
 peer sends no reset, a stuck server still acknowledges)."""
 
-UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError, ReadOnlyError)
+UNREACHABLE = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    ReadOnlyError,
+    ClusterError,
+    TryAgainError,
+    RedisClusterException,
+)
 """What redis-py raises when the server cannot be reached, or cannot take writes (the
-address leads to a replica: a failover that the address has not followed yet)."""
+address leads to a replica: a failover that the address has not followed yet); on a Redis
+Cluster also when the slot's shard is down, moving, or known to no node."""
+
+_TRUE = ("true", "1", "yes")
+_FALSE = ("false", "0", "no")
+
+
+def is_cluster(url: str) -> bool:
+    """Whether ``url`` names a Redis Cluster (``?cluster=true``) rather than one server."""
+    query = parse_qsl(urlsplit(url).query, keep_blank_values=True)
+    value = next((v for k, v in reversed(query) if k == "cluster"), "false").lower()
+    if value not in _TRUE + _FALSE:
+        raise ConfigError(f"invalid Redis URL option cluster={value!r}: true or false")
+    return value in _TRUE
 
 
 def connection_options(url: str) -> tuple[dict[str, Any], str]:
     """redis-py connection options for ``redis[s]://host:port/db?prefix=NAME&...``, and the
     key prefix.
 
-    ``prefix`` is roomcast's; every other query parameter is a redis-py connection option.
-    Timeouts default to :data:`IO_TIMEOUT`; payloads stay bytes whatever the URL says.
+    ``prefix`` and ``cluster`` are roomcast's; every other query parameter is a redis-py
+    connection option. Timeouts default to :data:`IO_TIMEOUT`; payloads stay bytes whatever
+    the URL says.
     """
     parts = urlsplit(url)
     query = parse_qsl(parts.query, keep_blank_values=True)
@@ -95,7 +125,8 @@ def connection_options(url: str) -> tuple[dict[str, Any], str]:
     if not prefix or "{" in prefix or "}" in prefix:
         # Braces would change which part of every key Redis Cluster hashes.
         raise ConfigError(f"invalid Redis prefix {prefix!r}: non-empty, without braces")
-    rest = urlunsplit(parts._replace(query=urlencode([(k, v) for k, v in query if k != "prefix"])))
+    own = ("prefix", "cluster")
+    rest = urlunsplit(parts._replace(query=urlencode([(k, v) for k, v in query if k not in own])))
     try:
         from_url: dict[str, Any] = dict(parse_url(rest))
     except ValueError as exc:
@@ -123,13 +154,88 @@ def open_client(options: dict[str, Any]) -> Redis:
     return Redis.from_pool(BlockingConnectionPool(**pool_options))
 
 
+def open_cluster(options: dict[str, Any]) -> RedisCluster:
+    """A Redis Cluster client made with ``options`` (its address is any node's: it learns
+    the rest). Its commands find their shard by slot, follow ``MOVED`` and learn the new
+    layout after a failover. Each node's pool holds up to ``max_connections`` (default
+    :data:`POOL_SIZE`); callers keep within it with a :class:`Gate`, since the cluster
+    client fails a command at once when a pool is full."""
+    kwargs = dict(options)
+    if kwargs.pop("db", 0) not in (0, "0"):
+        raise ConfigError("a Redis Cluster has only database 0: drop the /N from the URL")
+    connection_class = kwargs.pop("connection_class", Connection)
+    if issubclass(connection_class, SSLConnection):
+        kwargs["ssl"] = True
+    for pool_only in ("retry", "timeout"):  # the cluster client retries by itself
+        kwargs.pop(pool_only, None)
+    kwargs.setdefault("max_connections", POOL_SIZE)
+    try:
+        return RedisCluster(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"a Redis URL option does not apply to a cluster: {exc}") from exc
+
+
+async def spublish(client: Redis | RedisCluster, frames: Sequence[tuple[bytes, bytes]]) -> None:
+    """``SPUBLISH`` each ``(channel, frame)``, in order: a lone one as one command, more in
+    one pipeline (every command written at once, one wait for the replies; a cluster's
+    pipeline does so per shard)."""
+    try:
+        if len(frames) == 1:
+            await client.spublish(*frames[0])
+            return
+        async with client.pipeline(transaction=False) as pipe:
+            for channel, frame in frames:
+                pipe.spublish(channel, frame)
+            await pipe.execute()
+    except UNREACHABLE as exc:
+        raise UnavailableError(f"Redis is unreachable: {exc}") from exc
+
+
+class Gate:
+    """At most ``size`` calls at once; one beyond waits up to :data:`POOL_WAIT` for a turn,
+    then fails as unavailable — a blocking pool's behaviour, for the cluster client."""
+
+    def __init__(self, size: int) -> None:
+        self._free = asyncio.Semaphore(size)
+
+    async def __aenter__(self) -> None:
+        try:
+            async with asyncio.timeout(POOL_WAIT):
+                await self._free.acquire()
+        except TimeoutError:
+            raise UnavailableError(f"no Redis connection came free within {POOL_WAIT:g}s") from None
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._free.release()
+
+
 class RedisBroker:
     """A node's broker on Redis sharded pub/sub."""
 
     def __init__(self, url: str) -> None:
+        if is_cluster(url):
+            raise ConfigError("a Redis Cluster URL needs RedisClusterBroker")
         options, prefix = connection_options(url)
+        self._setup(options, prefix, open_client(options))
+
+    @classmethod
+    def shard_subscriber(
+        cls, options: dict[str, Any], prefix: str, on_trouble: Callable[[], None]
+    ) -> RedisBroker:
+        """A subscriber to one shard of a Redis Cluster, for :class:`RedisClusterBroker`:
+        the channels it is given, and the node's inbox only if it is handed it
+        (:meth:`take_inbox`); it publishes nothing. ``on_trouble`` is called when the shard
+        may no longer own a channel: the connection is lost, a subscription is refused
+        (``MOVED``), or the server ends one by itself (its slot moved away)."""
+        broker = cls.__new__(cls)
+        broker._setup(options, prefix, None)
+        broker._on_trouble = on_trouble
+        return broker
+
+    def _setup(self, options: dict[str, Any], prefix: str, client: Redis | None) -> None:
         self._prefix = prefix.encode()
-        self._client = open_client(options)
+        self._client = client
+        self._on_trouble: Callable[[], None] | None = None
         # Not from the pool: the reader owns this connection for the broker's whole life.
         # RESP2, because redis-py's RESP3 parser formats every pushed message into a debug
         # log line (the whole payload, logged or not) before handing it over.
@@ -182,7 +288,22 @@ class RedisBroker:
         if self._closed or self._reader is not None:
             raise UnavailableError("the Redis broker is closed or already started")
         self._on_room, self._on_inbox, self._on_reconnect = on_room, on_inbox, on_reconnect
-        self._inbox = self._inbox_channel(node)
+        assert self._client is not None
+        try:
+            cluster = (await self._client.info("cluster")).get("cluster_enabled")
+        except UNREACHABLE as exc:
+            raise UnavailableError(f"Redis is unreachable: {exc}") from exc
+        if cluster:
+            # Each room's channel lives on one shard: one connection cannot hold them all.
+            raise ConfigError(
+                "this Redis is a node of a Redis Cluster: add ?cluster=true to the URL"
+            )
+        await self._start(node, self._inbox_channel(node))
+
+    async def _start(self, name: str, inbox: bytes) -> None:
+        """Connect and start the reader; with an ``inbox`` channel, return once it is
+        subscribed."""
+        self._inbox = inbox
         try:
             await self._establish()
         except UNREACHABLE as exc:
@@ -190,15 +311,55 @@ class RedisBroker:
             await self._sub.disconnect(nowait=True)
             raise UnavailableError(f"Redis is unreachable: {exc}") from exc
         # The reader, started next, is what sees the confirmation.
-        ready = self._waiter(self._inbox)
+        ready = self._waiter(inbox) if inbox else None
         self._reader = asyncio.get_running_loop().create_task(
-            self._read_loop(), name=f"roomcast-redis-reader-{node}"
+            self._read_loop(), name=f"roomcast-redis-reader-{name}"
         )
-        try:
-            await self._settle(self._inbox, ready)
-        except UnavailableError:
-            await self.close()
-            raise
+        if ready is not None:
+            try:
+                await self._settle(inbox, ready)
+            except UnavailableError:
+                await self.close()
+                raise
+
+    async def start_shard(
+        self,
+        name: str,
+        on_room: FrameHandler,
+        on_inbox: FrameHandler,
+        on_reconnect: ReconnectHandler,
+    ) -> None:
+        """Connect a :meth:`shard_subscriber` (``name`` names its reader task)."""
+        if self._closed or self._reader is not None:
+            raise UnavailableError("the Redis shard subscriber is closed or already started")
+        self._on_room, self._on_inbox, self._on_reconnect = on_room, on_inbox, on_reconnect
+        await self._start(name, b"")
+
+    async def take_inbox(self, channel: bytes) -> None:
+        """Subscribe the node's inbox on this shard subscriber, and return once it is."""
+        if self._closed:
+            raise UnavailableError("the Redis shard subscriber is closed")
+        self._inbox = channel
+        future = self._waiter(channel)
+        await self._write_subscribe(channel)
+        await self._settle(channel, future)
+
+    async def drop_inbox(self) -> None:
+        """Stop receiving the node's inbox here (it is subscribed on another shard)."""
+        channel, self._inbox = self._inbox, b""
+        if channel and self._writable():
+            with contextlib.suppress(*UNREACHABLE):
+                await self._sub.send_command(b"SUNSUBSCRIBE", channel, check_health=False)
+
+    @property
+    def inbox(self) -> bytes:
+        """The inbox channel this subscriber holds (empty if none)."""
+        return self._inbox
+
+    @property
+    def rooms(self) -> dict[bytes, RoomId]:
+        """The rooms this subscriber holds, by channel."""
+        return self._channels
 
     @property
     def healthy(self) -> bool:
@@ -228,7 +389,8 @@ class RedisBroker:
         self._channels.clear()
         # Closing the connection ends its subscriptions on the server: no SUNSUBSCRIBE needed.
         await self._sub.disconnect(nowait=True)
-        await self._client.aclose()
+        if self._client is not None:
+            await self._client.aclose()
 
     # -- subscriptions -----------------------------------------------------------------
 
@@ -251,11 +413,24 @@ class RedisBroker:
         channel = self._room_channel(room)
         if self._channels.pop(channel, None) is None:
             return
+        if self._on_trouble is not None:
+            self._forget_pending(channel)
         # The reader drops frames of channels not in ``_channels`` from now on, so the
         # unsubscribe is in effect at once, even before the server confirms it.
         if self._writable():
             with contextlib.suppress(*UNREACHABLE):
                 await self._sub.send_command(b"SUNSUBSCRIBE", channel, check_health=False)
+
+    def _forget_pending(self, channel: bytes) -> None:
+        """A shard subscriber gives a channel up that it may never see confirmed (refused
+        with ``MOVED``): a reconnect's restore no longer waits for it."""
+        self._unanswered.pop(channel, None)
+        restoring = self._restoring
+        if restoring is not None and channel in restoring:
+            restoring.discard(channel)
+            if not restoring:
+                self._restoring = None
+                self._healthy = self._ever_healthy = True
 
     def _writable(self) -> bool:
         # ``is_connected`` is checked too: writing on a connection the reader has not yet
@@ -300,19 +475,10 @@ class RedisBroker:
         await self._publish(self._room_channel(room), frame)
 
     async def publish_many(self, frames: Sequence[tuple[RoomId, bytes]]) -> None:
-        if len(frames) == 1:
-            await self.publish(*frames[0])
-            return
         if self._closed or self._reader is None:
             raise UnavailableError("the Redis broker is not running")
-        # One pipeline: every SPUBLISH written at once, in order, and one wait for replies.
-        try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for room, frame in frames:
-                    pipe.spublish(self._room_channel(room), frame)
-                await pipe.execute()
-        except UNREACHABLE as exc:
-            raise UnavailableError(f"Redis is unreachable: {exc}") from exc
+        assert self._client is not None
+        await spublish(self._client, [(self._room_channel(room), data) for room, data in frames])
 
     async def send(self, node: NodeId, frame: bytes) -> None:
         await self._publish(self._inbox_channel(node), frame)
@@ -320,10 +486,8 @@ class RedisBroker:
     async def _publish(self, channel: bytes, frame: bytes) -> None:
         if self._closed or self._reader is None:
             raise UnavailableError("the Redis broker is not running")
-        try:
-            await self._client.spublish(channel, frame)
-        except UNREACHABLE as exc:
-            raise UnavailableError(f"Redis is unreachable: {exc}") from exc
+        assert self._client is not None
+        await spublish(self._client, ((channel, frame),))
 
     def hand_batches_to(self, on_rooms: BatchHandler) -> None:
         """Hand this node the room frames that arrive together — read off the connection
@@ -340,12 +504,16 @@ class RedisBroker:
         """Connect the subscriber connection and write SSUBSCRIBE for every channel."""
         await self._sub.connect()  # type: ignore[no-untyped-call]  # untyped in redis-py
         self._arm()
-        channels = [self._inbox, *self._channels]
+        channels = [self._inbox, *self._channels] if self._inbox else [*self._channels]
         self._unanswered = dict.fromkeys(channels, 1)
         self._restoring = set(channels)
         # Set before the write yields: a subscribe() from now on writes its own command
         # behind these, instead of being missed by the list above.
         self._connected = True
+        if not channels:  # a shard subscriber that holds nothing yet: nothing to restore
+            self._restoring = None
+            self._healthy = self._ever_healthy = True
+            return
         # One command per channel: on a cluster, one SSUBSCRIBE may only name one slot.
         commands = [(b"SSUBSCRIBE", channel) for channel in channels]
         await self._sub.send_packed_command(self._sub.pack_commands(commands), check_health=False)
@@ -365,6 +533,8 @@ class RedisBroker:
     def _lost(self, exc: BaseException) -> None:
         if self._healthy:
             log.warning("lost the Redis pub/sub connection: %s", exc)
+            if self._on_trouble is not None:
+                self._on_trouble()
         self._connected = self._healthy = False
         self._restoring = None
         self._disarm()
@@ -403,7 +573,11 @@ class RedisBroker:
                     reply = await sub.read_response(timeout=math.inf, push_request=True)
                 except ResponseError as exc:  # e.g. a refused SSUBSCRIBE (ACL, cluster MOVED)
                     self._heard = True
-                    log.error("Redis refused a pub/sub command: %s", exc)
+                    if self._on_trouble is not None and str(exc).startswith("MOVED"):
+                        log.info("Redis Cluster moved a slot: %s", exc)
+                        self._on_trouble()
+                    else:
+                        log.error("Redis refused a pub/sub command: %s", exc)
                     continue
                 self._heard = True
                 kind = reply[0]
@@ -421,7 +595,12 @@ class RedisBroker:
                         await self._hand_rooms(batch)
                         batch = []
                     await self._confirmed(reply[1])
-                # sunsubscribe and pong replies need nothing.
+                elif kind == b"sunsubscribe":
+                    # Wanted still: the server ended it itself, as a cluster node does when
+                    # the channel's slot moves to another shard.
+                    if self._on_trouble is not None and reply[1] in self._channels:
+                        self._on_trouble()
+                # pong replies need nothing.
         except Exception:
             if batch:  # read before the connection failed: delivered all the same
                 await self._hand_rooms(batch)

@@ -24,18 +24,29 @@ half-way, the lease runs out and another one finishes the job.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
+from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 from ...core.models import ConnId, Member, NodeId, RoomId, User, UserId
 from ...exceptions import UnavailableError
-from .broker import UNREACHABLE, connection_options, open_client
+from .broker import (
+    POOL_SIZE,
+    UNREACHABLE,
+    Gate,
+    connection_options,
+    is_cluster,
+    open_client,
+    open_cluster,
+)
 
 REAP_LEASE = 30.0
 """Seconds a reaper has to remove a lapsed node's entries before another one may."""
@@ -144,7 +155,15 @@ class RedisPresence:
 
     def __init__(self, url: str) -> None:
         options, self._prefix = connection_options(url)
-        self._client = open_client(options)
+        self._cluster = is_cluster(url)
+        self._client: Redis | RedisCluster
+        self._gate: Gate | None = None
+        """Redis Cluster: bounds the calls at once (the cluster client's pools do not wait)."""
+        if self._cluster:
+            self._client = open_cluster(options)
+            self._gate = Gate(int(options.get("max_connections", POOL_SIZE)))
+        else:
+            self._client = open_client(options)
         self._nodes = f"{self._prefix}:nodes"
         self._decoded: dict[tuple[bytes, bytes], tuple[int, Member]] = {}
         """Room entries already decoded, by hash field and value (see ``members``)."""
@@ -174,6 +193,11 @@ class RedisPresence:
 
     async def _load_scripts(self) -> None:
         try:
+            if self._cluster:
+                # Not pipelined on a cluster: each SCRIPT LOAD goes to every primary.
+                for source, _ in _SCRIPTS.values():
+                    await self._client.script_load(source)
+                return
             async with self._client.pipeline(transaction=False) as pipe:
                 for source, _ in _SCRIPTS.values():
                     pipe.script_load(source)
@@ -195,9 +219,10 @@ class RedisPresence:
         """
         for attempt in range(2):
             try:
-                async with self._client.pipeline(transaction=False) as pipe:
-                    build(pipe)
-                    return await pipe.execute()
+                async with self._gate or contextlib.nullcontext():
+                    async with self._client.pipeline(transaction=False) as pipe:
+                        build(pipe)  # type: ignore[arg-type]  # a cluster's pipeline alike
+                        return await pipe.execute()
             except NoScriptError:
                 if attempt:
                     raise
