@@ -189,6 +189,32 @@ class RedisClusterServers:
                 client.close()
         raise RuntimeError(f"no live node knows the owner of slot {slot}")
 
+    def move_slot(self, key: bytes, to_port: int) -> None:
+        """Move the (empty) slot of ``key`` to the primary on ``to_port``, as a resharding
+        does, telling every primary."""
+        from redis.crc import key_slot
+
+        slot, from_port = key_slot(key), self.primary_of(key)
+        clients = {
+            port: syncredis.Redis(host="127.0.0.1", port=port, socket_timeout=WAIT)
+            for port in self.processes
+        }
+        try:
+            ids = {
+                port: c.execute_command("CLUSTER", "MYID").decode() for port, c in clients.items()
+            }
+            clients[to_port].execute_command(
+                "CLUSTER", "SETSLOT", slot, "IMPORTING", ids[from_port]
+            )
+            clients[from_port].execute_command(
+                "CLUSTER", "SETSLOT", slot, "MIGRATING", ids[to_port]
+            )
+            for port in (to_port, from_port, *clients):
+                clients[port].execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[to_port])
+        finally:
+            for c in clients.values():
+                c.close()
+
     def replicated(self) -> None:
         """Wait until every primary's replicas have what it has written so far."""
         for port in self.processes:

@@ -182,3 +182,37 @@ async def _ignore(data: bytes) -> None:
 
 async def _nothing() -> None:
     return None
+
+
+async def test_a_room_whose_slot_moves_to_another_shard_follows_it(tmp_path):
+    """A resharding moves a room's slot to another primary: the server ends the
+    subscription there, and the broker subscribes the room on the new primary."""
+    servers = RedisClusterServers(tmp_path, primaries=3)
+    try:
+        servers.start()
+        prefix = unique()
+        url = f"{servers.url}&prefix={prefix}"
+        sender = await Node(url, NodeId(unique("s"))).start()
+        receiver = await Node(url, NodeId(unique("r"))).start()
+        try:
+            await receiver.broker.subscribe(RoomId(12))
+            await sender.broker.publish(RoomId(12), b"before")
+            await eventually(lambda: b"before" in receiver.frames, "the frame before")
+            channel = b"%s:room:{r12}" % prefix.encode()
+            old = servers.primary_of(channel)
+            new = next(port for port in servers.ports if port != old)
+            servers.move_slot(channel, new)
+            assert servers.primary_of(channel) == new
+
+            await _publish_until_received(sender, receiver, 12, b"after")
+            await eventually(lambda: receiver.broker.healthy, "the receiver healthy")
+            assert receiver.reconnects >= 1
+            await sender.broker.publish(RoomId(12), b"once")
+            await eventually(lambda: b"once" in receiver.frames, "the last frame")
+            await asyncio.sleep(0.2)  # a second copy would arrive within this
+            assert receiver.frames.count(b"once") == 1
+        finally:
+            await sender.broker.close()
+            await receiver.broker.close()
+    finally:
+        servers.stop()
