@@ -15,12 +15,15 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 import redis as syncredis
 import redis.asyncio as redis
 
 WAIT = 15.0
+
+_S = TypeVar("_S", bound="_Servers")
 
 
 def free_port() -> int:
@@ -107,7 +110,41 @@ async def private_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
         await srv.kill()
 
 
-class RedisClusterServers:
+class _Servers:
+    """Private redis-server processes (and Sentinels) by port."""
+
+    def __init__(self) -> None:
+        self.processes: dict[int, subprocess.Popen[bytes]] = {}
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def _wait(self, port: int, condition: Callable[[syncredis.Redis], bool], what: str) -> None:
+        client = syncredis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
+        deadline = time.monotonic() + WAIT
+        try:
+            while True:
+                with contextlib.suppress(syncredis.ConnectionError, syncredis.TimeoutError):
+                    if condition(client):
+                        return
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server on {port}: no {what} within {WAIT}s")
+                time.sleep(0.05)
+        finally:
+            client.close()
+
+    def kill(self, port: int) -> None:
+        """SIGKILL one server, as in a crash."""
+        process = self.processes.pop(port)
+        process.kill()
+        process.wait(WAIT)
+
+    def stop(self) -> None:
+        for port in list(self.processes):
+            self.kill(port)
+
+
+class RedisClusterServers(_Servers):
     """A throw-away Redis Cluster on free ports: ``primaries`` shards, each with ``replicas``
     replicas, keeping nothing on disk but the cluster's own node files."""
 
@@ -118,11 +155,11 @@ class RedisClusterServers:
         self.primaries = primaries
         self.replicas = replicas
         self.node_timeout = node_timeout
+        super().__init__()
         self.ports = [free_port() for _ in range(primaries * (1 + replicas))]
         self.bus_ports = {port: free_port() for port in self.ports}
         """Each node's cluster bus port, given: Redis's default (port + 10000) can be
         past 65535 for a free port."""
-        self.processes: dict[int, subprocess.Popen[bytes]] = {}
 
     @property
     def url(self) -> str:
@@ -157,20 +194,6 @@ class RedisClusterServers:
                  "--cluster-node-timeout", str(self.node_timeout)],
                 stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
-
-    def _wait(self, port: int, condition: Callable[[syncredis.Redis], bool], what: str) -> None:
-        client = syncredis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
-        deadline = time.monotonic() + WAIT
-        try:
-            while True:
-                with contextlib.suppress(syncredis.ConnectionError, syncredis.TimeoutError):
-                    if condition(client):
-                        return
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server on {port}: no {what} within {WAIT}s")
-                time.sleep(0.05)
-        finally:
-            client.close()
 
     def primary_of(self, key: bytes) -> int:
         """The port of the primary that owns ``key``'s slot now."""
@@ -225,16 +248,6 @@ class RedisClusterServers:
             finally:
                 client.close()
 
-    def kill(self, port: int) -> None:
-        """SIGKILL one node, as in a crash."""
-        process = self.processes.pop(port)
-        process.kill()
-        process.wait(WAIT)
-
-    def stop(self) -> None:
-        for port in list(self.processes):
-            self.kill(port)
-
 
 def _cluster_ready(nodes: int) -> Callable[[syncredis.Redis], bool]:
     def ready(client: syncredis.Redis) -> bool:
@@ -258,18 +271,100 @@ def _redis_binaries() -> tuple[str, str]:
     return binary, cli
 
 
-_shared_cluster: RedisClusterServers | None = None
+_shared: dict[str, Any] = {}
 
 
-def shared_redis_cluster() -> RedisClusterServers:
-    """One Redis Cluster of three primaries for the whole test run (tests keep apart by
-    their prefixes), started on first use and killed when the run ends."""
-    global _shared_cluster
-    if _shared_cluster is None:
-        directory = Path(tempfile.mkdtemp(prefix="roomcast-redis-cluster-"))
-        servers = RedisClusterServers(directory)
+def _shared_servers(kind: str, make: Callable[[Path], _S]) -> _S:
+    """One set of servers of a kind for the whole test run (tests keep apart by their
+    prefixes), started on first use and killed when the run ends."""
+    servers: _S | None = _shared.get(kind)
+    if servers is None:
+        directory = Path(tempfile.mkdtemp(prefix=f"roomcast-{kind}-"))
+        servers = make(directory)
         atexit.register(servers.stop)
         atexit.register(shutil.rmtree, directory, True)
         servers.start()
-        _shared_cluster = servers
-    return _shared_cluster
+        _shared[kind] = servers
+    return servers
+
+
+def shared_redis_cluster() -> RedisClusterServers:
+    """A Redis Cluster of three primaries shared by the test run."""
+    return _shared_servers("redis-cluster", RedisClusterServers)
+
+
+class RedisSentinelServers(_Servers):
+    """A throw-away primary with one replica, watched by one Redis Sentinel (quorum 1) that
+    fails over a second after the primary stops answering."""
+
+    SERVICE = "roomcast"
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__()
+        self.directory = directory
+        self.primary_port, self.replica_port, self.sentinel_port = (free_port() for _ in "prs")
+
+    @property
+    def url(self) -> str:
+        """The URL roomcast takes: the Sentinel's address and the service's name."""
+        return f"redis+sentinel://127.0.0.1:{self.sentinel_port}/{self.SERVICE}/0"
+
+    def start(self) -> None:
+        binary, _ = _redis_binaries()
+        self._launch(binary, self.primary_port)
+        self._launch(binary, self.replica_port, "--replicaof", "127.0.0.1", str(self.primary_port))
+        self._wait(self.replica_port, _synced, "a replica in sync")
+        config = self.directory / "sentinel.conf"
+        config.write_text(
+            f"port {self.sentinel_port}\nbind 127.0.0.1\ndir {self.directory}\n"
+            f"sentinel monitor {self.SERVICE} 127.0.0.1 {self.primary_port} 1\n"
+            f"sentinel down-after-milliseconds {self.SERVICE} 1000\n"
+            f"sentinel failover-timeout {self.SERVICE} 5000\n"
+        )
+        with (self.directory / "sentinel.log").open("ab") as log:
+            self.processes[self.sentinel_port] = subprocess.Popen(
+                [binary, str(config), "--sentinel"], stdout=log, stderr=subprocess.STDOUT
+            )
+        service = self.SERVICE
+
+        def watching(client: syncredis.Redis) -> bool:
+            return bool(client.execute_command("SENTINEL", "REPLICAS", service))
+
+        self._wait(self.sentinel_port, watching, "the Sentinel knowing the replica")
+
+    def _launch(self, binary: str, port: int, *extra: str) -> None:
+        with (self.directory / f"redis-{port}.log").open("ab") as log:
+            self.processes[port] = subprocess.Popen(
+                [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", "--dir", str(self.directory),
+                 "--repl-diskless-sync-delay", "0", *extra],
+                stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+
+    def primary(self) -> int:
+        """The port of the primary the Sentinel names now."""
+        client = syncredis.Redis(host="127.0.0.1", port=self.sentinel_port, socket_timeout=1)
+        try:
+            _host, port = client.execute_command(
+                "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.SERVICE
+            )
+            return int(port)
+        finally:
+            client.close()
+
+    def replicated(self) -> None:
+        """Wait until the replica has what the primary has written so far."""
+        client = syncredis.Redis(host="127.0.0.1", port=self.primary(), socket_timeout=WAIT)
+        try:
+            client.execute_command("WAIT", 1, int(WAIT * 1000))
+        finally:
+            client.close()
+
+
+def _synced(client: syncredis.Redis) -> bool:
+    return bool(client.info("replication").get("master_link_status") == "up")
+
+
+def shared_redis_sentinel() -> RedisSentinelServers:
+    """A primary, replica and Sentinel shared by the test run."""
+    return _shared_servers("redis-sentinel", RedisSentinelServers)

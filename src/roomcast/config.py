@@ -25,8 +25,8 @@ class Settings(BaseSettings):
     socketio_path: str = Field("/ws/socket.io", description="path of the Socket.IO endpoint")
     broker_url: str = Field(
         "memory://",
-        description="broker: memory://, redis:// (?cluster=true: a Redis Cluster), amqp:// "
-        "or nats://",
+        description="broker: memory://, redis:// (?cluster=true: a Redis Cluster), "
+        "redis+sentinel://SENTINELS/SERVICE, amqp:// or nats://",
     )
     store_url: str = Field(
         "sqlite:///./roomcast.db",

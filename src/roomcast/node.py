@@ -8,7 +8,7 @@ import logging
 import secrets
 from urllib.parse import urlsplit
 
-from .adapters import open_broker, open_history, open_presence
+from .adapters import REDIS_SCHEMES, open_broker, open_history, open_presence
 from .config import Settings
 from .core.hub import Hub
 from .core.models import NodeId
@@ -23,7 +23,7 @@ def _presence_url(settings: Settings) -> str:
     RabbitMQ and NATS clusters share presence through PostgreSQL (or one SQLite file)."""
     if settings.presence_url:
         return settings.presence_url
-    if urlsplit(settings.broker_url).scheme in ("memory", "redis", "rediss"):
+    if urlsplit(settings.broker_url).scheme in ("memory", *REDIS_SCHEMES):
         return settings.broker_url
     return settings.store_url
 

@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from tests import services
-from tests.redis_server import shared_redis_cluster
+from tests.redis_server import shared_redis_cluster, shared_redis_sentinel
 
-BROKERS = ["memory", "redis", "redis-cluster", "amqp", "nats"]
-PRESENCES = ["memory", "redis", "redis-cluster", "sqlite", "postgresql"]
+BROKERS = ["memory", "redis", "redis-cluster", "redis-sentinel", "amqp", "nats"]
+PRESENCES = ["memory", "redis", "redis-cluster", "redis-sentinel", "sqlite", "postgresql"]
 
 
 def unique(label: str = "t") -> str:
@@ -32,6 +32,10 @@ async def engine_url(kind: str, tmp_path: Path) -> AsyncIterator[str]:
         servers = shared_redis_cluster()
         yield f"{servers.url}&prefix={prefix}"
         await _redis_cleanup(prefix, servers.ports)
+    elif kind == "redis-sentinel":
+        sentinel = shared_redis_sentinel()
+        yield f"{sentinel.url}?prefix={prefix}"
+        await _redis_cleanup(prefix, [sentinel.primary()])
     elif kind == "amqp":
         services.require("RabbitMQ", services.RABBITMQ_HOST, services.RABBITMQ_PORT)
         yield f"{services.RABBITMQ_URL}?prefix={prefix}"

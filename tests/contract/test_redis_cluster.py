@@ -10,7 +10,7 @@ Runs a private cluster of three primaries with a replica each, on free ports.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -142,21 +142,26 @@ async def test_presence_goes_on_when_a_primary_dies(servers):
         servers.replicated()  # an acknowledged write a failover would not lose
         servers.kill(servers.primary_of(f"{prefix}:members:{{r5}}".encode()))
 
-        async def add_bob() -> None:
-            while True:
-                try:
-                    await presence.add(RoomId(5), bob)
-                    return
-                except UnavailableError:
-                    await asyncio.sleep(0.2)
-
-        await asyncio.wait_for(add_bob(), FAILOVER)
+        await until_available(lambda: presence.add(RoomId(5), bob))
         members = await presence.members(RoomId(5))
         assert [m.user.name for m in members] == ["ada", "bob"]
         assert [m.conn for m in await presence.locate(UserId(1))] == ["n1.1"]
         assert await presence.occupied() == {RoomId(5): 2}
     finally:
         await presence.close()
+
+
+async def until_available(call: Callable[[], Awaitable[None]]) -> None:
+    """``call()`` again every 0.2 s while it answers unavailable (a failover under way)."""
+
+    async def keep_trying() -> None:
+        while True:
+            try:
+                return await call()
+            except UnavailableError:
+                await asyncio.sleep(0.2)
+
+    await asyncio.wait_for(keep_trying(), FAILOVER)
 
 
 def test_a_cluster_url_with_a_database_other_than_0_is_refused():

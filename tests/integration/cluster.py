@@ -13,7 +13,7 @@ from tests import services
 
 from .servers import Server, start_server
 
-BROKERS = ["redis", "redis-cluster", "amqp", "nats"]
+BROKERS = ["redis", "redis-cluster", "redis-sentinel", "amqp", "nats"]
 
 # Fast failure detection, so the tests of node death finish in seconds.
 FAST = ("--heartbeat-interval", "0.5", "--node-ttl", "3", "--rate-limit", "0")

@@ -13,7 +13,7 @@ import pytest
 import socketio
 
 from tests.contract.engines import engine_url, unique
-from tests.redis_server import RedisClusterServers
+from tests.redis_server import RedisClusterServers, RedisSentinelServers
 
 from .clients import ChatClient, eventually, told
 from .cluster import BROKERS, FAST, cluster, postgres_schema, room_frames
@@ -372,42 +372,62 @@ async def test_a_redis_cluster_primary_dies_and_its_rooms_go_on(clients, tmp_pat
     try:
         servers.start()
         prefix = unique()
-        async with postgres_schema() as store:
-            with cluster(f"{servers.url}&prefix={prefix}", store, tmp_path) as c:
-                one, two = c.start(2)
-                alice, bob = await clients(one, "alice"), await clients(two, "bob")
-                joined = await alice.ok("join", {"room": "failover"})
-                room = joined["room"]["id"]
-                await bob.ok("join", {"room": "failover"})
-                await alice.ok("send", {"room": "failover", "text": "before", "id": "a0"})
-                await bob.wait_messages(room, 1)
-                servers.kill(servers.primary_of(b"%s:room:{r%d}" % (prefix.encode(), room)))
 
-                async def send(i: int) -> None:
-                    message = {"room": "failover", "text": f"after {i}", "id": f"a{i}"}
-                    deadline = time.monotonic() + LONG
-                    while True:
-                        reply = await alice.call("send", message)
-                        if reply["ok"]:
-                            return
-                        assert reply["error"]["code"] == "unavailable", reply
-                        assert time.monotonic() < deadline, "no send went through"
-                        await asyncio.sleep(0.2)
+        def kill(room: int) -> None:
+            servers.kill(servers.primary_of(b"%s:room:{r%d}" % (prefix.encode(), room)))
 
-                for i in range(1, 6):
-                    await send(i)
-                texts = ["before"] + [f"after {i}" for i in range(1, 6)]
-                for client in (alice, bob):
-                    assert await client.wait_messages(room, 6, timeout=LONG) == texts
-                    assert [m["seq"] for m in client.messages(room)] == list(range(1, 7))
-
-                async def listed() -> list[str]:
-                    reply = await bob.call("members", {"room": "failover"})
-                    return sorted(m["name"] for m in reply.get("members", []))
-
-                deadline = time.monotonic() + LONG
-                while await listed() != ["alice", "bob"]:
-                    assert time.monotonic() < deadline, await listed()
-                    await asyncio.sleep(0.2)
+        await _failover(clients, tmp_path, f"{servers.url}&prefix={prefix}", kill)
     finally:
         servers.stop()
+
+
+async def test_a_sentinel_watched_primary_dies_and_the_rooms_go_on(clients, tmp_path):
+    """The same on the primary that Redis Sentinel names, killed: the nodes follow
+    Sentinel to the replica it promotes."""
+    servers = RedisSentinelServers(tmp_path)
+    try:
+        servers.start()
+        url = f"{servers.url}?prefix={unique()}"
+        await _failover(clients, tmp_path, url, lambda room: servers.kill(servers.primary()))
+    finally:
+        servers.stop()
+
+
+async def _failover(clients, tmp_path, broker, kill) -> None:
+    async with postgres_schema() as store:
+        with cluster(broker, store, tmp_path) as c:
+            one, two = c.start(2)
+            alice, bob = await clients(one, "alice"), await clients(two, "bob")
+            joined = await alice.ok("join", {"room": "failover"})
+            room = joined["room"]["id"]
+            await bob.ok("join", {"room": "failover"})
+            await alice.ok("send", {"room": "failover", "text": "before", "id": "a0"})
+            await bob.wait_messages(room, 1)
+            kill(room)
+
+            async def send(i: int) -> None:
+                message = {"room": "failover", "text": f"after {i}", "id": f"a{i}"}
+                deadline = time.monotonic() + LONG
+                while True:
+                    reply = await alice.call("send", message)
+                    if reply["ok"]:
+                        return
+                    assert reply["error"]["code"] == "unavailable", reply
+                    assert time.monotonic() < deadline, "no send went through"
+                    await asyncio.sleep(0.2)
+
+            for i in range(1, 6):
+                await send(i)
+            texts = ["before"] + [f"after {i}" for i in range(1, 6)]
+            for client in (alice, bob):
+                assert await client.wait_messages(room, 6, timeout=LONG) == texts
+                assert [m["seq"] for m in client.messages(room)] == list(range(1, 7))
+
+            async def listed() -> list[str]:
+                reply = await bob.call("members", {"room": "failover"})
+                return sorted(m["name"] for m in reply.get("members", []))
+
+            deadline = time.monotonic() + LONG
+            while await listed() != ["alice", "bob"]:
+                assert time.monotonic() < deadline, await listed()
+                await asyncio.sleep(0.2)

@@ -9,6 +9,8 @@ URL                            what                                       extra
 ``redis://HOST:PORT/DB``       broker (sharded pub/sub) and presence      ``redis``
 ``redis://HOST:PORT?cluster=   the same on a Redis Cluster (any node's    ``redis``
 true``                         address)
+``redis+sentinel://HOST:PORT   the same on the primary that Redis         ``redis``
+/SERVICE``                     Sentinel names for SERVICE
 ``amqp://USER:PASS@HOST/VH``   broker (RabbitMQ topic exchange)           ``rabbitmq``
 ``nats://HOST:PORT``           broker (a subject per room)                ``nats``
 =============================  =========================================  ============
@@ -27,6 +29,9 @@ from urllib.parse import urlsplit
 
 from ..core.ports import Broker, History, Presence
 from ..exceptions import ConfigError
+
+REDIS_SCHEMES = ("redis", "rediss", "redis+sentinel", "rediss+sentinel")
+"""The URL schemes of the Redis engine (one server, a cluster, or Sentinel's primary)."""
 
 _memory_presence: dict[str, Presence] = {}
 
@@ -51,7 +56,7 @@ def open_broker(url: str) -> Broker:
         from .memory import MemoryBroker
 
         return MemoryBroker(urlsplit(url).netloc)
-    if scheme in ("redis", "rediss"):
+    if scheme in REDIS_SCHEMES:
         try:
             from .redis import RedisBroker, RedisClusterBroker, is_cluster
         except ImportError as exc:  # pragma: no cover - depends on the installed extras
@@ -104,7 +109,7 @@ def open_presence(url: str) -> Presence:
         if name not in _memory_presence:
             _memory_presence[name] = MemoryPresence()
         return _memory_presence[name]
-    if scheme in ("redis", "rediss"):
+    if scheme in REDIS_SCHEMES:
         try:
             from .redis import RedisPresence
         except ImportError as exc:  # pragma: no cover

@@ -51,6 +51,12 @@ from redis.asyncio.connection import (
     parse_url,
 )
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import (
+    Sentinel,
+    SentinelConnectionPool,
+    SentinelManagedConnection,
+    SentinelManagedSSLConnection,
+)
 from redis.backoff import NoBackoff
 from redis.exceptions import (
     ClusterError,
@@ -143,6 +149,78 @@ def connection_options(url: str) -> tuple[dict[str, Any], str]:
     return options, prefix
 
 
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+SENTINEL_PORT = 26379
+
+
+def is_sentinel(url: str) -> bool:
+    """Whether ``url`` names a service that Redis Sentinel watches."""
+    return urlsplit(url).scheme in SENTINEL_SCHEMES
+
+
+def sentinel_target(url: str) -> tuple[list[tuple[str, int]], str, str]:
+    """For ``redis+sentinel://[USER:PASS@]HOST[:PORT][,HOST[:PORT]...]/SERVICE[/DB]?...``:
+    the Sentinels' addresses, the service's name, and a ``redis[s]://`` URL with the
+    credentials, database and options for the service's servers."""
+    parts = urlsplit(url)
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    addresses = []
+    for item in hosts.split(","):
+        host, colon, port = item.rpartition(":")
+        if not colon:
+            host, port = item, str(SENTINEL_PORT)
+        if not host or not port.isdigit():
+            raise ConfigError(f"invalid Sentinel address {item!r} in the Redis URL")
+        addresses.append((host, int(port)))
+    path = [part for part in parts.path.split("/") if part]
+    if not 1 <= len(path) <= 2:
+        raise ConfigError(
+            "a Redis Sentinel URL names the service, and maybe a database: "
+            "redis+sentinel://HOST:26379/SERVICE[/DB]"
+        )
+    db = path[1] if len(path) == 2 else "0"
+    scheme = parts.scheme.removesuffix("+sentinel")
+    first = f"{addresses[0][0]}:{addresses[0][1]}"
+    netloc = f"{userinfo}@{first}" if userinfo else first
+    return addresses, path[0], urlunsplit((scheme, netloc, f"/{db}", parts.query, ""))
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """Sentinel's pool (connections to the service's current primary) that waits for a
+    free connection as :func:`open_client`'s pool does, and closes its Sentinel clients
+    with itself."""
+
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        await super().disconnect(inuse_connections)
+        if inuse_connections:  # the client's aclose(), not a primary's change
+            await self.sentinel_manager.aclose()
+
+
+def open_url(url: str) -> tuple[Redis, dict[str, Any], str]:
+    """A client for a ``redis://``, ``rediss://`` or ``redis+sentinel://`` URL (see
+    :func:`connection_options` and :func:`sentinel_target`), the options for a connection
+    of one's own to the same server (a subscriber's), and the key prefix."""
+    if not is_sentinel(url):
+        options, prefix = connection_options(url)
+        return open_client(options), options, prefix
+    addresses, service, rest = sentinel_target(url)
+    options, prefix = connection_options(rest)
+    for sentinel_address in ("host", "port"):
+        options.pop(sentinel_address, None)
+    tls = issubclass(options.pop("connection_class", Connection), SSLConnection)
+    connection_class = SentinelManagedSSLConnection if tls else SentinelManagedConnection
+    timeouts = {"socket_timeout": IO_TIMEOUT, "socket_connect_timeout": IO_TIMEOUT}
+    sentinel = Sentinel(addresses, sentinel_kwargs=timeouts)
+    pool_options = {"max_connections": POOL_SIZE, "timeout": POOL_WAIT, **options}
+    pool = _BlockingSentinelPool(  # type: ignore[no-untyped-call]  # untyped in redis-py
+        service, sentinel, connection_class=connection_class, **pool_options
+    )
+    # A connection of one's own asks the same Sentinels, through the pool, where the
+    # primary is each time it connects.
+    own = {**options, "connection_class": connection_class, "connection_pool": pool}
+    return Redis.from_pool(pool), own, prefix
+
+
 def open_client(options: dict[str, Any]) -> Redis:
     """A client with its own pool of connections made with ``options``.
 
@@ -215,8 +293,8 @@ class RedisBroker:
     def __init__(self, url: str) -> None:
         if is_cluster(url):
             raise ConfigError("a Redis Cluster URL needs RedisClusterBroker")
-        options, prefix = connection_options(url)
-        self._setup(options, prefix, open_client(options))
+        client, options, prefix = open_url(url)
+        self._setup(options, prefix, client)
 
     @classmethod
     def shard_subscriber(

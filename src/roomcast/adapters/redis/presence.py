@@ -44,8 +44,8 @@ from .broker import (
     Gate,
     connection_options,
     is_cluster,
-    open_client,
     open_cluster,
+    open_url,
 )
 
 REAP_LEASE = 30.0
@@ -154,16 +154,16 @@ class RedisPresence:
     """Presence in Redis, shared by every node that opens the same URL and prefix."""
 
     def __init__(self, url: str) -> None:
-        options, self._prefix = connection_options(url)
         self._cluster = is_cluster(url)
         self._client: Redis | RedisCluster
         self._gate: Gate | None = None
         """Redis Cluster: bounds the calls at once (the cluster client's pools do not wait)."""
         if self._cluster:
+            options, self._prefix = connection_options(url)
             self._client = open_cluster(options)
             self._gate = Gate(int(options.get("max_connections", POOL_SIZE)))
         else:
-            self._client = open_client(options)
+            self._client, _, self._prefix = open_url(url)
         self._nodes = f"{self._prefix}:nodes"
         self._decoded: dict[tuple[bytes, bytes], tuple[int, Member]] = {}
         """Room entries already decoded, by hash field and value (see ``members``)."""
