@@ -119,8 +119,14 @@ class _Servers:
     def start(self) -> None:
         raise NotImplementedError
 
-    def _wait(self, port: int, condition: Callable[[syncredis.Redis], bool], what: str) -> None:
-        client = syncredis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
+    def _wait(
+        self,
+        port: int,
+        condition: Callable[[syncredis.Redis], bool],
+        what: str,
+        password: str | None = None,
+    ) -> None:
+        client = syncredis.Redis(host="127.0.0.1", port=port, socket_timeout=1, password=password)
         deadline = time.monotonic() + WAIT
         try:
             while True:
@@ -299,9 +305,10 @@ class RedisSentinelServers(_Servers):
 
     SERVICE = "roomcast"
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, sentinel_password: str | None = None) -> None:
         super().__init__()
         self.directory = directory
+        self.sentinel_password = sentinel_password
         self.primary_port, self.replica_port, self.sentinel_port = (free_port() for _ in "prs")
 
     @property
@@ -320,6 +327,7 @@ class RedisSentinelServers(_Servers):
             f"sentinel monitor {self.SERVICE} 127.0.0.1 {self.primary_port} 1\n"
             f"sentinel down-after-milliseconds {self.SERVICE} 1000\n"
             f"sentinel failover-timeout {self.SERVICE} 5000\n"
+            + (f"requirepass {self.sentinel_password}\n" if self.sentinel_password else "")
         )
         with (self.directory / "sentinel.log").open("ab") as log:
             self.processes[self.sentinel_port] = subprocess.Popen(
@@ -330,7 +338,9 @@ class RedisSentinelServers(_Servers):
         def watching(client: syncredis.Redis) -> bool:
             return bool(client.execute_command("SENTINEL", "REPLICAS", service))
 
-        self._wait(self.sentinel_port, watching, "the Sentinel knowing the replica")
+        self._wait(
+            self.sentinel_port, watching, "the Sentinel knowing the replica", self.sentinel_password
+        )
 
     def _launch(self, binary: str, port: int, *extra: str) -> None:
         with (self.directory / f"redis-{port}.log").open("ab") as log:
@@ -343,7 +353,12 @@ class RedisSentinelServers(_Servers):
 
     def primary(self) -> int:
         """The port of the primary the Sentinel names now."""
-        client = syncredis.Redis(host="127.0.0.1", port=self.sentinel_port, socket_timeout=1)
+        client = syncredis.Redis(
+            host="127.0.0.1",
+            port=self.sentinel_port,
+            socket_timeout=1,
+            password=self.sentinel_password,
+        )
         try:
             _host, port = client.execute_command(
                 "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.SERVICE

@@ -14,7 +14,7 @@ import pytest
 
 from roomcast.adapters import open_broker, open_presence
 from roomcast.core.models import ConnId, Member, NodeId, RoomId, User, UserId
-from roomcast.exceptions import ConfigError
+from roomcast.exceptions import ConfigError, UnavailableError
 from tests.redis_server import RedisSentinelServers, eventually
 
 from .engines import unique
@@ -83,3 +83,35 @@ async def test_presence_goes_on_at_the_new_primary(servers):
 def test_a_sentinel_url_without_a_service_or_with_a_bad_address_is_refused(url):
     with pytest.raises(ConfigError):
         open_broker(url)
+
+
+async def test_sentinels_with_a_password_of_their_own(tmp_path):
+    """Sentinels that require a password: ``sentinel_password`` in the URL is theirs; the
+    server's password (none here) stays the URL's own."""
+    servers = RedisSentinelServers(tmp_path, sentinel_password="s3cret")
+    try:
+        servers.start()
+        base = f"{servers.url}?prefix={unique()}"
+        node = await Node(f"{base}&sentinel_password=s3cret", NodeId(unique("n"))).start()
+        try:
+            await node.broker.subscribe(RoomId(1))
+            await node.broker.publish(RoomId(1), b"through")
+            await eventually(lambda: b"through" in node.frames, "the frame")
+        finally:
+            await node.broker.close()
+        refused = open_broker(base)
+        try:
+            with pytest.raises(UnavailableError):
+                await refused.start(NodeId(unique("n")), _ignore, _ignore, _nothing)
+        finally:
+            await refused.close()
+    finally:
+        servers.stop()
+
+
+async def _ignore(data: bytes) -> None:
+    return None
+
+
+async def _nothing() -> None:
+    return None

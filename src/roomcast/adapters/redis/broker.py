@@ -161,7 +161,8 @@ def is_sentinel(url: str) -> bool:
 def sentinel_target(url: str) -> tuple[list[tuple[str, int]], str, str]:
     """For ``redis+sentinel://[USER:PASS@]HOST[:PORT][,HOST[:PORT]...]/SERVICE[/DB]?...``:
     the Sentinels' addresses, the service's name, and a ``redis[s]://`` URL with the
-    credentials, database and options for the service's servers."""
+    credentials, database and options for the service's servers (and, in its query, the
+    Sentinels' own ``sentinel_username`` and ``sentinel_password``)."""
     parts = urlsplit(url)
     userinfo, _, hosts = parts.netloc.rpartition("@")
     addresses = []
@@ -185,6 +186,17 @@ def sentinel_target(url: str) -> tuple[list[tuple[str, int]], str, str]:
     return addresses, path[0], urlunsplit((scheme, netloc, f"/{db}", parts.query, ""))
 
 
+def _sentinel_credentials(url: str) -> tuple[dict[str, str], str]:
+    """``sentinel_username`` and ``sentinel_password`` from the URL's query (the Sentinels'
+    own, as redis-py's options for them), and the URL without them."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    own = {"sentinel_username": "username", "sentinel_password": "password"}
+    credentials = {own[k]: v for k, v in query if k in own}
+    rest = urlencode([(k, v) for k, v in query if k not in own])
+    return credentials, urlunsplit(parts._replace(query=rest))
+
+
 class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
     """Sentinel's pool (connections to the service's current primary) that waits for a
     free connection as :func:`open_client`'s pool does, and closes its Sentinel clients
@@ -204,13 +216,14 @@ def open_url(url: str) -> tuple[Redis, dict[str, Any], str]:
         options, prefix = connection_options(url)
         return open_client(options), options, prefix
     addresses, service, rest = sentinel_target(url)
+    credentials, rest = _sentinel_credentials(rest)
     options, prefix = connection_options(rest)
     for sentinel_address in ("host", "port"):
         options.pop(sentinel_address, None)
     tls = issubclass(options.pop("connection_class", Connection), SSLConnection)
     connection_class = SentinelManagedSSLConnection if tls else SentinelManagedConnection
-    timeouts = {"socket_timeout": IO_TIMEOUT, "socket_connect_timeout": IO_TIMEOUT}
-    sentinel = Sentinel(addresses, sentinel_kwargs=timeouts)
+    own_options = {"socket_timeout": IO_TIMEOUT, "socket_connect_timeout": IO_TIMEOUT}
+    sentinel = Sentinel(addresses, sentinel_kwargs={**own_options, **credentials})
     pool_options = {"max_connections": POOL_SIZE, "timeout": POOL_WAIT, **options}
     pool = _BlockingSentinelPool(  # type: ignore[no-untyped-call]  # untyped in redis-py
         service, sentinel, connection_class=connection_class, **pool_options
