@@ -1,5 +1,5 @@
-"""The gRPC door on two nodes sharing Redis (broker and presence) and one store: a client's
-calls may land on any node, and its user is the same everywhere."""
+"""The gRPC door on two nodes sharing Redis, one server or a cluster (broker and presence),
+and one store: a client's calls may land on any node, and its user is the same everywhere."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ from .test_grpc import LIVENESS, Command, GrpcClient, mark
 pytestmark = pytest.mark.service
 
 
-@pytest.fixture
-async def redis_url(tmp_path: Path) -> AsyncIterator[str]:
-    async with engine_url("redis", tmp_path) as url:
+@pytest.fixture(params=["redis", "redis-cluster"])
+async def redis_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    async with engine_url(request.param, tmp_path) as url:
         yield url
 
 
