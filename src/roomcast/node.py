@@ -90,11 +90,13 @@ class Node:
             await self.service.announce_departed(removed)
 
     async def _on_reconnect(self) -> None:
-        """The broker is back: restore presence it may have lost, then deliver from history
-        whatever the local rooms missed meanwhile, and the joins and leaves."""
+        """The broker is back: restore presence it may have lost (entries, and removals a
+        failover lost), then deliver from history whatever the local rooms missed
+        meanwhile, and the joins and leaves."""
         try:
             lapsed = await self.presence.heartbeat(self.id, self.settings.node_ttl)
             await self.service.restore_presence(announce=lapsed)
+            await self.service.redo_removals()
         except Exception:
             log.warning("restoring presence after a reconnect failed", exc_info=True)
         await self.service.resync()

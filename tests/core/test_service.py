@@ -12,7 +12,7 @@ import pytest
 from roomcast.adapters.memory import MemoryBroker, MemoryHistory, MemoryPresence
 from roomcast.core.events import Frame, Kind
 from roomcast.core.hub import Hub
-from roomcast.core.models import ConnId, Draft, NodeId, Position, RoomId, User, UserId
+from roomcast.core.models import ConnId, Draft, Member, NodeId, Position, RoomId, User, UserId
 from roomcast.core.service import ChatService, Sequencer
 from roomcast.exceptions import ChatError, ErrorCode, UnavailableError
 
@@ -832,3 +832,33 @@ async def test_a_connection_that_closes_while_it_joins_is_not_left_in_the_room()
     assert told(bob, joined) == ["bob"]  # her join was announced, and so is her leave
     await service.send(bob, "lobby", "after she left")
     assert alice.conn.messages() == []  # no longer attached to the room either
+
+
+async def test_removals_a_failover_lost_are_made_again_when_the_engine_is_back():
+    """A Redis failover loses the writes its dead primary had not yet passed on: here
+    carol's leave and dave's disconnect, whose entries are listed again afterwards. The
+    node makes its recent removals again (after it reconnects) and announces the leaves;
+    a member who joined again since stays."""
+    cluster = Cluster()
+    service, _, rec = await cluster.node()
+    alice = await connect(service, rec, "alice")
+    joined = await join(service, alice, "lobby")
+    room = joined.room.id
+    carol, dave, erin = [await connect(service, rec, name) for name in ("carol", "dave", "erin")]
+    for session in (carol, dave, erin):
+        await join(service, session, "lobby")
+    lost = [Member(s.user, s.conn.id, NodeId("n0")) for s in (carol, dave, erin)]
+    await service.leave(carol, "lobby")
+    await service.disconnect(dave.conn.id)
+    await service.leave(erin, "lobby")
+    await join(service, erin, "lobby")  # erin is back
+    for member in lost:  # the failover: the removals are gone, the entries back
+        await cluster.presence.add(room, member)
+    await cluster.presence.register(lost[1])
+
+    assert await service.redo_removals() == 2
+    _, members, _ = await service.members("lobby")
+    assert sorted(u.name for u in members) == ["alice", "erin"]
+    assert [m.conn for m in await cluster.presence.locate(dave.user.id)] == []
+    await _until(lambda: told(alice, joined) == ["alice", "erin"])
+    assert await service.redo_removals() == 0  # nothing listed again: nothing to do

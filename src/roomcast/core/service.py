@@ -58,6 +58,13 @@ PRESENCE_GATHER_MAX = 0.05
 """Seconds: the longest the announcer waits between two publishes."""
 UNREMOVED_MAX = 100_000
 """Failed presence removals kept for the heartbeat to retry, at most."""
+REDO_WINDOW = 60.0
+"""Seconds for which a node remembers the presence removals it made, to make them again
+after its engine comes back (see :meth:`ChatService.redo_removals`): a failover takes
+``cluster-node-timeout`` (15 s by default) or Sentinel's ``down-after-milliseconds``
+(30 s) to start."""
+REDO_MAX = 100_000
+"""Recent presence removals remembered, at most."""
 
 log = logging.getLogger(__name__)
 
@@ -532,6 +539,9 @@ class ChatService:
         """Presence removals that failed (the engine out of reach), in order: (room, conn)
         for a membership, (None, conn) for a registration. Until one is retried (see
         :meth:`retry_removals`), its connection is still listed."""
+        self._removed_lately: dict[tuple[RoomId | None, ConnId], float] = {}
+        """Presence removals made in the last :data:`REDO_WINDOW` seconds, as above, with
+        when (monotonic): what :meth:`redo_removals` makes again."""
 
     # -- connections -------------------------------------------------------------------
 
@@ -1120,6 +1130,54 @@ class ChatService:
             log.warning("removing %s from presence failed, to be retried: %s", conn_id, exc)
             if len(self._unremoved) < UNREMOVED_MAX:
                 self._unremoved[(room_id, conn_id)] = None
+        else:
+            self._removed(room_id, conn_id)
+
+    def _removed(self, room_id: RoomId | None, conn_id: ConnId) -> None:
+        lately = self._removed_lately
+        lately.pop((room_id, conn_id), None)  # to the end: the dict stays in time order
+        lately[(room_id, conn_id)] = time.monotonic()
+        if len(lately) > REDO_MAX:
+            del lately[next(iter(lately))]
+
+    async def redo_removals(self) -> int:
+        """Make again the presence removals of the last :data:`REDO_WINDOW` seconds whose
+        entries are listed again, and announce their leaves; returns how many.
+
+        For after the engine comes back from an outage: a Redis failover loses the writes
+        the dead primary had acknowledged and not yet passed to its replica (replication
+        is asynchronous), and a removal lost so would leave its member listed for as long
+        as this node lives — no one else removes the entries of a live node. A connection
+        back in the room (or still connected, for a registration) stays listed."""
+        cutoff = time.monotonic() - REDO_WINDOW
+        lately = self._removed_lately
+        while lately and next(iter(lately.values())) < cutoff:
+            del lately[next(iter(lately))]
+        by_room: dict[RoomId, set[ConnId]] = {}
+        for room_id, conn_id in list(lately):
+            session = self._sessions.get(conn_id)
+            if session is not None and (room_id is None or room_id in session.rooms):
+                continue  # back since
+            if room_id is None:
+                await self._quiet(self.presence.unregister(conn_id))
+            else:
+                by_room.setdefault(room_id, set()).add(conn_id)
+        redone = 0
+        for room_id, conns in by_room.items():
+            try:
+                listed = await self.presence.members(room_id)
+            except Exception as exc:
+                log.warning("reading room %s's members to redo removals failed: %s", room_id, exc)
+                continue
+            for member in listed:
+                if member.conn in conns and member.node == self.node:
+                    await self._quiet(self.presence.remove(room_id, member.conn))
+                    if room_id > 0:  # below 1: records a door keeps in presence
+                        await self._publish_presence(room_id, "leave", member.user)
+                    redone += 1
+        if redone:
+            log.warning("removed %d members again that presence had lost the removal of", redone)
+        return redone
 
     async def retry_removals(self, budget: float | None = None) -> int:
         """Retry the presence removals that failed, in order, until one fails again (the
@@ -1139,6 +1197,7 @@ class ChatService:
                     del self._unremoved[key]
                     self._unremoved[key] = None
                     break
+                self._removed(room_id, conn_id)
             del self._unremoved[key]
             if deadline is not None and time.monotonic() >= deadline:
                 break  # at least one done per call, however small the budget

@@ -16,9 +16,10 @@ away); each of these wakes the layout check, which also runs every
 :data:`TOPOLOGY_CHECK` seconds while something is amiss and every :data:`TOPOLOGY_IDLE`
 seconds otherwise. The check reads the slot map again, moves every channel (the inbox
 included) whose slot has a new primary to that primary's subscriber, closes the subscribers
-of nodes that are no longer primaries, and then awaits ``on_reconnect`` so the node fetches
-from history what it may have missed meanwhile — as after a lost connection to a single
-Redis.
+of nodes that are no longer primaries, and then — if anything moved, or the primaries
+changed at all — awaits ``on_reconnect`` so the node fetches from history what it may have
+missed meanwhile and makes again presence writes a failover may have lost, as after a lost
+connection to a single Redis.
 """
 
 from __future__ import annotations
@@ -89,6 +90,9 @@ class RedisClusterBroker:
         self._started = False
         self._closed = False
         self._retired_received = 0
+        self._primaries: set[str] = set()
+        """The cluster's primaries at the last look: a change (a failover) may have lost
+        presence writes anywhere, even on shards this node subscribes nothing on."""
 
     def _room_channel(self, room: RoomId) -> bytes:
         return b"%s:room:{r%d}" % (self._prefix.encode(), room)
@@ -127,6 +131,7 @@ class RedisClusterBroker:
         except UnavailableError:
             await self.close()
             raise
+        self._primaries = {node.name for node in self._client.get_primaries()}
         self._started = True
         self._monitor = asyncio.get_running_loop().create_task(
             self._watch_layout(), name=f"roomcast-redis-cluster-layout-{node}"
@@ -276,6 +281,7 @@ class RedisClusterBroker:
             log.warning("cannot read the Redis Cluster's layout: %s", exc)
             return
         primaries = {node.name for node in self._client.get_primaries()}
+        failover, self._primaries = primaries != self._primaries, primaries
         moved = await self._place_inbox()
         moves: list[tuple[str, RoomId]] = []
         for channel, room in list(self._rooms.items()):
@@ -303,7 +309,7 @@ class RedisClusterBroker:
                 del self._shards[name]
                 self._retired_received += shard.received
                 await shard.close()
-        if moves or moved:
+        if moves or moved or failover:
             log.info(
                 "Redis Cluster layout changed: %d of %d rooms moved to their new primary",
                 placed,
