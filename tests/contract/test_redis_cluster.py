@@ -22,6 +22,7 @@ from roomcast.exceptions import ConfigError, UnavailableError
 from tests.redis_server import RedisClusterServers, eventually, shared_redis_cluster
 
 from .engines import unique
+from .test_redis_reconnect import Node
 
 pytestmark = pytest.mark.service
 
@@ -37,29 +38,6 @@ def servers(tmp_path: Path) -> Iterator[RedisClusterServers]:
         yield cluster
     finally:
         cluster.stop()
-
-
-class Node:
-    def __init__(self, url: str, node: NodeId) -> None:
-        self.id = node
-        self.broker = open_broker(url)
-        self.frames: list[bytes] = []
-        self.inbox: list[bytes] = []
-        self.reconnects = 0
-
-    async def start(self) -> Node:
-        async def on_room(data: bytes) -> None:
-            self.frames.append(data)
-
-        async def on_inbox(data: bytes) -> None:
-            self.inbox.append(data)
-
-        async def on_reconnect() -> None:
-            assert self.broker.healthy  # called once the subscriptions are back
-            self.reconnects += 1
-
-        await self.broker.start(self.id, on_room, on_inbox, on_reconnect)
-        return self
 
 
 def _same_shard(servers: RedisClusterServers, prefix: str, room: int) -> Callable[[str], bool]:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from roomcast.adapters.redis import RedisBroker, broker
+from roomcast.adapters import open_broker
+from roomcast.adapters.redis import broker
 from roomcast.core.models import NodeId, RoomId
 from roomcast.exceptions import UnavailableError
 from tests.redis_server import RedisServer, eventually, private_redis
@@ -33,11 +34,12 @@ async def server(tmp_path: Path) -> AsyncIterator[RedisServer]:
 
 
 class Node:
-    """A started RedisBroker recording what it receives and how often it reconnected."""
+    """A started Redis broker (one server, a cluster or Sentinel's primary, by the URL)
+    recording what it receives and how often it reconnected."""
 
-    def __init__(self, url: str) -> None:
-        self.id = NodeId(unique("n"))
-        self.broker = RedisBroker(url)
+    def __init__(self, url: str, node: NodeId | None = None) -> None:
+        self.id = node or NodeId(unique("n"))
+        self.broker = open_broker(url)
         self.frames: list[bytes] = []
         self.inbox: list[bytes] = []
         self.reconnects = 0
