@@ -75,6 +75,35 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run a roomcast node")
     add_settings_flags(serve)
     serve.set_defaults(run=_serve)
+    token = commands.add_parser(
+        "token",
+        help="print a token for a user (with the auth secret of the servers)",
+        description="Print a signed token that a server started with the same --auth-secret "
+        "accepts. Your application's backend signs its users' tokens itself (any JWT "
+        "library, HS256); this is for trying roomcast out, scripts and tests.",
+    )
+    token.add_argument("subject", help="the user's stable id in your application (the 'sub')")
+    token.add_argument("--name", help="the name the others see (default: the subject)")
+    token.add_argument(
+        "--room",
+        action="append",
+        dest="rooms",
+        metavar="ROOM",
+        help="a room the user may enter, or a 'prefix*' (repeat it; default: every room)",
+    )
+    token.add_argument(
+        "--ttl", type=float, default=3600.0, help="seconds the token is valid (default: 3600)"
+    )
+    for name in ("auth_secret", "auth_audience", "auth_issuer"):
+        field = Settings.model_fields[name]
+        token.add_argument(
+            _flag(name),
+            dest=name,
+            default=None,
+            metavar=name.split("_")[-1].upper(),
+            help=f"{field.description} (env ROOMCAST_{name.upper()})",
+        )
+    token.set_defaults(run=_token)
     chat = commands.add_parser("chat", help="chat from a terminal (Socket.IO, or --grpc)")
     try:
         from .chat import add_arguments
@@ -84,6 +113,24 @@ def build_parser() -> argparse.ArgumentParser:
         add_arguments(chat)
         chat.set_defaults(run=_chat)
     return parser
+
+
+def _token(args: argparse.Namespace) -> int:
+    from .exceptions import ChatError
+
+    authenticator = settings_from(args).authenticator()
+    if authenticator is None:
+        print("roomcast: --auth-secret (or ROOMCAST_AUTH_SECRET) is required", file=sys.stderr)
+        return 2
+    if not 0 < args.ttl <= 10 * 365 * 86400:
+        print("roomcast: --ttl: between 0 and ten years of seconds", file=sys.stderr)
+        return 2
+    try:
+        print(authenticator.mint(args.subject, ttl=args.ttl, name=args.name, rooms=args.rooms))
+    except ChatError as exc:
+        print(f"roomcast: {exc.message}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _chat(args: argparse.Namespace) -> int:

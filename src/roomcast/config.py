@@ -9,8 +9,10 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .core.auth import SECRET_MIN, Authenticator
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 
@@ -72,6 +74,18 @@ class Settings(BaseSettings):
         2.0, ge=0, le=600, description="seconds a room stays subscribed after its last local member"
     )
 
+    auth_secret: SecretStr | None = Field(
+        None,
+        description="check every client's token (a JWT signed with this secret, HS256, "
+        "32+ characters); unset: clients name themselves",
+    )
+    auth_audience: str | None = Field(
+        None, description="with --auth-secret: the 'aud' tokens must carry"
+    )
+    auth_issuer: str | None = Field(
+        None, description="with --auth-secret: the 'iss' tokens must carry"
+    )
+
     grpc_port: int = Field(
         50050,
         ge=0,
@@ -93,6 +107,23 @@ class Settings(BaseSettings):
         if value is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
             raise ValueError("a node id is 1-64 letters, digits, '_' or '-'")
         return value
+
+    @field_validator("auth_secret")
+    @classmethod
+    def _secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < SECRET_MIN:
+            raise ValueError(f"an auth secret has at least {SECRET_MIN} characters")
+        return value
+
+    def authenticator(self) -> Authenticator | None:
+        """What checks the clients' tokens: None when no auth secret is set."""
+        if self.auth_secret is None:
+            return None
+        return Authenticator(
+            self.auth_secret.get_secret_value(),
+            audience=self.auth_audience,
+            issuer=self.auth_issuer,
+        )
 
     @field_validator("socketio_path")
     @classmethod

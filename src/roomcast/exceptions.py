@@ -35,6 +35,11 @@ class ErrorCode(StrEnum):
     """Too many requests in a short time."""
     CONFLICT = "conflict"
     """A message id chosen by the sender is the id of another message in the room."""
+    UNAUTHORIZED = "unauthorized"
+    """The server checks tokens and the client's is missing, badly signed, expired or
+    malformed (see docs/protocol.md, "Authentication")."""
+    FORBIDDEN = "forbidden"
+    """The client's token does not let it into this room."""
     UNAVAILABLE = "unavailable"
     """An engine the request needs (broker, store) cannot be reached; nothing was done."""
 

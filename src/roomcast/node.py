@@ -51,6 +51,7 @@ class Node:
             # The in-process broker hands a frame to this node's members during the
             # publish itself: nothing to gain there.
             local_first=urlsplit(settings.broker_url).scheme.lower() != "memory",
+            auth=settings.authenticator(),
         )
         self.metrics = Metrics(self)
         self._stopping = asyncio.Event()

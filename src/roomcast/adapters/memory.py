@@ -155,6 +155,7 @@ class MemoryHistory:
         """Messages whose ids their senders chose, by room and id."""
         self._room_ids = itertools.count(1)
         self._user_ids = itertools.count(1)
+        self._subjects: dict[str, UserId] = {}
 
     async def start(self) -> None:
         return None
@@ -244,6 +245,12 @@ class MemoryHistory:
 
     async def next_user_id(self) -> UserId:
         return UserId(next(self._user_ids))
+
+    async def user_id_for(self, subject: str) -> UserId:
+        found = self._subjects.get(subject)
+        if found is None:
+            found = self._subjects[subject] = UserId(next(self._user_ids))
+        return found
 
 
 class MemoryPresence:

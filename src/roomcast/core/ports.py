@@ -166,6 +166,13 @@ class History(Protocol):
         """A user id never handed out before by this store (1, 2, 3, ...)."""
         ...
 
+    async def user_id_for(self, subject: str) -> UserId:
+        """The user id of an authenticated user (a token's ``sub``): the same for the same
+        subject every time, on every node sharing the store; a subject seen for the first
+        time gets an id never handed out before (from the same counter as
+        :meth:`next_user_id`)."""
+        ...
+
 
 @runtime_checkable
 class Presence(Protocol):

@@ -22,6 +22,7 @@ from typing import Any
 
 from ..exceptions import ChatError, ErrorCode, UnavailableError
 from . import validation
+from .auth import Authenticator, Identity
 from .events import (
     DeliverAnswer,
     DeliverRequest,
@@ -102,6 +103,8 @@ class Session:
     requests: TokenBucket | None = None
     """Its rate of the other requests: ``join``, ``leave``, ``history``, ``rooms``,
     ``members`` (see :meth:`ChatService.spend_request`)."""
+    identity: Identity | None = None
+    """Who the connection's token proved it is (None: the server checks no tokens)."""
     sending: asyncio.Lock = field(default_factory=asyncio.Lock)
     """Held while one of the connection's messages is being sequenced: a connection's
     messages get seqs in the order it sent them, even when its requests are handled
@@ -423,6 +426,13 @@ class Sequencer:
                     future.set_result(message)
 
 
+def _visible(identity: Identity | None, rooms: list[Room]) -> list[Room]:
+    """The rooms an identity may enter (all of them on an open server)."""
+    if identity is None or identity.rooms is None:
+        return rooms
+    return [room for room in rooms if identity.may_enter(room.name)]
+
+
 async def _late_tries() -> AsyncIterator[None]:
     """Turns of a retry after a failure: 0.25 s, then twice as long each time up to 5 s,
     for :data:`LATE_SETTLE_WAIT` in all."""
@@ -495,8 +505,12 @@ class ChatService:
         request_rate_burst: int = 1,
         clock: Callable[[], float] = time.time,
         local_first: bool = False,
+        auth: Authenticator | None = None,
     ) -> None:
-        """``local_first``: a message this node stores goes to its own members at once, not
+        """``auth``: check every client's token (see :mod:`roomcast.core.auth`); None: an
+        open server, where clients name themselves.
+
+        ``local_first``: a message this node stores goes to its own members at once, not
         after the broker has brought it back — for a broker in another process, where
         that round trip is the longest step between a ``send`` and its delivery.
 
@@ -504,6 +518,7 @@ class ChatService:
         messages (``send``, ``typing``, ``dm``); ``request_rate_limit`` and
         ``request_rate_burst`` its other requests. 0: no limit."""
         self.node = node
+        self.auth = auth
         self.history = history
         self.broker = broker
         self._occupied = OccupiedRooms(presence, clock=time.monotonic)
@@ -549,15 +564,23 @@ class ChatService:
         """A connection id unique across the cluster: this node's id and a counter."""
         return ConnId(f"{self.node}.{next(self._ids)}")
 
-    async def connect(self, conn: Connection, name: object) -> Session:
-        """Register a connection under a nickname; the user gets a cluster-wide id."""
-        nickname = validation.nickname(name)
-        user = User(await self.history.next_user_id(), nickname)
+    async def connect(self, conn: Connection, name: object, token: object = None) -> Session:
+        """Register a connection. On an open server under the nickname ``name``, as a new
+        user with a cluster-wide id; on a server that checks tokens as the user ``token``
+        proves (``name`` is not read): its id the same on every connect, on every node."""
+        identity = self.authenticate(token)
+        if identity is None:
+            user = User(await self.history.next_user_id(), validation.nickname(name))
+        else:
+            try:
+                user = User(await self.history.user_id_for(identity.subject), identity.name)
+            except UnavailableError as exc:
+                raise ChatError(ErrorCode.UNAVAILABLE, "the store is unavailable") from exc
         bucket = TokenBucket(self._rate, self._burst) if self._rate > 0 else None
         requests = (
             TokenBucket(self._request_rate, self._request_burst) if self._request_rate > 0 else None
         )
-        session = Session(conn, user, bucket=bucket, requests=requests)
+        session = Session(conn, user, identity=identity, bucket=bucket, requests=requests)
         try:
             await self.presence.register(Member(user, conn.id, self.node))
         except UnavailableError as exc:
@@ -565,6 +588,18 @@ class ChatService:
         self._sessions[conn.id] = session
         self._by_user.setdefault(user.id, {})[conn.id] = session
         return session
+
+    def authenticate(self, token: object) -> Identity | None:
+        """Who a token proves its bearer is: None on an open server (nothing is checked),
+        else the identity, or ``unauthorized``."""
+        return None if self.auth is None else self.auth.verify(token)
+
+    @staticmethod
+    def check_entry(identity: Identity | None, room: Room) -> None:
+        """``forbidden`` unless the identity may enter the room (anyone may on an open
+        server): what a join, and a read of a room's history or members, checks."""
+        if identity is not None and not identity.may_enter(room.name):
+            raise ChatError(ErrorCode.FORBIDDEN, f"your token does not let you into {room.name!r}")
 
     def sessions(self) -> list[ConnId]:
         """The connections of this node."""
@@ -607,6 +642,17 @@ class ChatService:
         self._remember(room)
         return room
 
+    async def _entered(
+        self, ref: RoomId | str, identity: Identity | None, *, create: bool = False
+    ) -> Room:
+        """The room (as :meth:`resolve`) if the identity may enter it, else ``forbidden``;
+        a name the identity may not enter is refused before the room is made."""
+        if identity is not None and isinstance(ref, str) and not identity.may_enter(ref):
+            raise ChatError(ErrorCode.FORBIDDEN, f"your token does not let you into {ref!r}")
+        room = await self.resolve(ref, create=create)
+        self.check_entry(identity, room)
+        return room
+
     def _remember(self, room: Room) -> None:
         if len(self._room_ids) >= ROOM_CACHE:
             self._room_ids.clear()
@@ -637,7 +683,7 @@ class ChatService:
         only counts them: in a room of thousands, a join that lists them reads and sends
         every one (~5 ms for 5,000 on Redis), and a storm of such joins costs the square
         of the room's size."""
-        room = await self.resolve(ref, create=True)
+        room = await self._entered(ref, session.identity, create=True)
         if room.id in session.rooms:
             await self._leave(session, room.id, announce=False)
         if not self.broker.healthy:
@@ -768,16 +814,23 @@ class ChatService:
         await self._publish(room_id, typing_frame(room_id, session.user))
 
     async def history_page(
-        self, ref: RoomId | str, before: int | None, limit: int
+        self, ref: RoomId | str, before: int | None, limit: int, identity: Identity | None = None
     ) -> list[Message]:
-        room = await self.resolve(ref)
+        """The newest ``limit`` messages of the room below ``before``, ascending; for an
+        ``identity``, only of a room its token lets it into."""
+        room = await self._entered(ref, identity)
         try:
             return await self.history.before(room.id, before, limit)
         except UnavailableError as exc:
             raise ChatError(ErrorCode.UNAVAILABLE, "the message store is unavailable") from exc
 
     async def rooms(
-        self, *, occupied: bool = False, after: RoomId | None = None, limit: int | None = None
+        self,
+        *,
+        occupied: bool = False,
+        after: RoomId | None = None,
+        limit: int | None = None,
+        identity: Identity | None = None,
     ) -> list[RoomInfo]:
         """Every room ever made, by id, with its member count across the cluster — a read
         of every room and of its count; ``after`` and ``limit`` page through them (the
@@ -786,37 +839,47 @@ class ChatService:
         first ``limit`` of them): a read of the cluster's memberships, whatever the number
         of rooms (what a list of rooms to show people wants), shared by the callers of
         about a second — this node's own joins and leaves show at once, other nodes'
-        within the second (see :class:`~roomcast.core.listing.OccupiedRooms`)."""
+        within the second (see :class:`~roomcast.core.listing.OccupiedRooms`).
+
+        For an ``identity`` whose token names its rooms, only those rooms are listed (a
+        page may then hold fewer than ``limit``)."""
         if not occupied:
-            rooms = await self.history.rooms(after=after, limit=limit)
+            rooms = _visible(identity, await self.history.rooms(after=after, limit=limit))
             counts = await self.presence.counts([r.id for r in rooms])
             return [RoomInfo(room, counts.get(room.id, 0)) for room in rooms]
         # Rooms with ids below 1 are records a door keeps in presence, not rooms.
         counts = {room: n for room, n in (await self._occupied.get()).items() if room > 0}
-        found = await self.history.rooms(list(counts)) if counts else []
+        found = _visible(identity, await self.history.rooms(list(counts)) if counts else [])
         infos = [RoomInfo(room, counts[room.id]) for room in found]
         infos.sort(key=lambda info: (-info.members, info.room.id))
         return infos if limit is None else infos[:limit]
 
     async def rooms_page(
-        self, after: RoomId | None, limit: int
+        self, after: RoomId | None, limit: int, identity: Identity | None = None
     ) -> tuple[list[RoomInfo], RoomId | None]:
         """The first ``limit`` rooms with an id above ``after`` (every room: 0), with their
-        member counts, and the ``after`` of the next page (None when no room follows)."""
+        member counts, and the ``after`` of the next page (None when no room follows);
+        for an ``identity``, only the rooms its token lets it into of those."""
         found = await self.history.rooms(after=after, limit=limit + 1)
-        page = found[:limit]
+        page = _visible(identity, found[:limit])
         counts = await self.presence.counts([room.id for room in page])
         infos = [RoomInfo(room, counts.get(room.id, 0)) for room in page]
-        return infos, page[-1].id if len(found) > limit else None
+        return infos, found[limit - 1].id if len(found) > limit else None
 
     async def members(
-        self, ref: RoomId | str, *, after: UserId | None = None, limit: int | None = None
+        self,
+        ref: RoomId | str,
+        *,
+        after: UserId | None = None,
+        limit: int | None = None,
+        identity: Identity | None = None,
     ) -> tuple[Room, list[User], UserId | None]:
         """The room and its members on every node, each user once, in join order. With
         ``after`` or ``limit``: by user id, the first ``limit`` (None: all) with an id above
         ``after``, and the ``after`` of the next page (None when no member follows). Each
-        call reads every membership of the room: a page bounds the answer, not the read."""
-        room = await self.resolve(ref)
+        call reads every membership of the room: a page bounds the answer, not the read.
+        For an ``identity``, only of a room its token lets it into."""
+        room = await self._entered(ref, identity)
         users = await self._members(room.id)
         if after is None and limit is None:
             return room, users, None

@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..core import validation
+from ..core.auth import Identity
 from ..core.models import RoomId, UserId
-from ..core.service import members_wire, rooms_wire
+from ..core.service import ChatService, members_wire, rooms_wire
 from ..core.validation import HISTORY_LIMIT_MAX, MEMBERS_LIMIT_MAX, ROOMS_LIMIT_MAX
 from ..exceptions import ChatError, ErrorCode, UnavailableError
 from ..node import Node
@@ -32,7 +34,34 @@ _STATUS = {
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.UNAVAILABLE: 503,
     ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.FORBIDDEN: 403,
 }
+
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="On a server started with an auth secret: a token its application signed "
+    "(see docs/protocol.md, Authentication). An open server reads none.",
+)
+
+
+def _caller(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Identity | None:
+    """Who calls: on a server that checks tokens the bearer token's user (else
+    ``unauthorized``); None on an open server."""
+    service: ChatService = request.app.state.service
+    if service.auth is None:
+        return None
+    if credentials is None:
+        raise ChatError(
+            ErrorCode.UNAUTHORIZED, "an 'Authorization: Bearer TOKEN' header is required"
+        )
+    return service.authenticate(credentials.credentials)
+
+
+Caller = Annotated[Identity | None, Depends(_caller)]
 
 
 def _room_ref(room: str) -> RoomId | str:
@@ -54,9 +83,13 @@ def create_http_app(node: Node) -> FastAPI:
     )
     service = node.service
 
+    app.state.service = service
+
     @app.exception_handler(ChatError)
     async def chat_error(request: Request, exc: ChatError) -> JSONResponse:
-        return JSONResponse({"ok": False, "error": exc.to_dict()}, _STATUS.get(exc.code, 400))
+        status = _STATUS.get(exc.code, 400)
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        return JSONResponse({"ok": False, "error": exc.to_dict()}, status, headers=headers)
 
     @app.exception_handler(UnavailableError)
     async def unavailable(request: Request, exc: UnavailableError) -> JSONResponse:
@@ -109,6 +142,7 @@ def create_http_app(node: Node) -> FastAPI:
         responses={200: {"model": RoomsReply}, **ERRORS},
     )
     async def rooms(
+        identity: Caller,
         occupied: bool = Query(False, description="only the rooms with members, most first"),
         after: int | None = Query(
             None, ge=0, le=2**53, description="a page of every room: ids above this one"
@@ -120,13 +154,13 @@ def create_http_app(node: Node) -> FastAPI:
         """Every room by id, or with ``occupied=true`` only the rooms with members, most
         members first. ``limit`` (and ``after`` for every room) pages through them: a
         page of every room that more rooms follow says in ``next`` the ``after`` of the
-        next one."""
+        next one. A token that names its rooms sees only those."""
         if occupied and after is not None:
             raise ChatError(ErrorCode.BAD_REQUEST, "'after' pages every room, not 'occupied'")
         first = None if after is None else RoomId(after)
         if limit is not None and not occupied:
-            return {"ok": True, **rooms_wire(*await service.rooms_page(first, limit))}
-        infos = await service.rooms(occupied=occupied, after=first, limit=limit)
+            return {"ok": True, **rooms_wire(*await service.rooms_page(first, limit, identity))}
+        infos = await service.rooms(occupied=occupied, after=first, limit=limit, identity=identity)
         return {"ok": True, **rooms_wire(infos)}
 
     @app.get(
@@ -136,13 +170,14 @@ def create_http_app(node: Node) -> FastAPI:
         responses={200: {"model": MessagesReply}, **ERRORS},
     )
     async def messages(
+        identity: Caller,
         room: str,
         before: int | None = Query(
             None, gt=0, le=2**53, description="only messages with a lower seq"
         ),
         limit: int = Query(50, ge=1, le=HISTORY_LIMIT_MAX),
     ) -> dict[str, Any]:
-        page = await service.history_page(_room_ref(room), before, limit)
+        page = await service.history_page(_room_ref(room), before, limit, identity)
         return {"ok": True, "messages": [m.to_wire() for m in page]}
 
     @app.get(
@@ -152,6 +187,7 @@ def create_http_app(node: Node) -> FastAPI:
         responses={200: {"model": MembersReply}, **ERRORS},
     )
     async def members(
+        identity: Caller,
         room: str,
         after: int | None = Query(
             None, ge=0, le=2**53, description="by user id: members with ids above this one"
@@ -163,7 +199,10 @@ def create_http_app(node: Node) -> FastAPI:
         """Every member in join order, or with ``after`` / ``limit`` a page of them by user
         id; a page that more members follow says in ``next`` the ``after`` of the next."""
         found, users, following = await service.members(
-            _room_ref(room), after=None if after is None else UserId(after), limit=limit
+            _room_ref(room),
+            after=None if after is None else UserId(after),
+            limit=limit,
+            identity=identity,
         )
         return {"ok": True, "room": found.to_wire(), **members_wire(users, following)}
 

@@ -95,7 +95,9 @@ ERRORS: dict[int | str, dict[str, object]] = {
     "4XX": {
         "model": ErrorReply,
         "description": "Refused, nothing done: 400 `bad_request` (a parameter out of range or "
-        "of the wrong type), 404 `not_found` (no such room)",
+        "of the wrong type), 404 `not_found` (no such room); on a server that checks tokens 401 "
+        "`unauthorized` (no valid `Authorization: Bearer` token) and 403 `forbidden` (the "
+        "token does not let its user into the room)",
     },
     503: {
         "model": ErrorReply,

@@ -283,6 +283,13 @@ class UntilSuspended(Generic[T]):
                 return cast(T, done.value)
 
 
+def _credentials(auth: Any) -> tuple[Any, Any]:
+    """The ``name`` and ``token`` of a Socket.IO connect payload (``auth`` of the client)."""
+    if not isinstance(auth, dict):
+        return None, None
+    return auth.get("name"), auth.get("token")
+
+
 def _ok(**fields: Any) -> Reply:
     return {"ok": True, **fields}
 
@@ -466,13 +473,13 @@ class SocketIOTransport:
     # -- connection lifecycle ----------------------------------------------------------
 
     async def _on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
-        name = auth.get("name") if isinstance(auth, dict) else None
+        name, token = _credentials(auth)
         eio_sid = self.sio.manager.eio_sid_from_sid(sid, "/")
         conn = SocketIOConnection(
             self.service.new_conn_id(), sid, eio_sid, self, self._writer(eio_sid, environ)
         )
         try:
-            session = await self.service.connect(conn, name)
+            session = await self.service.connect(conn, name, token)
         except ChatError as exc:
             raise socketio.exceptions.ConnectionRefusedError(exc.message, exc.to_dict()) from None
         if eio_sid not in self.sio.eio.sockets:
@@ -598,13 +605,13 @@ class SocketIOTransport:
         self._spawn(handle())
 
     async def _native_connect(self, sock: EngineWebSocket, auth: Any) -> None:
-        name = auth.get("name") if isinstance(auth, dict) else None
+        name, token = _credentials(auth)
         sid = self.sio.eio.generate_id()
         conn = SocketIOConnection(
             self.service.new_conn_id(), sid, sock.eio_sid, self, sock, native=True
         )
         try:
-            session = await self.service.connect(conn, name)
+            session = await self.service.connect(conn, name, token)
         except ChatError as exc:
             sock.connecting = False
             refusal = {"message": exc.message, "data": exc.to_dict()}
@@ -829,19 +836,23 @@ class SocketIOTransport:
     async def _history(self, session: Session, data: dict[str, Any]) -> Reply:
         ref = validation.room_ref(data)
         before, limit = validation.history_args(data)
-        return _ok(messages=_messages(await self.service.history_page(ref, before, limit)))
+        page = await self.service.history_page(ref, before, limit, session.identity)
+        return _ok(messages=_messages(page))
 
     async def _rooms(self, session: Session, data: dict[str, Any]) -> Reply:
         occupied, after, limit = validation.rooms_args(data)
         if limit is not None and not occupied:
-            return _ok(**rooms_wire(*await self.service.rooms_page(after, limit)))
-        rooms = await self.service.rooms(occupied=occupied, after=after, limit=limit)
+            page = await self.service.rooms_page(after, limit, session.identity)
+            return _ok(**rooms_wire(*page))
+        rooms = await self.service.rooms(
+            occupied=occupied, after=after, limit=limit, identity=session.identity
+        )
         return _ok(**rooms_wire(rooms))
 
     async def _members(self, session: Session, data: dict[str, Any]) -> Reply:
         after, limit = validation.members_args(data)
         room, members, following = await self.service.members(
-            validation.room_ref(data), after=after, limit=limit
+            validation.room_ref(data), after=after, limit=limit, identity=session.identity
         )
         return _ok(room=room.to_wire(), **members_wire(members, following))
 

@@ -6,6 +6,7 @@ Three tables hold everything::
     messages  (room_id, seq, id, user_id, user_name, text, ts, epoch)
     message_ids (room_id, id, seq)                   ids chosen by senders, unique per room
     counters  (name, value)                          the user id counter
+    users     (subject, id)                          authenticated users' ids
 
 The room row is the room's lock: ``append`` bumps ``rooms.seq`` with
 ``UPDATE ... RETURNING`` and inserts the messages in the same transaction, so a room's
@@ -79,10 +80,20 @@ counters = sa.Table(
     sa.Column("value", sa.BigInteger, nullable=False),
 )
 
+users = sa.Table(
+    "users",
+    metadata,
+    sa.Column("subject", sa.Text, primary_key=True),
+    sa.Column("id", sa.BigInteger, nullable=False, unique=True),
+)
+"""The user id of every token subject ever seen (see SqlHistory.user_id_for)."""
+
 _USER_IDS = "user_id"
 
 # A user id, taken on every connect, in one statement (see Database.execute).
 _NEXT_USER_ID = "UPDATE {counters} SET value = value + 1 WHERE name = $1 RETURNING value"
+
+_USER_BY_SUBJECT = "SELECT id FROM {users} WHERE subject = $1"
 
 _BUMP = sa.update(rooms).where(rooms.c.id == sa.bindparam("room")).values(seq=sa.bindparam("seq"))
 
@@ -203,6 +214,7 @@ class SqlHistory:
         sql = self._db.driver_sql
         tables = {"rooms": "rooms", "messages": "messages", "counters": "counters"}
         self._next_user_id_sql = sql(_NEXT_USER_ID, **tables)
+        self._user_by_subject_sql = sql(_USER_BY_SUBJECT, users="users")
         self._room_by_name_sql = sql(_ROOM_BY_NAME, **tables)
         self._room_by_id_sql = sql(_ROOM_BY_ID, **tables)
         self._latest_sql = sql(_LATEST, **tables)
@@ -481,6 +493,30 @@ class SqlHistory:
         if not rows:
             raise RuntimeError("the user id counter is missing: start() was not called")
         return UserId(int(rows[0][0]))
+
+    async def user_id_for(self, subject: str) -> UserId:
+        """The subject's user id: read, or on its first time taken from the counter and
+        written — by one of two nodes racing for a new subject; the other reads the
+        winner's (its counter value is skipped, as a failed connect's is)."""
+        found = await self._first(self._user_by_subject_sql, subject)
+        if found is not None:
+            return UserId(int(found[0]))
+        bump = (
+            sa.update(counters)
+            .where(counters.c.name == _USER_IDS)
+            .values(value=counters.c.value + 1)
+            .returning(counters.c.value)
+        )
+        read = sa.select(users.c.id).where(users.c.subject == subject)
+
+        def take(conn: sa.Connection) -> int:
+            value = conn.execute(bump).scalar_one()
+            conn.execute(
+                self._db.insert_or_ignore(users, "subject").values(subject=subject, id=value)
+            )
+            return int(conn.execute(read).scalar_one())
+
+        return UserId(await self._db.run(take, write=True))
 
 
 def _any_chosen(drafts: Sequence[Draft]) -> bool:

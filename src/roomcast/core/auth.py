@@ -1,0 +1,165 @@
+"""Who a client is, when the server is told to check: signed tokens.
+
+With an auth secret set (``roomcast serve --auth-secret``), every client proves who it is
+with a JSON Web Token the application's own backend signs with that secret (HS256, HS384
+or HS512) — on Socket.IO in the connect payload (``auth: {token}``), on gRPC and HTTP in
+an ``Authorization: Bearer`` header. roomcast never sees passwords: the application logs
+its users in and hands each a token. The claims it reads::
+
+    sub    required  the user: a stable id of the application's (a string, 1-128 chars);
+                     the same sub is the same roomcast user id on every node, always
+    exp    required  when the token stops being accepted (seconds since the Unix epoch)
+    name   optional  the name the others see (default: sub, its first 32 characters);
+                     the client cannot choose another
+    rooms  optional  the rooms the user may join, read the history and members of: exact
+                     names, or a prefix ending in ``*`` ("team-*"); absent: every room
+    nbf, iat, aud, iss  checked when present (aud and iss when the server is told them)
+
+A token is checked when a client connects (and on gRPC and HTTP at every call); a
+connection outlives its token's ``exp`` — to end one early, the application disconnects
+it. Without a secret the server is open: a client names itself and gets a new user id on
+every connect (for one application on a trusted network, or trying roomcast out).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import jwt
+
+from ..exceptions import ChatError, ErrorCode
+from . import validation
+
+ALGORITHMS = ("HS256", "HS384", "HS512")
+"""The signatures accepted: HMAC with the shared secret (never ``none``)."""
+
+SECRET_MIN = 32
+"""Characters an auth secret has at least (RFC 7518 wants a key as long as the hash)."""
+
+SUBJECT_MAX = 128
+"""Characters of a ``sub`` at most."""
+
+ROOMS_MAX = 1000
+"""Entries of a ``rooms`` claim at most."""
+
+LEEWAY = 10.0
+"""Seconds of clock difference allowed between the token's issuer and the server."""
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """A client whose token was checked: who it is, and where it may go."""
+
+    subject: str
+    """The application's id of the user (the token's ``sub``)."""
+    name: str
+    """The name the others see."""
+    rooms: tuple[str, ...] | None = None
+    """Room names and ``prefix*`` patterns the user may enter; None: every room."""
+
+    def may_enter(self, room: str) -> bool:
+        """Whether the token lets its user join the room of this name (and read it)."""
+        if self.rooms is None:
+            return True
+        for allowed in self.rooms:
+            if allowed.endswith("*"):
+                if room.startswith(allowed[:-1]):
+                    return True
+            elif room == allowed:
+                return True
+        return False
+
+
+class Authenticator:
+    """Checks tokens signed with one shared secret."""
+
+    def __init__(
+        self,
+        secret: str,
+        *,
+        audience: str | None = None,
+        issuer: str | None = None,
+        leeway: float = LEEWAY,
+    ) -> None:
+        if len(secret) < SECRET_MIN:
+            raise ValueError(f"an auth secret has at least {SECRET_MIN} characters")
+        self._secret = secret
+        self._audience = audience
+        self._issuer = issuer
+        self._leeway = leeway
+        self._options = {"require": ["sub", "exp"], "verify_aud": audience is not None}
+
+    def verify(self, token: object) -> Identity:
+        """The identity a token proves; ``unauthorized`` if it proves none (missing,
+        malformed, badly signed, expired, or claims of the wrong shape)."""
+        if not isinstance(token, str) or not token:
+            raise ChatError(ErrorCode.UNAUTHORIZED, "a token is required")
+        try:
+            claims = jwt.decode(
+                token,
+                self._secret,
+                algorithms=list(ALGORITHMS),
+                audience=self._audience,
+                issuer=self._issuer,
+                leeway=self._leeway,
+                options=self._options,  # type: ignore[arg-type]
+            )
+        except jwt.ExpiredSignatureError:
+            raise ChatError(ErrorCode.UNAUTHORIZED, "the token has expired") from None
+        except jwt.InvalidTokenError as exc:
+            raise ChatError(ErrorCode.UNAUTHORIZED, f"the token is not valid: {exc}") from None
+        return _identity(claims)
+
+    def mint(
+        self,
+        subject: str,
+        *,
+        ttl: float,
+        name: str | None = None,
+        rooms: Sequence[str] | None = None,
+        now: float | None = None,
+    ) -> str:
+        """A token for ``subject``, valid for ``ttl`` seconds: what an application's backend
+        signs (``roomcast token`` prints one, for trying things out and for tests)."""
+        import time
+
+        issued = int(time.time() if now is None else now)
+        claims: dict[str, object] = {"sub": subject, "iat": issued, "exp": issued + int(ttl)}
+        if name is not None:
+            claims["name"] = name
+        if rooms is not None:
+            claims["rooms"] = list(rooms)
+        if self._audience is not None:
+            claims["aud"] = self._audience
+        if self._issuer is not None:
+            claims["iss"] = self._issuer
+        _identity(claims)  # refuse to sign what verify() would refuse
+        return jwt.encode(claims, self._secret, algorithm="HS256")
+
+
+def _identity(claims: dict[str, object]) -> Identity:
+    subject = claims.get("sub")
+    if not isinstance(subject, str) or not 0 < len(subject) <= SUBJECT_MAX:
+        raise ChatError(
+            ErrorCode.UNAUTHORIZED, f"'sub' must be a string of 1-{SUBJECT_MAX} characters"
+        )
+    if not subject.isprintable():
+        raise ChatError(ErrorCode.UNAUTHORIZED, "'sub' must not hold control characters")
+    try:
+        name = validation.nickname(claims.get("name", subject[: validation.NICKNAME_MAX]))
+    except ChatError as exc:
+        raise ChatError(ErrorCode.UNAUTHORIZED, f"the token's name: {exc.message}") from None
+    rooms = claims.get("rooms")
+    if rooms is None:
+        return Identity(subject, name)
+    if (
+        not isinstance(rooms, list)
+        or len(rooms) > ROOMS_MAX
+        or not all(isinstance(r, str) and r for r in rooms)
+    ):
+        raise ChatError(
+            ErrorCode.UNAUTHORIZED,
+            f"'rooms' must be a list of at most {ROOMS_MAX} room names or 'prefix*' patterns",
+        )
+    return Identity(subject, name, tuple(rooms))
