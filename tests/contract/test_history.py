@@ -404,6 +404,19 @@ async def test_user_ids_are_distinct_and_increasing(history: History) -> None:
     assert sorted(more) == list(range(4, 34))
 
 
+async def test_a_subject_keeps_its_user_id_and_new_subjects_get_new_ids(history: History) -> None:
+    anonymous = await history.next_user_id()
+    alice = await history.user_id_for("alice")
+    assert alice > anonymous
+    assert await history.user_id_for("alice") == alice
+    assert await history.user_id_for("Alice") != alice  # subjects are exact strings
+    racing = await asyncio.gather(*(history.user_id_for(f"user-{i % 5}") for i in range(25)))
+    by_subject = {f"user-{i % 5}": racing[i] for i in range(25)}
+    assert [by_subject[f"user-{i % 5}"] for i in range(25)] == racing
+    assert len(set(by_subject.values()) | {alice, anonymous}) == 7
+    assert await history.next_user_id() > max(racing)  # one counter: no id is handed out twice
+
+
 # Durable engines
 
 
@@ -423,6 +436,7 @@ async def test_everything_survives_a_reopen(durable_store: Store) -> None:
     sent = await before.append([draft(lobby, "one"), draft(games, "two"), draft(lobby, "three")])
     reset = await before.reset(games.id)
     users = [await before.next_user_id() for _ in range(3)]
+    alice = await before.user_id_for("alice")
     await durable_store.close(before)
 
     after = await durable_store.open()
@@ -434,6 +448,7 @@ async def test_everything_survives_a_reopen(durable_store: Store) -> None:
     more = await after.append([draft(lobby, "four"), draft(games, "five")])
     assert [(m.room, m.seq) for m in more] == [(lobby.id, 3), (games.id, 1)]
     assert more[1].epoch == reset.epoch
+    assert await after.user_id_for("alice") == alice
     assert await after.next_user_id() > max(users)
     newer = await after.room_by_name("newer", create=True)
     assert newer is not None and newer.id == 3
@@ -492,6 +507,14 @@ async def test_two_instances_create_one_room_and_distinct_users(durable_store: S
     assert await one.rooms() == await two.rooms() == [rooms[0]]
     users = await asyncio.gather(*(h.next_user_id() for _ in range(20) for h in (one, two)))
     assert sorted(users) == list(range(1, 41))
+    subjects = await asyncio.gather(
+        *(h.user_id_for(f"s{i % 3}") for i in range(12) for h in (one, two))
+    )
+    assert len(set(subjects)) == 3 and min(subjects) > 40
+    assert [await h.user_id_for(f"s{i}") for h in (one, two) for i in range(3)] == [
+        *[subjects[2 * i] for i in range(3)],
+        *[subjects[2 * i] for i in range(3)],
+    ]
 
 
 async def _room_with_one_message(history: History, name: str) -> Room:

@@ -20,9 +20,17 @@ EVENTS = ("welcome", "message", "presence", "typing", "dm")
 class ChatClient:
     """A connected Socket.IO client and everything it has received, in arrival order."""
 
-    def __init__(self, url: str, name: str, *, transports: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        name: str,
+        *,
+        transports: list[str] | None = None,
+        token: str | None = None,
+    ) -> None:
         self.url = url
         self.name = name
+        self.token = token
         self.transports = transports
         self.sio = socketio.AsyncClient(reconnection=False)
         self.events: list[tuple[str, Any]] = []
@@ -41,7 +49,7 @@ class ChatClient:
         await self.sio.connect(
             self.url,
             socketio_path="/ws/socket.io",
-            auth={"name": self.name},
+            auth={"name": self.name, **({} if self.token is None else {"token": self.token})},
             transports=self.transports,
             wait_timeout=WAIT,
         )

@@ -1,10 +1,11 @@
 """Who a client is, when the server is told to check: signed tokens.
 
 With an auth secret set (``roomcast serve --auth-secret``), every client proves who it is
-with a JSON Web Token the application's own backend signs with that secret (HS256, HS384
-or HS512) — on Socket.IO in the connect payload (``auth: {token}``), on gRPC and HTTP in
-an ``Authorization: Bearer`` header. roomcast never sees passwords: the application logs
-its users in and hands each a token. The claims it reads::
+with a JSON Web Token the application's own backend signs with that secret (HS256; HS384
+or HS512 with a secret as long as their hash) — on Socket.IO in the connect payload
+(``auth: {token}``), on gRPC and HTTP in an ``Authorization: Bearer`` header. roomcast
+never sees passwords: the application logs its users in and hands each a token.
+The claims it reads::
 
     sub    required  the user: a stable id of the application's (a string, 1-128 chars);
                      the same sub is the same roomcast user id on every node, always
@@ -32,7 +33,8 @@ from ..exceptions import ChatError, ErrorCode
 from . import validation
 
 ALGORITHMS = ("HS256", "HS384", "HS512")
-"""The signatures accepted: HMAC with the shared secret (never ``none``)."""
+"""The signatures accepted: HMAC with the shared secret (never ``none``); HS384 and HS512
+only with a secret of at least 48 and 64 bytes."""
 
 SECRET_MIN = 32
 """Characters an auth secret has at least (RFC 7518 wants a key as long as the hash)."""
@@ -85,6 +87,8 @@ class Authenticator:
         if len(secret) < SECRET_MIN:
             raise ValueError(f"an auth secret has at least {SECRET_MIN} characters")
         self._secret = secret
+        # A secret shorter than a hash's size is refused for that hash (RFC 7518 3.2).
+        self._algorithms = [a for a in ALGORITHMS if len(secret.encode()) * 8 >= int(a[2:])]
         self._audience = audience
         self._issuer = issuer
         self._leeway = leeway
@@ -99,7 +103,7 @@ class Authenticator:
             claims = jwt.decode(
                 token,
                 self._secret,
-                algorithms=list(ALGORITHMS),
+                algorithms=self._algorithms,
                 audience=self._audience,
                 issuer=self._issuer,
                 leeway=self._leeway,

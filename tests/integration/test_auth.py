@@ -1,0 +1,208 @@
+"""A server started with an auth secret: tokens over Socket.IO and HTTP, on one node and
+across nodes and workers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import socketio
+
+from roomcast.core.auth import Authenticator
+from tests.contract.engines import engine_url
+
+from .clients import WAIT, ChatClient
+from .cluster import cluster, postgres_schema
+from .servers import Server, run_server
+
+SECRET = "a-secret-only-the-application-and-roomcast-know"
+tokens = Authenticator(SECRET)
+
+
+def token(subject: str, **claims: object) -> str:
+    return tokens.mint(subject, ttl=600, **claims)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with run_server(
+        "--rate-limit", "0", env={"ROOMCAST_AUTH_SECRET": SECRET},
+        log_dir=tmp_path_factory.mktemp("auth"),
+    ) as srv:  # fmt: skip
+        yield srv
+
+
+async def refusal(url: str, auth: object, transport: str) -> object:
+    """The data of the connect_error a client with this connect payload gets (what a
+    Socket.IO client's connect_error carries as ``data``: ``{code, message}``)."""
+    if transport == "polling":
+        # Spoken by hand: python-socketio's client, refused over polling, returns from
+        # connect() only when a long-poll ends (~30 s).
+        return await _polling_refusal(url, auth)
+    client = socketio.AsyncClient(reconnection=False)
+    refused: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+
+    @client.event
+    def connect_error(data: object) -> None:
+        if not refused.done():
+            refused.set_result(data)
+
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        await client.connect(
+            url, socketio_path="/ws/socket.io", auth=auth, transports=[transport], wait_timeout=WAIT
+        )
+    error = await asyncio.wait_for(refused, WAIT)
+    await client.disconnect()
+    assert isinstance(error, dict), error
+    return error["data"]
+
+
+async def _polling_refusal(url: str, auth: object) -> object:
+    endpoint = f"{url}/ws/socket.io/?EIO=4&transport=polling"
+    async with httpx.AsyncClient(timeout=WAIT) as http:
+        opened = await http.get(endpoint)
+        assert opened.text.startswith("0"), opened.text
+        sid = json.loads(opened.text[1:])["sid"]
+        sent = await http.post(f"{endpoint}&sid={sid}", content="40" + json.dumps(auth))
+        assert sent.status_code == 200, sent.text
+        answer = await http.get(f"{endpoint}&sid={sid}")
+    packets = answer.text.split("\x1e")
+    refused = [p for p in packets if p.startswith("44")]
+    assert refused and not any(p.startswith("40") for p in packets), packets
+    return json.loads(refused[0][2:])["data"]
+
+
+@pytest.mark.parametrize("transport", ["polling", "websocket"])
+async def test_a_client_without_a_valid_token_is_refused_with_the_reason(
+    server: Server, transport: str
+) -> None:
+    expired = tokens.mint("bob", ttl=1, now=1_000_000)
+    forged = Authenticator("an-attacker-guessing-the-secret-key-000").mint("bob", ttl=600)
+    cases = [
+        ({"name": "bob"}, "a token is required"),
+        ({"token": "garbage"}, "the token is not valid"),
+        ({"token": expired}, "the token has expired"),
+        ({"token": forged}, "the token is not valid"),
+    ]
+    for auth, reason in cases:
+        data = await refusal(server.url, auth, transport)
+        assert isinstance(data, dict) and data["code"] == "unauthorized", data
+        assert data["message"].startswith(reason)
+    assert httpx.get(f"{server.url}/api/rooms/lobby/members").status_code == 401
+
+
+async def test_a_token_is_one_user_with_its_name_on_every_connection(connect_token) -> None:
+    ada_token = token("user-ada", name="Ada")
+    ada = await connect_token(ada_token, name="Mallory", transports=["polling"])
+    again = await connect_token(ada_token, transports=["websocket"])
+    bob = await connect_token(token("user-bob"))
+    assert ada.user == again.user
+    assert ada.user["name"] == "Ada"
+    assert bob.user == {"id": bob.user["id"], "name": "user-bob"}
+    assert bob.user["id"] != ada.user["id"]
+
+    for client in (ada, again, bob):
+        await client.ok("join", {"room": "tour"})
+    reply = await bob.ok("members", {"room": "tour"})
+    assert reply["members"] == [ada.user, bob.user]  # each user once
+    await ada.ok("send", {"room": "tour", "text": "hi"})
+    seen = await bob.wait_for(lambda: bob.messages())
+    assert seen[0]["user"] == ada.user and seen[0]["text"] == "hi"
+    dm = await bob.ok("dm", {"to": ada.user["id"], "text": "psst"})
+    assert dm["dm"]["from"] == bob.user and dm["dm"]["to"] == ada.user["id"]
+    for client in (ada, again):  # every connection of the user gets it
+        await client.wait_for(lambda c=client: c.of("dm"))
+
+
+async def test_rooms_outside_the_token_are_closed_to_sockets_and_http(
+    server: Server, connect_token
+) -> None:
+    admin_token = token("admin")
+    admin = await connect_token(admin_token)
+    await admin.ok("join", {"room": "staff"})
+    await admin.ok("send", {"room": "staff", "text": "salaries"})
+    guest_token = token("guest", rooms=["public-*"])
+    guest = await connect_token(guest_token)
+
+    for event, data in [
+        ("join", {"room": "staff"}),
+        ("join", {"room": "unmade"}),
+        ("history", {"room": "staff"}),
+        ("members", {"room": "staff"}),
+    ]:
+        reply = await guest.call(event, data)
+        assert reply["error"]["code"] == "forbidden", (event, reply)
+    await guest.ok("join", {"room": "public-1"})
+    listed = await guest.ok("rooms")
+    assert [r["name"] for r in listed["rooms"]] == ["public-1"]
+
+    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT) as http:
+        anonymous = await http.get("/api/rooms/staff/messages")
+        assert anonymous.status_code == 401
+        assert anonymous.headers["www-authenticate"] == "Bearer"
+        assert anonymous.json()["error"]["code"] == "unauthorized"
+        bad = await http.get("/api/rooms", headers={"Authorization": "Bearer nope"})
+        assert bad.status_code == 401
+        as_guest = {"Authorization": f"Bearer {guest_token}"}
+        forbidden = await http.get("/api/rooms/staff/messages", headers=as_guest)
+        assert forbidden.status_code == 403
+        assert forbidden.json()["error"]["code"] == "forbidden"
+        assert (await http.get("/api/rooms/staff/members", headers=as_guest)).status_code == 403
+        rooms = (await http.get("/api/rooms", headers=as_guest)).json()["rooms"]
+        assert [r["name"] for r in rooms] == ["public-1"]
+        as_admin = {"Authorization": f"Bearer {admin_token}"}
+        history = (await http.get("/api/rooms/staff/messages", headers=as_admin)).json()
+        assert [m["text"] for m in history["messages"]] == ["salaries"]
+        every = (await http.get("/api/rooms", headers=as_admin)).json()["rooms"]
+        assert "unmade" not in [r["name"] for r in every]  # a refused join made nothing
+        assert (await http.get("/healthz")).status_code == 200  # health stays open
+
+
+async def test_a_user_has_one_id_on_every_node_and_worker(tmp_path: Path) -> None:
+    ada = token("user-ada", name="Ada")
+    async with engine_url("redis", tmp_path) as broker, postgres_schema() as store:
+        with cluster(broker, store, tmp_path, "--auth-secret", SECRET, "--rate-limit", "0") as c:
+            one, two = c.start(2)
+            with run_server(
+                "--broker-url", broker, "--workers", "2", store_url=store, log_dir=tmp_path,
+                env={"ROOMCAST_AUTH_SECRET": SECRET},
+            ) as workers:  # fmt: skip
+                clients = [
+                    ChatClient(url, "x", token=ada) for url in (one.url, two.url, workers.url)
+                ]
+                clients += [ChatClient(workers.url, "x", token=ada) for _ in range(3)]
+                bob = ChatClient(two.url, "x", token=token("user-bob"))
+                try:
+                    for client in [*clients, bob]:
+                        await client.connect()
+                    assert {c.user["id"] for c in clients} == {clients[0].user["id"]}
+                    assert {c.user["name"] for c in clients} == {"Ada"}
+                    await bob.ok("dm", {"to": clients[0].user["id"], "text": "everywhere"})
+                    for client in clients:
+                        await client.wait_for(lambda c=client: c.of("dm"))
+                    refused = await refusal(one.url, {"name": "ada"}, "websocket")
+                    assert isinstance(refused, dict) and refused["code"] == "unauthorized"
+                finally:
+                    for client in [*clients, bob]:
+                        await client.close()
+
+
+@pytest.fixture
+async def connect_token(server: Server):
+    """Connect python-socketio clients with a token to ``server``; closed after the test."""
+    clients: list[ChatClient] = []
+
+    async def _connect(
+        signed: str, *, name: str = "ignored", transports: list[str] | None = None
+    ) -> ChatClient:
+        client = ChatClient(server.url, name, token=signed, transports=transports)
+        clients.append(client)
+        return await client.connect()
+
+    yield _connect
+    for client in clients:
+        await client.close()
