@@ -10,10 +10,13 @@ import pytest
 from roomcast.adapters.memory import MemoryBroker, MemoryHistory, MemoryPresence
 from roomcast.config import Settings
 from roomcast.core.auth import Authenticator, Identity
+from roomcast.core.events import Kind
 from roomcast.core.hub import Hub
 from roomcast.core.models import ConnId, NodeId, RoomId
 from roomcast.core.service import ChatService
 from roomcast.exceptions import ChatError, ErrorCode
+from tests.core.test_service import Cluster
+from tests.core.test_service import Conn as ServiceConn
 
 SECRET = "s3cret-of-the-application-backend-0123"
 auth = Authenticator(SECRET)
@@ -205,3 +208,45 @@ async def test_rooms_outside_the_token_cannot_be_joined_read_or_listed(service) 
     assert page == [] and following == secret.id  # a page may hold fewer; paging goes on
     page, following = await service.rooms_page(following, 1, bob.identity)
     assert [i.room.name for i in page] == ["team-red"] and following is None
+
+
+async def test_a_user_on_two_connections_leaves_a_room_when_its_last_one_does() -> None:
+    """Members list users: the others are told of a leave when the user's last
+    connection in the room (on any node) leaves it or dies, not before."""
+    cluster = Cluster(auth)
+    (one, _, rec1), (two, _, rec2) = await cluster.node(), await cluster.node()
+    ada = auth.mint("ada", ttl=60)
+
+    async def joined(service, recorder, token):
+        session = await service.connect(ServiceConn(service.new_conn_id(), recorder), None, token)
+        result = await service.join(session, "room")
+        session.conn.frames.extend(service.activate(session, result))
+        return session
+
+    watcher = await joined(one, rec1, auth.mint("watcher", ttl=60))
+    tab = await joined(one, rec1, ada)
+    phone = await joined(two, rec2, ada)
+    tablet = await joined(two, rec2, ada)
+
+    def leaves():
+        return [
+            f.data()["user"]["name"]
+            for f in watcher.conn.frames
+            if f.kind is Kind.PRESENCE and f.data()["event"] == "leave"
+        ]
+
+    await one.leave(tab, "room")  # still in through two connections on the other node
+    await two.disconnect(phone.conn.id)  # still in through the tablet, on the same node
+    assert leaves() == []
+    assert [u.name for u in (await one.members("room"))[1]] == ["watcher", "ada"]
+    await two.disconnect(tablet.conn.id)
+    assert leaves() == ["ada"]
+    assert [u.name for u in (await one.members("room"))[1]] == ["watcher"]
+
+    await joined(two, rec2, ada)
+    again = await joined(one, rec1, ada)
+    # Node two dies with one of ada's connections: she is still in through node one.
+    await one.announce_departed(await cluster.presence.drop_node(two.node))
+    assert leaves() == ["ada"]
+    await one.disconnect(again.conn.id)
+    assert leaves() == ["ada", "ada"]

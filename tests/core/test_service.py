@@ -56,7 +56,8 @@ class Recorder:
 class Cluster:
     """Nodes sharing one in-memory bus, presence and history."""
 
-    def __init__(self):
+    def __init__(self, auth=None):
+        self.auth = auth
         self.bus = f"bus{next(_names)}"
         self.history = MemoryHistory()
         self.presence = MemoryPresence()
@@ -67,7 +68,12 @@ class Cluster:
         hub = Hub(broker, self.history, unsubscribe_grace=0)
         node_id = NodeId(f"n{len(self.nodes)}")
         service = ChatService(
-            node=node_id, history=self.history, broker=broker, presence=self.presence, hub=hub
+            node=node_id,
+            history=self.history,
+            broker=broker,
+            presence=self.presence,
+            hub=hub,
+            auth=self.auth,
         )
         await broker.start(node_id, hub.on_frame, service.on_inbox, hub.resync)
         recorder = Recorder()

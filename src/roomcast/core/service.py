@@ -760,8 +760,30 @@ class ChatService:
         session.rooms.discard(room_id)
         self.hub.detach(room_id, session.conn)
         await self._remove_presence(room_id, session.conn.id)
-        if announce:
+        if announce and not await self._still_in(room_id, session.user, session.conn.id):
             await self._publish_presence(room_id, "leave", session.user)
+
+    async def _still_in(self, room_id: RoomId, user: User, leaving: ConnId | None) -> bool:
+        """Whether ``user`` is still in the room through another connection (on any node),
+        so that its ``leave`` must not be told: a user of a token can be connected more
+        than once (two tabs, a phone), and members list users, not connections. Read
+        after the connection's entry is gone, so of two connections leaving at once at
+        least one sees the other gone. On an open server every connection is a user of
+        its own: nothing to read."""
+        if self.auth is None:
+            return False
+        if any(
+            room_id in other.rooms
+            for conn, other in self._by_user.get(user.id, {}).items()
+            if conn != leaving
+        ):
+            return True
+        try:
+            if not [m for m in await self.presence.locate(user.id) if m.conn != leaving]:
+                return False  # its only connection (the usual case): no room to read
+            return any(m.user.id == user.id for m in await self.presence.members(room_id))
+        except UnavailableError:
+            return False  # told: a leave too many is corrected by the next roster read
 
     @staticmethod
     def _spend(session: Session) -> None:
@@ -1047,7 +1069,7 @@ class ChatService:
         """Send leave events for members whose owner died (found by the reaper). Rooms
         with ids below 1 are records a door keeps in presence, not rooms."""
         for room_id, member in removed:
-            if room_id > 0:
+            if room_id > 0 and not await self._still_in(room_id, member.user, None):
                 await self._publish_presence(room_id, "leave", member.user)
         for room_id in dict.fromkeys(room_id for room_id, _ in removed if room_id > 0):
             await self._republish_last(room_id)
