@@ -128,9 +128,9 @@ class NodeCollector(Collector):
             yield events
             refused = CounterMetricFamily(
                 "roomcast_socketio_refused",
-                "Client events answered with an error, by its code (rate_limited: a client "
-                "past its rate; unavailable: an engine out of reach; the rest: requests refused "
-                "for what they asked)",
+                "Client events and connects answered with an error, by its code (rate_limited: "
+                "a client past its rate; unavailable: an engine out of reach; unauthorized: a "
+                "connect without a valid token; the rest: requests refused for what they asked)",
                 labels=["node", "code"],
             )
             for code in ErrorCode:

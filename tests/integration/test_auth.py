@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -93,6 +94,11 @@ async def test_a_client_without_a_valid_token_is_refused_with_the_reason(
         assert isinstance(data, dict) and data["code"] == "unauthorized", data
         assert data["message"].startswith(reason)
     assert httpx.get(f"{server.url}/api/rooms/lobby/members").status_code == 401
+    metrics = httpx.get(f"{server.url}/metrics").text
+    refused = re.search(
+        r'roomcast_socketio_refused_total\{code="unauthorized",node="[^"]+"\} (\S+)', metrics
+    )
+    assert refused is not None and float(refused.group(1)) >= len(cases), metrics
 
 
 async def test_a_token_is_one_user_with_its_name_on_every_connection(connect_token) -> None:

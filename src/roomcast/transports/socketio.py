@@ -481,6 +481,7 @@ class SocketIOTransport:
         try:
             session = await self.service.connect(conn, name, token)
         except ChatError as exc:
+            self.refused[exc.code] += 1
             raise socketio.exceptions.ConnectionRefusedError(exc.message, exc.to_dict()) from None
         if eio_sid not in self.sio.eio.sockets:
             # The session ended while the service connected it; python-socketio calls no
@@ -613,6 +614,7 @@ class SocketIOTransport:
         try:
             session = await self.service.connect(conn, name, token)
         except ChatError as exc:
+            self.refused[exc.code] += 1
             sock.connecting = False
             refusal = {"message": exc.message, "data": exc.to_dict()}
             sock.send_text("44" + fastjson.dumps(refusal))
