@@ -16,8 +16,13 @@ The session, as the protocol lays it out::
 Users are known by number (``user 7``) and channels too (``channel 3``): the protocol has
 no names, no history and does not echo one's own chat, so the client shows what it sends
 itself. When the session is lost (the heartbeat or a lobby stream ends, or the server says
-QUIT) the client logs in again, under a new number, and goes back into its channel;
-messages sent meanwhile are not recovered, the protocol having no positions.
+QUIT) the client logs in again — under a new number, or with a token under the same one —
+and goes back into its channel; messages sent meanwhile are not recovered, the protocol
+having no positions.
+
+With a token every call carries it, as ``authorization: Bearer TOKEN`` metadata (the
+door checks it on each). A login again refused as UNAUTHENTICATED (the token expired
+meanwhile) ends the client: no retry can succeed.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import grpc
 from ..grpc import client_to_agent_pb2 as pb2
 from ..grpc import client_to_agent_pb2_grpc as pb2_grpc
 from . import view
-from .backend import LOBBY, RESEND_FOR, TIMEOUT, CommandFailed, Screen
+from .backend import LOBBY, NO_TOKEN, RESEND_FOR, TIMEOUT, CommandFailed, Screen
 
 Command = pb2.CommandRequest
 SUCCESS = pb2.CommandReply.SUCCESS
@@ -59,20 +64,64 @@ def channel_name(number: int) -> str:
     return f"channel {number}"
 
 
+UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED.name.lower()
+"""The code of a call refused for want of a valid token, as a CommandFailed has it."""
+
+
 def _failed(exc: grpc.aio.AioRpcError) -> CommandFailed:
     code = exc.code()
     name = code.name.lower() if isinstance(code, grpc.StatusCode) else "error"
     return CommandFailed(name, exc.details() or name)
 
 
+def bearer(token: str) -> list[Any]:
+    """Interceptors that put ``authorization: Bearer TOKEN`` on every call of a channel.
+
+    One per kind of call: a ``grpc.aio`` channel files an interceptor under the first of
+    the kinds it implements only, so one object for both would miss the streams.
+    """
+    pair = ("authorization", f"Bearer {token}")
+    return [_BearerUnary(pair), _BearerStream(pair)]
+
+
+def _with_metadata(details: Any, pair: tuple[str, str]) -> Any:
+    return details._replace(metadata=grpc.aio.Metadata(*(details.metadata or ()), pair))
+
+
+class _BearerUnary(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    def __init__(self, pair: tuple[str, str]) -> None:
+        self._pair = pair
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_with_metadata(details, self._pair), request)
+
+
+class _BearerStream(grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    def __init__(self, pair: tuple[str, str]) -> None:
+        self._pair = pair
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_with_metadata(details, self._pair), request)
+
+
 class GrpcBackend:
     """A chat user logged in through the gRPC door's Agent at ``agent`` (host:port)."""
 
-    def __init__(self, screen: Screen, *, agent: str, name: str, room: str = LOBBY) -> None:
+    def __init__(
+        self,
+        screen: Screen,
+        *,
+        agent: str,
+        name: str,
+        room: str = LOBBY,
+        token: str | None = None,
+    ) -> None:
         self._screen = screen
         self._agent = agent
         self._name = name
         self._start_room = room
+        self._token = token
+        self._interceptors = bearer(token) if token is not None else None
         self._channels: dict[str, Any] = {}  # address -> grpc.aio.Channel
         self._index = 0
         self._lobby_address = ""
@@ -86,6 +135,8 @@ class GrpcBackend:
         self._back.set()
         self._restoring: int | None = None  # the channel a lost session goes back into
         self._closing = False
+        self._gone = asyncio.Event()  # the server will not take us back
+        self._gone_because = CommandFailed(UNAUTHENTICATED, "refused by the server")
 
     # -- Backend ---------------------------------------------------------------------
 
@@ -125,6 +176,10 @@ class GrpcBackend:
             with contextlib.suppress(Exception):
                 await channel.close()
         self._channels.clear()
+
+    async def ended(self) -> CommandFailed:
+        await self._gone.wait()
+        return self._gone_because
 
     async def say(self, text: str) -> None:
         channel = self._where()
@@ -236,7 +291,12 @@ class GrpcBackend:
 
     async def _login(self) -> None:
         stub = _stub("Agent", self._dial(self._agent))
-        reply = await self._call(stub.TryLogin(pb2.LoginRequest(ip=""), timeout=TIMEOUT))
+        try:
+            reply = await self._call(stub.TryLogin(pb2.LoginRequest(ip=""), timeout=TIMEOUT))
+        except CommandFailed as exc:
+            if exc.code == UNAUTHENTICATED and self._token is None:
+                raise CommandFailed(exc.code, f"{exc.message}; {NO_TOKEN}") from None
+            raise
         self._index = int(reply.index)
         heartbeat = reply.heartbeat_ip or self._agent
         self._lobby_address = reply.lobby_ip or self._agent
@@ -291,7 +351,11 @@ class GrpcBackend:
             await asyncio.sleep(delay * (0.5 + random.random()))
             try:
                 await self._login()
-            except CommandFailed:
+            except CommandFailed as exc:
+                if exc.code == UNAUTHENTICATED:
+                    self._gone_because = exc
+                    self._gone.set()
+                    return
                 delay = min(delay * 2, RELOGIN_DELAY_MAX)
                 continue
             self._relogin = None
@@ -373,7 +437,9 @@ class GrpcBackend:
     def _dial(self, address: str) -> Any:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+            channel = self._channels[address] = grpc.aio.insecure_channel(
+                address, interceptors=self._interceptors
+            )
         return channel
 
     def _lobby(self) -> Any:

@@ -11,6 +11,7 @@ so a user's state lives in the cluster's presence, not in a process::
     lobby.py       lobby chat, status, commands, TryUserRemove, TryUserExit
     channel.py     channel chat, status, TryUserRemove
     users.py       users in Presence: login, lookup, channel moves, removal, listing
+    callers.py     who calls: each call's token (``--auth-secret``), its user and rooms
     streams.py     the hub's Transport: frames -> Chat / StatusReply into bounded streams
     errors.py      refusals -> gRPC statuses
     door.py        GrpcDoor: the server, its address, start / stop

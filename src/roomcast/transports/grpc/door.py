@@ -21,6 +21,7 @@ from ...core.service import ChatService, Session
 from ...exceptions import ChatError, ConfigError, ErrorCode
 from ...grpc import client_to_agent_pb2_grpc as pb2_grpc
 from .agent import AgentService
+from .callers import Callers
 from .channel import ChannelService
 from .errors import Context, abort, answer
 from .heartbeat import HeartbeatService
@@ -65,6 +66,8 @@ class GrpcDoor:
         # user is gone within the liveness timeout, not just after it.
         ttl = max(settings.liveness_timeout - settings.heartbeat_interval, 2 * self.beat)
         self.users = Users(node.service, ttl=ttl)
+        self.callers = Callers(node.service, self.users)
+        """Who calls: each call's token, on a server that checks tokens."""
         self.transport = GrpcTransport(node.service, self._still_member)
         self.address = ""
         """host:port that clients dial for every service (set by :meth:`start`)."""
@@ -150,6 +153,20 @@ class GrpcDoor:
         sender = _Sender(user.conn, self.transport)
         session = Session(sender, user.user, {room}, self._bucket(user.index))
         await self.service.send(session, room, text, message_id)
+
+    async def remove(self, user: GrpcUser) -> bool:
+        """Log the user out (see :meth:`Users.remove`); False when it was gone already."""
+        removed = await self.users.remove(user)
+        self.quit_here(user.index)
+        return removed
+
+    def quit_here(self, index: UserId) -> None:
+        """On a server that checks tokens, end a logged-out user's streams on this node at
+        once. Its leave events, which do that elsewhere, may go untold: a user of a token
+        can still be in the lobby or its channel through Socket.IO. (Streams on other
+        nodes end at their next sweep.) An open server waits for the events, as ever."""
+        if self.service.auth is not None:
+            self.transport.quit_user(index)
 
     async def answer(self, context: Context, call: Awaitable[T]) -> T:
         """Await ``call``; what it raises ends the gRPC call with a status, counted in

@@ -29,6 +29,8 @@ _STATUS = {
     ErrorCode.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     ErrorCode.RATE_LIMITED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorCode.CONFLICT: grpc.StatusCode.ALREADY_EXISTS,
+    ErrorCode.UNAUTHORIZED: grpc.StatusCode.UNAUTHENTICATED,
+    ErrorCode.FORBIDDEN: grpc.StatusCode.PERMISSION_DENIED,
     ErrorCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
 }
 
@@ -50,7 +52,8 @@ async def answer(
     ``refused`` by the status's name, when given):
 
     ==============================  =====================================================
-    ChatError                       its code mapped (INVALID_ARGUMENT, NOT_FOUND, ...)
+    ChatError                       its code mapped (INVALID_ARGUMENT, NOT_FOUND,
+                                    UNAUTHENTICATED, PERMISSION_DENIED, ...)
     UnavailableError                UNAVAILABLE
     anything else                   INTERNAL, logged here
     ==============================  =====================================================

@@ -35,7 +35,7 @@ class HeartbeatService(pb2_grpc.HeartbeatServicer):
         When the client closes the stream (or its connection breaks) the user is removed
         at once. The stream ends by itself when the user was removed elsewhere.
         """
-        user = await self._door.answer(context, self._door.users.get(request.index))
+        user = await self._door.answer(context, self._user(context, request.index))
         self._beating[user.index] += 1
         try:
             while not self._door.stopping:
@@ -48,12 +48,13 @@ class HeartbeatService(pb2_grpc.HeartbeatServicer):
             if self._beating[user.index] <= 0:
                 del self._beating[user.index]
                 if not self._door.stopping:
-                    self._door.spawn(self._door.users.remove(user), f"removing user {user.index}")
+                    self._door.spawn(self._door.remove(user), f"removing user {user.index}")
 
     async def _beat(self, user: GrpcUser) -> bool:
         """Refresh the user's liveness; False once it is logged out."""
         try:
             if await self._door.users.find(user.index) is None:
+                self._door.quit_here(user.index)
                 return False
             await self._door.users.refresh(user)
         except Exception:
@@ -61,11 +62,18 @@ class HeartbeatService(pb2_grpc.HeartbeatServicer):
             log.warning("heartbeat of user %s failed", user.index, exc_info=True)
         return True
 
+    async def _user(self, context: Context, index: int) -> GrpcUser:
+        callers = self._door.callers
+        return await callers.user(callers.identity(context), index)
+
     async def TryUserLives(self, request: pb2.UserRequest, context: Context) -> pb2.UserLivesReply:
-        """LIVE while the user is logged in and beating, else UNKNOWN."""
-        found = await self._door.answer(context, self._find(request.index))
+        """LIVE while the user is logged in and beating, else UNKNOWN. Any user may ask
+        about any other (with a valid token, on a server that checks them): LIST_USERS
+        tells as much."""
+        found = await self._door.answer(context, self._find(context, request.index))
         live = pb2.UserLivesReply.LIVE if found else pb2.UserLivesReply.UNKNOWN
         return pb2.UserLivesReply(status=live)
 
-    async def _find(self, index: int) -> GrpcUser | None:
+    async def _find(self, context: Context, index: int) -> GrpcUser | None:
+        self._door.callers.identity(context)  # a valid token, whoever's
         return await self._door.users.find(check_index(index))

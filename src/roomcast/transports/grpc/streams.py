@@ -143,6 +143,16 @@ class GrpcTransport:
             if at_user == user and room in (None, at_room):
                 attachment.close()
 
+    def quit_user(self, user: UserId) -> None:
+        """Tell a user's streams on this node that it is logged out (QUIT, on its lobby
+        status streams) and end them, without waiting for its leave events."""
+        told = pb2.StatusReply(status=pb2.StatusReply.QUIT, index=user)
+        for (_, at_user), attachment in list(self._attachments.items()):
+            if at_user == user:
+                if attachment.lobby:
+                    self._tell(attachment, told)
+                attachment.close()
+
     def close_all(self) -> None:
         for attachment in list(self._attachments.values()):
             attachment.close()
@@ -232,12 +242,13 @@ class GrpcTransport:
                 stream.put(reply)
 
     def _own_leave(self, attachment: Attachment, reply: pb2.StatusReply) -> None:
+        """A leave of the streams' own user: told to it once it is known to be out. It may
+        not be: on a server that checks tokens a user's Socket.IO connections have its id
+        too, and one of them leaving the room leaves the gRPC user where it is."""
         if attachment.lobby:
             # Out of the lobby means removed: the user is told QUIT.
             reply = pb2.StatusReply(status=pb2.StatusReply.QUIT, index=attachment.user)
-        for stream in attachment.statuses:
-            stream.put(reply)
-        self._spawn(self._end_if_gone(attachment))
+        self._spawn(self._end_if_gone(attachment, reply))
 
     async def sweep(self) -> None:
         """End the streams of users that are no longer in their room: the backstop for a
@@ -246,19 +257,30 @@ class GrpcTransport:
             if self._attachments.get((attachment.room, attachment.user)) is attachment:
                 await self._end_if_gone(attachment)
 
-    async def _end_if_gone(self, attachment: Attachment) -> None:
-        """After a user's own leave: end its streams of that room if it really is out
-        (it may have come back already)."""
+    async def _end_if_gone(
+        self, attachment: Attachment, told: pb2.StatusReply | None = None
+    ) -> None:
+        """After a user's own leave: if it really is out (it may have come back already,
+        or the leave was of another door's connection of it), tell it ``told`` and end its
+        streams of that room."""
         try:
             still_member = await self._verify(attachment.user, attachment.room)
         except Exception:
             log.warning("checking user %s in room %s failed", attachment.user, attachment.room)
+            self._tell(attachment, told)  # most likely true; the sweep ends the streams later
             return
         if not still_member:
+            self._tell(attachment, told)
             if attachment.lobby:
                 self.close_user(attachment.user)
             else:
                 attachment.close()
+
+    @staticmethod
+    def _tell(attachment: Attachment, reply: pb2.StatusReply | None) -> None:
+        if reply is not None:
+            for stream in attachment.statuses:
+                stream.put(reply)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         async def run() -> None:

@@ -109,14 +109,29 @@ class Users:
 
     async def login(self) -> GrpcUser:
         """A new user with a cluster-wide index, alive for ``ttl``, in the lobby."""
-        lobby = await self.lobby()
         index = await _guard(self.service.history.next_user_id())
-        if index > INDEX_MAX:
+        return await self._arrive(GrpcUser(User(index, f"grpc-{index}")))
+
+    async def login_as(self, user: User) -> GrpcUser:
+        """A token's user (its index its subject's user id), alive for ``ttl``, in the
+        lobby. One logged in already stays as it is — its record, name and channel — and is
+        kept alive: one subject is one user, however often it logs in."""
+        found = await _guard(self.find(user.id)) if user.id <= INDEX_MAX else None
+        if found is not None:
+            if not await _guard(self.service.presence.heartbeat(found.owner, self.ttl)):
+                return found
+            # Its liveness had lapsed: a reaper may be taking its entries away. Finish
+            # that (with the leaves) and log it in afresh.
+            await self.remove(found)
+        return await self._arrive(GrpcUser(user))
+
+    async def _arrive(self, user: GrpcUser) -> GrpcUser:
+        if user.index > INDEX_MAX:
             raise ChatError(ErrorCode.UNAVAILABLE, "user indexes are exhausted")
-        user = GrpcUser(User(index, f"grpc-{index}"))
+        lobby = await self.lobby()
         presence = self.service.presence
         await _guard(presence.heartbeat(user.owner, self.ttl))
-        await _guard(presence.add(_record_room(index), _record(user)))
+        await _guard(presence.add(_record_room(user.index), _record(user)))
         await _guard(presence.add(lobby.id, user.member))
         await self.announce(lobby.id, "join", user.user)
         return user
