@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import time
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -26,6 +27,7 @@ from playwright.async_api import (
     expect,
 )
 
+from roomcast.core.auth import Authenticator
 from tests import services
 
 from .clients import ChatClient
@@ -49,6 +51,7 @@ SCREENSHOT = ROOT / "docs" / "img" / "chat.png"
 """Written by the chat test when ROOMCAST_SCREENSHOT=1; a plain run leaves the docs alone."""
 VENDOR_JS = ROOT / "src" / "roomcast" / "web" / "vendor" / "socket.io.min.js"
 SOCKETIO_URL = re.compile(r".*/ws/socket\.io/.*")
+SECRET = "the browser tests' auth secret, 32 characters or more"
 
 
 def _require_browser() -> None:
@@ -88,7 +91,21 @@ class Chat:
 
 
 @pytest.fixture
-async def browser(chat_server: Server) -> AsyncIterator[Browser]:
+def auth_server(tmp_path: Path) -> Iterator[Server]:
+    """As chat_server, checking tokens signed with SECRET."""
+    _require_browser()
+    with run_server(
+        store_url=f"sqlite:///{tmp_path}/t.db",
+        log_dir=tmp_path,
+        env={"ROOMCAST_AUTH_SECRET": SECRET},
+    ) as server:
+        yield server
+        print(f"---- roomcast server log ({server.log}) ----\n{server.output()}")
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    _require_browser()
     expect.set_options(timeout=TIMEOUT_MS)
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
@@ -98,14 +115,8 @@ async def browser(chat_server: Server) -> AsyncIterator[Browser]:
             await browser.close()
 
 
-async def open_chat(
-    browser: Browser,
-    url: str,
-    name: str,
-    *,
-    before_load: Callable[[Page], Awaitable[None]] | None = None,
-) -> Chat:
-    """A new browser context (own storage, own connection) with the page connected as name."""
+async def new_chat(browser: Browser) -> Chat:
+    """A page in a new browser context (own storage, own connection), not yet loaded."""
     context = await browser.new_context(viewport={"width": 1200, "height": 720})
     context.set_default_timeout(TIMEOUT_MS)
     page = await context.new_page()
@@ -118,12 +129,32 @@ async def open_chat(
     page.on("dialog", on_dialog)
     page.on("pageerror", lambda exc: chat.errors.append(str(exc)))
     page.on("websocket", lambda ws: chat.sockets.append(ws.url))
+    return chat
+
+
+async def open_chat(
+    browser: Browser,
+    url: str,
+    name: str,
+    *,
+    before_load: Callable[[Page], Awaitable[None]] | None = None,
+) -> Chat:
+    """A new page connected as name."""
+    chat = await new_chat(browser)
+    page = chat.page
     if before_load is not None:
         await before_load(page)
     await page.goto(url + "/")
     await page.locator("#nickname").fill(name)
     await page.locator("#connect").click()
     await expect(page.locator("#status")).to_have_attribute("data-state", "connected")
+    return chat
+
+
+async def open_with_token(browser: Browser, url: str, token: str) -> Chat:
+    """A new page opened as an application links to it: /#token=TOKEN."""
+    chat = await new_chat(browser)
+    await chat.page.goto(f"{url}/#token={token}")
     return chat
 
 
@@ -455,6 +486,73 @@ async def test_a_send_not_confirmed_before_a_reload_is_sent_again_once(
     await tap.sent_again()  # once the reloaded page is back in the room
     await shown_and_stored_once(chat_server.url, alice, bob)
     assert await bob.page.evaluate("sessionStorage.getItem('roomcast.unsent')") == "[]"
+
+
+async def test_a_page_opened_with_a_token_chats_under_the_tokens_name(
+    browser: Browser, auth_server: Server
+) -> None:
+    tokens = Authenticator(SECRET)
+    ada_token = tokens.mint("u-ada", ttl=600, name="Ada Lovelace")
+    ada = await open_with_token(browser, auth_server.url, ada_token)
+    bob = await open_with_token(browser, auth_server.url, tokens.mint("u-bob", ttl=600, name="Bob"))
+    for chat, name in ((ada, "Ada Lovelace"), (bob, "Bob")):
+        page = chat.page
+        await expect(page.locator("#status")).to_have_attribute("data-state", "connected")
+        await expect(page.locator("#whoami")).to_have_text(name)  # the server's, not asked for
+        await expect(page.locator("#nickname")).to_be_hidden()
+    # The token is out of the address bar (and the tab's history entry) once read.
+    href = await ada.page.evaluate("location.href")
+    assert ada_token not in href and "token" not in href, href
+
+    await join(ada, "salon")
+    await join(bob, "salon")
+    await say(ada, "hello from the page")
+    for chat in (ada, bob):
+        await expect(chat.page.locator("#messages .message .author")).to_have_text(["Ada Lovelace"])
+        await expect(chat.page.locator("#messages .message .text")).to_have_text(
+            ["hello from the page"]
+        )
+    await expect(bob.page.locator("#members .member")).to_have_text(["Ada Lovelace", "Bob"])
+
+    # A reload (no token in the address any more) signs in again with this tab's token.
+    await ada.page.reload()
+    await expect(ada.page.locator("#whoami")).to_have_text("Ada Lovelace")
+    await expect(ada.page.locator("#messages .message .author")).to_have_text(["Ada Lovelace"])
+    await say(ada, "back")
+    await expect(bob.page.locator("#messages .message .text")).to_have_text(
+        ["hello from the page", "back"]
+    )
+    assert "token" not in await ada.page.evaluate("location.href")
+    for chat in (ada, bob):
+        assert chat.dialogs == [], chat.dialogs
+        assert chat.errors == [], chat.errors
+
+
+@pytest.mark.parametrize("how", ["expired token", "nickname"])
+async def test_a_page_the_server_does_not_let_in_says_so_and_stops(
+    how: str, browser: Browser, auth_server: Server
+) -> None:
+    """Refused as unauthorized, the page says why where it stays in view, and does not try
+    again (socket.io does not retry a refused connect)."""
+    if how == "nickname":
+        chat = await new_chat(browser)
+        await chat.page.goto(auth_server.url + "/")
+        await chat.page.locator("#nickname").fill("eve")
+        await chat.page.locator("#connect").click()
+        why = "a token is required"
+    else:
+        expired = Authenticator(SECRET).mint("u-eve", ttl=60, now=time.time() - 3600)
+        chat = await open_with_token(browser, auth_server.url, expired)
+        why = "the token has expired"
+    page = chat.page
+    await expect(page.locator("#status")).to_have_attribute("data-state", "refused")
+    await expect(page.locator("#status")).to_have_text("not signed in")
+    await expect(page.locator("#notice")).to_be_visible()
+    await expect(page.locator("#notice")).to_contain_text(f"Not signed in: {why}.")
+    await expect(page.locator("#messages .placeholder")).to_contain_text(f"Not signed in: {why}.")
+    await expect(page.locator("#text")).to_be_disabled()
+    assert len(chat.sockets) == 1, chat.sockets
+    assert chat.errors == [], chat.errors
 
 
 async def test_room_counts_follow_joins_and_leaves_without_asking_the_server(

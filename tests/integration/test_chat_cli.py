@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,11 +20,15 @@ import pytest
 import socketio
 
 from roomcast.chat.commands import Command, UsageError, Verb, parse
+from roomcast.core.auth import Authenticator
 
 from .servers import Server, free_port, run_server, start_server
 
 WAIT = 15.0
 """The longest any screen is waited for."""
+
+SECRET = "the chat tests' auth secret, 32 characters or more"
+OTHER_SECRET = "another auth secret, 32 characters or more, too"
 
 _rooms = itertools.count()
 
@@ -35,13 +40,14 @@ def room_name(label: str) -> str:
 class Terminal:
     """One ``roomcast chat`` process in a 40x120 pseudo-terminal."""
 
-    def __init__(self, name: str, *args: str) -> None:
+    def __init__(self, name: str, *args: str, env: dict[str, str] | None = None) -> None:
         self.name = name
         env = {
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if k != "ROOMCAST_TOKEN"},
             "TERM": "xterm-256color",
             # Nothing answers cursor position requests in a bare pty.
             "PROMPT_TOOLKIT_NO_CPR": "1",
+            **(env or {}),
         }
         command = ["-m", "roomcast", "chat", "--name", name, *args]
         self.child = pexpect.spawn(
@@ -128,8 +134,10 @@ def terminals() -> Iterator[list[Terminal]]:
         terminal.close()
 
 
-def chat(terminals: list[Terminal], name: str, *args: str) -> Terminal:
-    terminal = Terminal(name, *args)
+def chat(
+    terminals: list[Terminal], name: str, *args: str, env: dict[str, str] | None = None
+) -> Terminal:
+    terminal = Terminal(name, *args, env=env)
     terminals.append(terminal)
     terminal.ready()
     return terminal
@@ -368,6 +376,148 @@ def test_unreachable_server_fails_cleanly(terminals: list[Terminal]) -> None:
     terminals.append(terminal)
     terminal.sees("! unavailable: cannot connect")
     assert terminal.exits() == 1
+
+
+@pytest.fixture(scope="module")
+def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server that checks tokens signed with SECRET."""
+    env = {"ROOMCAST_AUTH_SECRET": SECRET}
+    with run_server(env=env, log_dir=tmp_path_factory.mktemp("auth-server")) as srv:
+        yield srv
+
+
+def test_with_a_token_the_name_and_the_rooms_are_the_tokens(
+    auth_server: Server, terminals: list[Terminal]
+) -> None:
+    room = room_name("team")
+    tokens = Authenticator(SECRET)
+    ada_token = tokens.mint("u-ada", ttl=600, name="Ada", rooms=["team-*"])
+    # The token in the environment (argv is visible to other users); --name is not used.
+    ada = Terminal(
+        "nickname", "--url", auth_server.url, "--room", room, env={"ROOMCAST_TOKEN": ada_token}
+    )
+    terminals.append(ada)
+    ada.sees(f"connected to {auth_server.url} as Ada")
+    # Not let into the lobby, she goes on in the room her token allows.
+    ada.sees("! forbidden: your token does not let you into 'lobby'")
+    ada.sees(f"you are in [{room}], 1 member: Ada")
+    ada.ready()
+    bob_token = tokens.mint("u-bob", ttl=600, name="Bob")
+    bob = chat(terminals, "bob", "--url", auth_server.url, "--token", bob_token, "--room", room)
+    ada.sees(f"* Bob joined [{room}]")
+
+    ada.type("hello Bob")
+    bob.sees(f"[{room}] Ada: hello Bob")
+    bob.type("hi Ada")
+    ada.sees(f"[{room}] Bob: hi Ada")
+
+    ada.type("/join secret-plans")
+    ada.sees("! forbidden: your token does not let you into 'secret-plans'")
+    ada.type("/name eve")
+    ada.sees("! unsupported: with a token, your name is the token's")
+    ada.type("/leave")
+    ada.sees("! not_member: not in the lobby to go back to; /join another room")
+    ada.type("still me")
+    bob.sees(f"[{room}] Ada: still me")
+
+    ada.type("/quit")
+    bob.type("/quit")
+    assert ada.exits() == 0
+    assert bob.exits() == 0
+
+
+@pytest.mark.parametrize(
+    ("token", "says"),
+    [
+        (None, "! unauthorized: a token is required; give one with --token or ROOMCAST_TOKEN"),
+        (
+            Authenticator(OTHER_SECRET).mint("eve", ttl=600),
+            "! unauthorized: the token is not valid",
+        ),
+        (
+            Authenticator(SECRET).mint("eve", ttl=60, now=time.time() - 3600),
+            "! unauthorized: the token has expired",
+        ),
+    ],
+    ids=["none", "forged", "expired"],
+)
+def test_a_server_that_checks_tokens_refuses_the_client_and_it_exits(
+    token: str | None, says: str, auth_server: Server, terminals: list[Terminal]
+) -> None:
+    args = ("--token", token) if token else ()
+    eve = Terminal("eve", "--url", auth_server.url, *args)
+    terminals.append(eve)
+    eve.sees(says)
+    assert eve.exits() == 1
+
+
+def test_over_grpc_a_token_gets_in_and_no_token_does_not(
+    tmp_path: Path, terminals: list[Terminal]
+) -> None:
+    """Every call carries the token (the door checks each): a session with one chats in a
+    channel; without one the login is refused."""
+    grpc_port = free_port()
+    env = {"ROOMCAST_AUTH_SECRET": SECRET}
+    with run_server("--grpc-port", str(grpc_port), env=env, log_dir=tmp_path) as server:
+        agent = ("--grpc", "--agent", f"127.0.0.1:{grpc_port}")
+        eve = Terminal("eve", *agent)
+        terminals.append(eve)
+        eve.sees("! unauthenticated: an 'authorization: Bearer TOKEN' metadata entry is required")
+        assert eve.exits() == 1
+
+        token = Authenticator(SECRET).mint("u-ada", ttl=600, name="Ada")
+        ada = chat(terminals, "ada", *agent, env={"ROOMCAST_TOKEN": token})
+        ada.type("/make")
+        channel = ada.sees_re(r"you are in \[channel (\d+)\]").group(1)
+        ada.type("hello")
+        ada.sees_re(rf"\[channel {channel}\] user \d+: hello")
+        # The same room through the Socket.IO door, under the token's name.
+        bob_token = Authenticator(SECRET).mint("u-bob", ttl=600, name="Bob")
+        bob = chat(terminals, "bob", "--url", server.url, "--token", bob_token)
+        bob.type(f"/join {channel}")
+        bob.sees_re(r"you are in \[channel-\w+\], 2 members: Ada, Bob")
+        ada.type("seen by Bob")
+        bob.sees_re(r"\[channel-\w+\] Ada: seen by Bob")
+        for terminal in (ada, bob):
+            terminal.type("/quit")
+            assert terminal.exits() == 0
+
+
+@pytest.mark.parametrize("how", ["stop", "kill", "grpc"])
+def test_a_reconnect_the_server_refuses_ends_the_client(
+    how: str, terminals: list[Terminal], tmp_path: Path
+) -> None:
+    """The node comes back with another secret (as when the token expired meanwhile): the
+    token cannot get in again, so the client says why and ends, not reconnecting forever.
+
+    ``stop``: the server ends the session; ``kill``: the connection just drops; ``grpc``:
+    killed under a gRPC client, whose login again is refused."""
+    port, grpc_port, store = free_port(), free_port(), f"sqlite:///{tmp_path}/chat.db"
+
+    def serve(secret: str) -> Server:
+        env = {"ROOMCAST_AUTH_SECRET": secret}
+        args = ("--grpc-port", str(grpc_port))
+        return start_server(*args, port=port, store_url=store, log_dir=tmp_path, env=env)
+
+    server = serve(SECRET)
+    try:
+        token = Authenticator(SECRET).mint("u-ada", ttl=600, name="Ada")
+        if how == "grpc":
+            door = ("--grpc", "--agent", f"127.0.0.1:{grpc_port}")
+            refused = "! unauthenticated: the token is not valid"
+        else:
+            door = ("--url", server.url)
+            refused = "! unauthorized: the token is not valid"
+        ada = chat(terminals, "ada", *door, env={"ROOMCAST_TOKEN": token})
+        ada.type("before")
+        ada.sees_re(r"\[lobby\] (Ada|user \d+): before")
+        server.stop() if how == "stop" else server.kill()
+        ada.sees("connection lost")
+        server = serve(OTHER_SECRET)
+        ada.sees(refused)
+        assert ada.exits() == 1
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,10 @@ import argparse
 import asyncio
 import getpass
 import importlib.util
+import os
 import sys
+
+from .backend import TOKEN_ENV
 
 if importlib.util.find_spec("prompt_toolkit") is None:
     raise ImportError("roomcast chat needs prompt_toolkit: pip install 'roomcast[chat]'")
@@ -40,6 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--url", default=DEFAULT_URL, help=f"roomcast server to connect to (default: {DEFAULT_URL})"
     )
     parser.add_argument("--name", help="your nickname (default: your login name)")
+    parser.add_argument(
+        "--token",
+        help="a token, for a server that checks them (your name is then the token's); "
+        f"better in the environment, {TOKEN_ENV}: a command line is visible to other users",
+    )
     parser.add_argument(
         "--socketio-path",
         default="/ws/socket.io",
@@ -72,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
     screen = TerminalScreen()
     name = args.name or _default_name()
+    token = args.token or os.environ.get(TOKEN_ENV) or None
     backend: Backend
     if args.grpc:
         try:
@@ -80,12 +89,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"roomcast chat --grpc: {exc}", file=sys.stderr)
             print(GRPC_HINT, file=sys.stderr)
             return 2
-        backend = GrpcBackend(screen, agent=args.agent, name=name, room=args.room)
+        backend = GrpcBackend(screen, agent=args.agent, name=name, room=args.room, token=token)
     else:
         from .socketio_backend import SocketIOBackend
 
         backend = SocketIOBackend(
-            screen, url=args.url, name=name, path=args.socketio_path, room=args.room
+            screen, url=args.url, name=name, path=args.socketio_path, room=args.room, token=token
         )
     try:
         return asyncio.run(main(backend, screen))

@@ -4,7 +4,9 @@ Under ``patch_stdout`` every line a backend shows is printed above the prompt, a
 line being typed is drawn again below it, so incoming messages never garble the input.
 Commands run in the order typed, one at a time, while the prompt stays open for the next
 line. Ctrl-D and ``/quit`` let the commands already typed finish, Ctrl-C does not; either
-way the backend closes its connections and the exit code is 0.
+way the backend closes its connections and the exit code is 0. When the server will not
+take the client back (its token refused on a reconnect) the client says why and ends with
+exit code 1, as when it cannot connect at all.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import contextlib
 from asyncio import Queue
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.history import InMemoryHistory
@@ -67,14 +70,11 @@ async def _worker(backend: Backend, screen: TerminalScreen, queue: Queue[Command
 
 
 async def main(backend: Backend, screen: TerminalScreen) -> int:
-    """Connect, then read and carry out lines until the user leaves."""
+    """Connect, then read and carry out lines until the user leaves (or the server will
+    not take the client back)."""
     session: PromptSession[str] = PromptSession(history=InMemoryHistory())
-
-    def prompt() -> str:
-        return f"[{view.clean(backend.room)}] {view.clean(backend.nick)}> "
-
     with patch_stdout(raw=False):
-        worker: asyncio.Task[None] | None = None
+        tasks: list[asyncio.Task[Any]] = []
         try:
             try:
                 await backend.start()
@@ -83,32 +83,53 @@ async def main(backend: Backend, screen: TerminalScreen) -> int:
                 return 1
             screen.show(view.notice("/? lists the commands"))
             queue: Queue[Command] = Queue()
-            worker = asyncio.create_task(_worker(backend, screen, queue))
-            while True:
-                try:
-                    line = await session.prompt_async(prompt)
-                except KeyboardInterrupt:
-                    break
-                except EOFError:
-                    await _drain(queue)
-                    break
-                try:
-                    command = parse(line)
-                except UsageError as exc:
-                    screen.show(view.error("usage", str(exc)))
-                    continue
-                if command is not None and command.verb is Verb.QUIT:
-                    await _drain(queue)
-                    break
-                if command is not None:
-                    queue.put_nowait(command)
+            tasks.append(asyncio.create_task(_worker(backend, screen, queue)))
+            reading = asyncio.create_task(_read(session, backend, screen, queue))
+            ended = asyncio.create_task(backend.ended())
+            tasks += [reading, ended]
+            await asyncio.wait([reading, ended], return_when=asyncio.FIRST_COMPLETED)
+            if not reading.done():
+                why = ended.result()
+                screen.show(view.error(why.code, why.message))
+                return 1
         finally:
-            if worker is not None:
-                worker.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await worker
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await backend.close()
+            for task in tasks:
+                failure = None if task.cancelled() else task.exception()
+                if failure is not None:  # a bug: not hidden
+                    raise failure
     return 0
+
+
+async def _read(
+    session: PromptSession[str], backend: Backend, screen: TerminalScreen, queue: Queue[Command]
+) -> None:
+    """Read lines and queue their commands until the user leaves."""
+
+    def prompt() -> str:
+        return f"[{view.clean(backend.room)}] {view.clean(backend.nick)}> "
+
+    while True:
+        try:
+            line = await session.prompt_async(prompt)
+        except KeyboardInterrupt:
+            return
+        except EOFError:
+            await _drain(queue)
+            return
+        try:
+            command = parse(line)
+        except UsageError as exc:
+            screen.show(view.error("usage", str(exc)))
+            continue
+        if command is not None and command.verb is Verb.QUIT:
+            await _drain(queue)
+            return
+        if command is not None:
+            queue.put_nowait(command)
 
 
 async def _drain(queue: Queue[Command]) -> None:

@@ -15,10 +15,15 @@ LOBBY = "lobby"
 """The room every client is in and ``/all`` speaks to."""
 
 TIMEOUT = 10.0
+"""Seconds to wait for any one answer from the server."""
 RESEND_FOR = 60.0
 """Seconds a line that got no answer, or that the server could not take or confirm, is
 sent again (under the id it was first sent with: the room stores it once)."""
-"""Seconds to wait for any one answer from the server."""
+
+TOKEN_ENV = "ROOMCAST_TOKEN"
+"""Where ``roomcast chat`` finds a token when ``--token`` is not given."""
+NO_TOKEN = f"give one with --token or {TOKEN_ENV}"
+"""Said after a refusal for want of a token, when none was given."""
 
 
 class Screen(Protocol):
@@ -54,6 +59,10 @@ class Backend(Protocol):
 
     async def close(self) -> None:
         """Leave and disconnect; never raises."""
+
+    async def ended(self) -> CommandFailed:
+        """Return once the server will not take this client back — its token refused when it
+        reconnects (expired meanwhile): why. The client then ends."""
 
     async def say(self, text: str) -> None:
         """Send ``text`` to the current room."""

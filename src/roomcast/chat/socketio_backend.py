@@ -12,6 +12,10 @@ on the wire is dispatched.
 
 python-socketio reconnects by itself after a transport error; when the server ends the
 session (a node shutting down) the client reconnects by itself too, with backoff.
+
+On a server that checks tokens the client connects with ``auth: {token}`` instead of a
+name, and the name it shows is the one the welcome brings. A reconnect the server refuses
+as ``unauthorized`` (the token expired meanwhile) ends the client: no retry can succeed.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import aiohttp
 import socketio
 
 from . import view
-from .backend import LOBBY, RESEND_FOR, TIMEOUT, CommandFailed, Screen
+from .backend import LOBBY, NO_TOKEN, RESEND_FOR, TIMEOUT, CommandFailed, Screen
 
 Reply = dict[str, Any]
 
@@ -74,12 +78,20 @@ class SocketIOBackend:
     """A chat user connected to ``url`` over Socket.IO."""
 
     def __init__(
-        self, screen: Screen, *, url: str, name: str, path: str = "/ws/socket.io", room: str = LOBBY
+        self,
+        screen: Screen,
+        *,
+        url: str,
+        name: str,
+        path: str = "/ws/socket.io",
+        room: str = LOBBY,
+        token: str | None = None,
     ) -> None:
         self._screen = screen
         self._url = url
         self._path = path
         self._name = name
+        self._token = token
         self._start_room = room
         self._sessions: list[aiohttp.ClientSession] = []
         self._sio = socketio.AsyncClient(
@@ -95,6 +107,8 @@ class SocketIOBackend:
         self._user: dict[str, Any] = {}
         self._welcome = asyncio.Event()
         self._refused: Any = None
+        self._gone = asyncio.Event()  # the server will not take us back
+        self._gone_because = CommandFailed("unauthorized", "refused by the server")
         self._joined: dict[int, Joined] = {}
         self._lobby: int | None = None
         self._current: int | None = None
@@ -126,7 +140,13 @@ class SocketIOBackend:
     async def start(self) -> None:
         await self._connect()
         self._screen.show(view.notice(f"connected to {self._url} as {self.nick}"))
-        self._lobby = (await self._join(LOBBY)).id
+        try:
+            self._lobby = (await self._join(LOBBY)).id
+        except CommandFailed as exc:
+            # A token may name rooms without the lobby: then only those, from --room.
+            if exc.code != "forbidden" or self._start_room == LOBBY:
+                raise
+            self._screen.show(view.error(exc.code, exc.message))
         self._current = self._lobby
         if self._start_room != LOBBY:
             self._current = (await self._join(self._start_room)).id
@@ -144,6 +164,10 @@ class SocketIOBackend:
         # A connection attempt cut short leaves its HTTP session open.
         for session in self._sessions:
             await session.close()
+
+    async def ended(self) -> CommandFailed:
+        await self._gone.wait()
+        return self._gone_because
 
     async def say(self, text: str) -> None:
         await self._send(self._current_room().id, text)
@@ -213,6 +237,8 @@ class SocketIOBackend:
         current = self._current_room()
         if current.id == self._lobby:
             raise CommandFailed("not_member", "already in the lobby; /quit leaves roomcast")
+        if self._lobby is None:
+            raise CommandFailed("not_member", "not in the lobby to go back to; /join another room")
         await self._call("leave", {"room": current.id})
         self._joined.pop(current.id, None)
         self._current = self._lobby
@@ -244,6 +270,8 @@ class SocketIOBackend:
         self._screen.show("\n".join(lines))
 
     async def rename(self, name: str) -> None:
+        if self._token is not None:
+            raise CommandFailed("unsupported", "with a token, your name is the token's")
         if name == self.nick:
             return
         old = self._name
@@ -314,7 +342,7 @@ class SocketIOBackend:
         try:
             await self._sio.connect(
                 self._url,
-                auth=lambda: {"name": self._name},
+                auth=self._auth,
                 socketio_path=self._path,
                 wait_timeout=TIMEOUT,
             )
@@ -327,13 +355,28 @@ class SocketIOBackend:
         except TimeoutError:
             raise CommandFailed("timeout", "the server sent no welcome") from None
 
+    def _auth(self) -> Reply:
+        """The connect payload, read on every (re)connect: the token, else the name."""
+        return {"name": self._name} if self._token is None else {"token": self._token}
+
     def _connect_failure(self, exc: BaseException) -> CommandFailed:
-        refused = self._refused
-        if isinstance(refused, dict) and isinstance(refused.get("data"), dict):
-            return _error({"error": refused["data"]})
-        if isinstance(refused, dict) and refused.get("message"):
-            return CommandFailed("refused", str(refused["message"]))
+        refused = self._refusal(self._refused)
+        if refused is not None:
+            return refused
         return CommandFailed("unavailable", f"cannot connect to {self._url}: {exc}")
+
+    def _refusal(self, data: Any) -> CommandFailed | None:
+        """Why the server refused a connect, from its ``connect_error`` data; None if it
+        did not (the connection failed)."""
+        if isinstance(data, dict) and isinstance(data.get("data"), dict):
+            refused = _error({"error": data["data"]})
+        elif isinstance(data, dict) and data.get("message"):
+            refused = CommandFailed("refused", str(data["message"]))
+        else:
+            return None
+        if refused.code == "unauthorized" and self._token is None:
+            refused = CommandFailed(refused.code, f"{refused.message}; {NO_TOKEN}")
+        return refused
 
     async def _join(self, ref: int | str, since: Joined | None = None) -> Joined:
         data: Reply = {"room": ref}
@@ -433,6 +476,11 @@ class SocketIOBackend:
 
     def _on_connect_error(self, data: Any = None) -> None:
         self._refused = data
+        refused = self._refusal(data)
+        if refused is not None and refused.code == "unauthorized" and self._started:
+            # A reconnect refused: python-socketio would try again forever, in vain.
+            self._gone_because = refused
+            self._gone.set()
 
     def _on_disconnect(self, reason: Any = None) -> None:
         self._welcome.clear()  # until the next connection's welcome
@@ -475,7 +523,7 @@ class SocketIOBackend:
 
     async def _reconnect(self) -> None:
         delay = RECONNECT_DELAY
-        while not self._closing:
+        while not self._closing and not self._gone.is_set():
             await asyncio.sleep(delay * (0.5 + random.random()))
             try:
                 await self._connect()

@@ -9,6 +9,10 @@
  *    order in which history, recovery (missed) and live events arrive;
  *  - after a reconnect every joined room is re-joined with since = {epoch, seq}; the
  *    missed messages are merged, or the room is reloaded when recovery is refused.
+ *
+ * On a server that checks tokens the page is opened as /#token=TOKEN (the application
+ * that signed the token links to it): it connects with auth {token} instead of asking
+ * for a nickname, and the name shown is the one the server's welcome brings.
  */
 (() => {
   "use strict";
@@ -31,6 +35,7 @@
   const STORE_ROOMS = "roomcast.rooms";
   const STORE_ACTIVE = "roomcast.active";
   const STORE_UNSENT = "roomcast.unsent"; // this tab's messages not yet confirmed
+  const STORE_TOKEN = "roomcast.token"; // this tab's token, from the address's #token=
 
   // The page may be mounted under a prefix (/chat/): everything is relative to it.
   const BASE_PATH = location.pathname.replace(/[^/]*$/, "") || "/";
@@ -64,6 +69,7 @@
     toggleMembers: $("toggle-members"),
     backdrop: $("backdrop"),
     notice: $("notice"),
+    whoami: $("whoami"),
   };
 
   // ---------------------------------------------------------------- storage
@@ -116,7 +122,37 @@
     },
   };
 
+  /**
+   * The token the page was opened with (/#token=TOKEN), or null: the server then names
+   * the user. Read once and taken out of the address at once — it would otherwise stay in
+   * view, in screenshots and in the tab's history — and kept in this tab's session
+   * storage only, so that a reload signs in again with it.
+   */
+  function takeToken() {
+    const params = new URLSearchParams(location.hash.slice(1));
+    const given = params.get("token");
+    if (given) {
+      params.delete("token");
+      const rest = params.toString();
+      const address = location.pathname + location.search + (rest ? `#${rest}` : "");
+      history.replaceState(history.state, "", address);
+      try {
+        sessionStorage.setItem(STORE_TOKEN, given);
+      } catch {
+        /* storage unavailable: a reload then needs the link again */
+      }
+      return given;
+    }
+    try {
+      return sessionStorage.getItem(STORE_TOKEN) || null;
+    } catch {
+      return null;
+    }
+  }
+
   // ---------------------------------------------------------------- state
+
+  const token = takeToken();
 
   /** @type {import("socket.io-client").Socket | null} */
   let socket = null;
@@ -133,6 +169,7 @@
   let roomsSoon = null;
   let noticeTimer = null;
   let lastRoomList = [];
+  let refusal = null; // why the server would not let this page in (unauthorized), if it did not
 
   class ChatError extends Error {
     constructor(code, message) {
@@ -217,12 +254,27 @@
     ui.connect.textContent = live && name !== currentName ? "Switch" : "Connect";
   }
 
-  function showNotice(message, kind = "error") {
+  /** A notice; a sticky one stays until clicked away (or replaced). */
+  function showNotice(message, kind = "error", { sticky = false } = {}) {
     ui.notice.textContent = message;
     ui.notice.dataset.kind = kind;
     ui.notice.classList.remove("hidden");
     clearTimeout(noticeTimer);
-    noticeTimer = setTimeout(() => ui.notice.classList.add("hidden"), 6000);
+    if (!sticky) noticeTimer = setTimeout(() => ui.notice.classList.add("hidden"), 6000);
+  }
+
+  /**
+   * The server will not let this page in (code "unauthorized": no token, or one expired,
+   * badly signed or malformed). socket.io does not retry a refused connect: say so where
+   * it stays in view, as no later attempt of this page can succeed.
+   */
+  function refuse(message) {
+    refusal = token
+      ? `Not signed in: ${message}. Open the chat again with a new link.`
+      : `Not signed in: ${message}. This server checks who you are: open the chat from a link that carries a token.`;
+    setStatus("refused", "not signed in");
+    showNotice(refusal, "error", { sticky: true });
+    if (!activeRoom()) renderMessages();
   }
 
   // ---------------------------------------------------------------- connection
@@ -241,10 +293,12 @@
     me = null;
     if (name !== currentName) myIds.clear();
     currentName = name;
+    refusal = null;
     setStatus("connecting", "connecting…");
     const s = io({
       path: SOCKET_PATH,
-      auth: { name },
+      // With a token the server names the user: a name sent along would be ignored.
+      auth: token ? { token } : { name },
       // WebSocket first (the server's leanest path), long-polling if it cannot connect.
       transports: ["websocket", "polling"],
       tryAllTransports: true,
@@ -257,6 +311,7 @@
     updateConnectButton();
 
     s.on("connect", () => {
+      refusal = null;
       setStatus("connected", "connected");
       startRoomsTimer();
       refreshRooms();
@@ -289,6 +344,10 @@
       // Refused by the server (e.g. an invalid nickname): socket.io does not retry.
       const data = err && err.data;
       const message = (data && data.message) || err.message || "connection refused";
+      if (data && data.code === "unauthorized") {
+        refuse(message);
+        return;
+      }
       setStatus("refused", "refused");
       showNotice(`Connection refused: ${message}`);
       ui.nickname.focus();
@@ -304,6 +363,10 @@
       const changed = !me || me.id !== user.id;
       me = { id: user.id, name: String(user.name) };
       myIds.add(user.id);
+      if (token) {
+        ui.whoami.textContent = me.name;
+        ui.whoami.title = `Signed in as ${me.name}`;
+      }
       setStatus("connected", "connected");
       if (changed) {
         renderMessages();
@@ -986,11 +1049,11 @@
       const empty = document.createElement("div");
       empty.className = "placeholder";
       const line = document.createElement("p");
-      line.textContent = socket
-        ? "Create or join a room to start chatting."
-        : "Pick a nickname and connect to start chatting.";
+      if (refusal) line.textContent = refusal;
+      else if (socket) line.textContent = "Create or join a room to start chatting.";
+      else line.textContent = "Pick a nickname and connect to start chatting.";
       empty.append(line);
-      if (socket) {
+      if (socket && !refusal) {
         const open = document.createElement("button");
         open.type = "button";
         open.className = "button narrow-only";
@@ -1337,7 +1400,12 @@
   updateComposer();
   updateConnectButton();
   const remembered = store.get(STORE_NAME, "");
-  if (typeof remembered === "string" && remembered.trim()) {
+  if (token) {
+    // Signed in by the token: no nickname to ask for; the welcome says the name.
+    ui.loginForm.classList.add("hidden");
+    ui.whoami.classList.remove("hidden");
+    connect("");
+  } else if (typeof remembered === "string" && remembered.trim()) {
     ui.nickname.value = remembered;
     connect(remembered.trim());
   } else {
