@@ -329,15 +329,18 @@ async def test_a_token_that_does_not_name_the_lobby_cannot_log_in(address):
 
 async def test_the_users_socketio_connection_leaving_the_lobby_keeps_its_grpc_login(login, connect):
     token = token_of()
-    alice = await login(token)
+    alice, watcher = await login(token), await login()
     tab = await connect(token)  # the same user, in a browser
     await tab.ok("join", {"room": "lobby"})
     await tab.ok("leave", {"room": "lobby"})
     await tab.close()
-    # Ordered after the tab's leave on alice's lobby status stream: a later login.
+    # Ordered after the tab's leave on the lobby status streams: a later login.
     bob = await login()
-    await alice.wait_for(lambda: ("JOIN_USER", bob.index, None) in alice.lobby_status)
+    for client in (alice, watcher):
+        await client.wait_for(lambda c=client: ("JOIN_USER", bob.index, None) in c.lobby_status)
     assert ("QUIT", alice.index, None) not in alice.lobby_status
+    # Alice is still in the lobby through her gRPC login: nobody is told she left.
+    assert ("LEAVE_USER", alice.index, None) not in watcher.lobby_status
     assert not alice.ended
     live = await bob.heartbeat.TryUserLives(pb2.UserRequest(index=alice.index), timeout=WAIT)
     assert live.status == pb2.UserLivesReply.LIVE

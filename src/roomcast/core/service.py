@@ -780,8 +780,14 @@ class ChatService:
             return True
         try:
             if not [m for m in await self.presence.locate(user.id) if m.conn != leaving]:
-                return False  # its only connection (the usual case): no room to read
-            return any(m.user.id == user.id for m in await self.presence.members(room_id))
+                # No other connection. A login of the gRPC door is none (it keeps a record
+                # in room -id instead, see roomcast.transports.grpc.users).
+                if not await self.presence.members(RoomId(-user.id)):
+                    return False  # its only connection (the usual case): no room to read
+            return any(
+                m.user.id == user.id and m.conn != leaving
+                for m in await self.presence.members(room_id)
+            )
         except UnavailableError:
             return False  # told: a leave too many is corrected by the next roster read
 
