@@ -100,6 +100,7 @@ class RoomcastApp:
             self.grpc = None
         if self._forwarder is not None:
             await self._forwarder.close()
+        await self.socketio.close()
         if self.node.started:
             for sid in list(self.socketio.sids()):
                 with contextlib.suppress(Exception):

@@ -144,6 +144,13 @@ class NodeCollector(Collector):
                 node.id,
                 self.socketio.upgrades_served,
             )
+            yield _single(
+                CounterMetricFamily,
+                "roomcast_socketio_expired",
+                "Connections ended because their token expired (and no newer one was sent)",
+                node.id,
+                self.socketio.expired,
+            )
         if self.grpc_refused is not None:
             statuses = CounterMetricFamily(
                 "roomcast_grpc_refused",

@@ -34,9 +34,13 @@ def signed(claims: dict[str, object], *, secret: str = SECRET, algorithm: str = 
 
 
 def test_a_minted_token_proves_its_subject_name_and_rooms() -> None:
-    token = auth.mint("u-42", ttl=60, name="Ada", rooms=["general", "team-*"])
-    assert auth.verify(token) == Identity("u-42", "Ada", ("general", "team-*"))
-    assert auth.verify(auth.mint("u-42", ttl=60)) == Identity("u-42", "u-42", None)
+    now = time.time()
+    token = auth.mint("u-42", ttl=60, name="Ada", rooms=["general", "team-*"], now=now)
+    exp = float(int(now) + 60)
+    assert auth.verify(token) == Identity("u-42", "Ada", ("general", "team-*"), exp)
+    assert auth.verify(auth.mint("u-42", ttl=60, now=now)) == Identity("u-42", "u-42", None, exp)
+    assert not auth.verify(token).expired(exp + 10)  # the leeway of clocks apart
+    assert auth.verify(token).expired(exp + 10.5)
 
 
 def test_tokens_of_any_hmac_size_signed_by_the_backend_are_accepted() -> None:
@@ -250,3 +254,25 @@ async def test_a_user_on_two_connections_leaves_a_room_when_its_last_one_does() 
     assert leaves() == ["ada"]
     await one.disconnect(again.conn.id)
     assert leaves() == ["ada", "ada"]
+
+
+async def test_a_refresh_takes_a_newer_token_of_the_same_user_only(service) -> None:
+    first = auth.mint("bob", ttl=60, rooms=["a", "b"])
+    bob = await service.connect(Conn("b"), None, first)
+    for room in ("a", "b"):
+        await service.join(bob, room)
+    before = bob.identity
+    for token, code in [
+        (auth.mint("eve", ttl=600), ErrorCode.FORBIDDEN),
+        ("junk", ErrorCode.UNAUTHORIZED),
+        (signed({"sub": "bob", "exp": int(time.time()) - 60}), ErrorCode.UNAUTHORIZED),
+    ]:
+        with pytest.raises(ChatError) as raised:
+            await service.refresh(bob, token)
+        assert raised.value.code is code
+        assert bob.identity == before and len(bob.rooms) == 2
+    identity, left = await service.refresh(bob, auth.mint("bob", ttl=600, rooms=["a"]))
+    assert bob.identity == identity and identity.expires > before.expires
+    assert [room.name for room in left] == ["b"]
+    assert [r.name for r in [await service.resolve(r) for r in bob.rooms]] == ["a"]
+    assert [u.name for u in (await service.members("b"))[1]] == []

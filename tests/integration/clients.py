@@ -14,7 +14,7 @@ import socketio
 WAIT = 10.0
 """The longest any test waits for an event to arrive."""
 
-EVENTS = ("welcome", "message", "presence", "typing", "dm")
+EVENTS = ("welcome", "message", "presence", "typing", "dm", "expired")
 
 
 class ChatClient:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -166,6 +167,52 @@ async def test_rooms_outside_the_token_are_closed_to_sockets_and_http(
         every = (await http.get("/api/rooms", headers=as_admin)).json()["rooms"]
         assert "unmade" not in [r["name"] for r in every]  # a refused join made nothing
         assert (await http.get("/healthz")).status_code == 200  # health stays open
+
+
+def expiring(subject: str, **claims: object) -> str:
+    """A token that is accepted now but expires within a second or two: its ``exp`` is
+    9 s past, within the 10 s clocks may differ by."""
+    return tokens.mint(subject, ttl=1, now=time.time() - 10, **claims)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("transport", ["polling", "websocket"])
+async def test_a_connection_ends_when_its_token_expires_unless_refreshed(
+    server: Server, connect_token, transport: str
+) -> None:
+    watcher = await connect_token(token("watcher"))
+    room = (await watcher.ok("join", {"room": "expiry"}))["room"]["id"]
+    lapsing = await connect_token(expiring("lapsing"), transports=[transport])
+    kept = await connect_token(expiring("kept", rooms=["expiry", "other"]), transports=[transport])
+    assert lapsing.of("welcome")[0]["expires"] < time.time()
+    for client in (lapsing, kept):
+        await client.ok("join", {"room": "expiry"})
+        await client.ok("join", {"room": "other"})
+
+    # Refusals change nothing: another user's token, a forged one.
+    other = await kept.call("refresh", {"token": token("watcher")})
+    assert other["error"]["code"] == "forbidden"
+    forged = await kept.call("refresh", {"token": "junk"})
+    assert forged["error"]["code"] == "unauthorized"
+    fresh = token("kept", rooms=["expiry"])  # a longer life, one room fewer
+    refreshed = await kept.ok("refresh", {"token": fresh})
+    assert refreshed["expires"] > time.time() + 500
+    assert [room["name"] for room in refreshed["left"]] == ["other"]
+
+    await lapsing.wait_for(lambda: lapsing.of("expired"))
+    assert lapsing.of("expired") == [{"code": "unauthorized", "message": "the token has expired"}]
+    # The server has ended its session: the others are told it left. (python-socketio's
+    # client itself, disconnected by the server on a WebSocket, says so ~10 s later.)
+    await watcher.wait_for(
+        lambda: {"room": room, "event": "leave", "user": lapsing.user} in watcher.of("presence")
+    )
+    # The refreshed connection lives on, in the room its new token names.
+    assert kept.sio.connected and not kept.of("expired")
+    await kept.ok("send", {"room": "expiry", "text": "still here"})
+    await watcher.wait_for(lambda: [m["text"] for m in watcher.messages()][-1:] == ["still here"])
+    members = await watcher.ok("members", {"room": "other"})
+    assert kept.user not in members["members"]
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert re.search(r"roomcast_socketio_expired_total\{[^}]*\} [1-9]", metrics), metrics
 
 
 async def test_a_user_has_one_id_on_every_node_and_worker(tmp_path: Path) -> None:

@@ -364,3 +364,45 @@ async def test_logging_out_is_told_while_the_users_socketio_connection_stays(log
     assert live.status == pb2.UserLivesReply.UNKNOWN
     members = await tab.ok("members", {"room": "lobby"})
     assert alice.index in {m["id"] for m in members["members"]}
+
+
+# -- expiry ----------------------------------------------------------------------------
+
+
+def expiring_token(subject: str | None = None) -> tuple[str, int]:
+    """A token accepted now that expires within a second or two (its ``exp`` 9 s past,
+    within the 10 s clocks may differ by), and its ``exp``."""
+    subject = subject or f"user-{uuid.uuid4().hex[:12]}"
+    issued = int(time.time()) - 10
+    return tokens.mint(subject, ttl=1, now=issued), issued + 1
+
+
+async def test_a_login_ends_when_its_newest_token_expires(login):
+    watcher = await login()
+    lapsing = await login(expiring_token()[0])
+    subject = f"user-{uuid.uuid4().hex[:12]}"
+    first, expires = expiring_token(subject)
+    kept = await login(first)
+    # A call of kept's with a newer token keeps its login alive past the first's expiry.
+    renewed = TokenClient(kept.agent_address, token_of(subject))
+    try:
+        lobby = pb2_grpc.LobbyStub(renewed.dial(kept.login_reply.lobby_ip))
+        await lobby.TryChatSend(pb2.Chat(index=kept.index, text=mark("renewed")), timeout=WAIT)
+
+        await lapsing.wait_for(lambda: "heartbeat" in lapsing.ended)
+        assert lapsing.ended["heartbeat"] == grpc.StatusCode.UNAUTHENTICATED
+        await watcher.wait_for(lambda: ("LEAVE_USER", lapsing.index, None) in watcher.lobby_status)
+        lives = await watcher.heartbeat.TryUserLives(
+            pb2.UserRequest(index=lapsing.index), timeout=WAIT
+        )
+        assert lives.status == pb2.UserLivesReply.UNKNOWN
+        # A beat the server sent (its time in it) well after kept's first token expired:
+        # the login was still alive then. The leeway is 10 s.
+        await kept.wait_for(lambda: kept.beats and kept.beats[-1] >= expires + 12, timeout=15)
+        assert "heartbeat" not in kept.ended
+        lives = await watcher.heartbeat.TryUserLives(
+            pb2.UserRequest(index=kept.index), timeout=WAIT
+        )
+        assert lives.status == pb2.UserLivesReply.LIVE
+    finally:
+        await renewed.close()

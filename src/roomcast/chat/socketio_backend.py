@@ -125,6 +125,7 @@ class SocketIOBackend:
         on("welcome", self._on_welcome)
         on("message", self._on_message)
         on("presence", self._on_presence)
+        on("expired", self._on_expired)
 
     # -- Backend ---------------------------------------------------------------------
 
@@ -481,6 +482,13 @@ class SocketIOBackend:
             # A reconnect refused: python-socketio would try again forever, in vain.
             self._gone_because = refused
             self._gone.set()
+
+    def _on_expired(self, data: Any = None) -> None:
+        # The server ends the connection: its token expired. The same token would be
+        # refused on a reconnect, so the client ends with the reason now.
+        message = data.get("message") if isinstance(data, dict) else None
+        self._gone_because = CommandFailed("unauthorized", str(message or "the token expired"))
+        self._gone.set()
 
     def _on_disconnect(self, reason: Any = None) -> None:
         self._welcome.clear()  # until the next connection's welcome

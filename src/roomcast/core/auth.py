@@ -16,14 +16,18 @@ The claims it reads::
                      names, or a prefix ending in ``*`` ("team-*"); absent: every room
     nbf, iat, aud, iss  checked when present (aud and iss when the server is told them)
 
-A token is checked when a client connects (and on gRPC and HTTP at every call); a
-connection outlives its token's ``exp`` — to end one early, the application disconnects
-it. Without a secret the server is open: a client names itself and gets a new user id on
-every connect (for one application on a trusted network, or trying roomcast out).
+A token is checked when a client connects (and on gRPC and HTTP at every call). A
+Socket.IO connection is ended when its token expires, unless the client has sent a newer
+token of the same user (the ``refresh`` event) before; a gRPC login ends when the newest
+token its calls carried expires. Without a secret the server is open: a client names
+itself and gets a new user id on every connect (for one application on a trusted network,
+or trying roomcast out).
 """
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -59,6 +63,13 @@ class Identity:
     """The name the others see."""
     rooms: tuple[str, ...] | None = None
     """Room names and ``prefix*`` patterns the user may enter; None: every room."""
+    expires: float = math.inf
+    """When the token stops being accepted (its ``exp``, seconds since the Unix epoch)."""
+
+    def expired(self, now: float | None = None) -> bool:
+        """Whether the token has expired (see :func:`past`): a connection it opened is
+        then ended, unless a newer token refreshed it."""
+        return past(self.expires, now)
 
     def may_enter(self, room: str) -> bool:
         """Whether the token lets its user join the room of this name (and read it)."""
@@ -71,6 +82,11 @@ class Identity:
             elif room == allowed:
                 return True
         return False
+
+
+def past(expires: float, now: float | None = None) -> bool:
+    """Whether a token's ``exp`` has passed, by more than :data:`LEEWAY`."""
+    return (time.time() if now is None else now) > expires + LEEWAY
 
 
 class Authenticator:
@@ -126,8 +142,6 @@ class Authenticator:
     ) -> str:
         """A token for ``subject``, valid for ``ttl`` seconds: what an application's backend
         signs (``roomcast token`` prints one, for trying things out and for tests)."""
-        import time
-
         issued = int(time.time() if now is None else now)
         claims: dict[str, object] = {"sub": subject, "iat": issued, "exp": issued + int(ttl)}
         if name is not None:
@@ -154,9 +168,12 @@ def _identity(claims: dict[str, object]) -> Identity:
         name = validation.nickname(claims.get("name", subject[: validation.NICKNAME_MAX]))
     except ChatError as exc:
         raise ChatError(ErrorCode.UNAUTHORIZED, f"the token's name: {exc.message}") from None
+    expires = claims.get("exp")
+    if not isinstance(expires, int | float) or isinstance(expires, bool):
+        raise ChatError(ErrorCode.UNAUTHORIZED, "'exp' must be a number of seconds")
     rooms = claims.get("rooms")
     if rooms is None:
-        return Identity(subject, name)
+        return Identity(subject, name, expires=float(expires))
     if (
         not isinstance(rooms, list)
         or len(rooms) > ROOMS_MAX
@@ -166,4 +183,4 @@ def _identity(claims: dict[str, object]) -> Identity:
             ErrorCode.UNAUTHORIZED,
             f"'rooms' must be a list of at most {ROOMS_MAX} room names or 'prefix*' patterns",
         )
-    return Identity(subject, name, tuple(rooms))
+    return Identity(subject, name, tuple(rooms), float(expires))

@@ -594,6 +594,28 @@ class ChatService:
         else the identity, or ``unauthorized``."""
         return None if self.auth is None else self.auth.verify(token)
 
+    async def refresh(self, session: Session, token: object) -> tuple[Identity, list[Room]]:
+        """Give a connection a newer token of its user, before its own expires: the
+        connection lives until the new one's ``exp``, and may enter the rooms the new one
+        names — it leaves (announced) those of its rooms the new token no longer names.
+        The new identity and the rooms left. A token of another user is ``forbidden``
+        (connect again with it), an invalid one ``unauthorized``: nothing changes."""
+        if self.auth is None or session.identity is None:
+            raise ChatError(ErrorCode.BAD_REQUEST, "this server checks no tokens")
+        identity = self.auth.verify(token)
+        if identity.subject != session.identity.subject:
+            raise ChatError(
+                ErrorCode.FORBIDDEN, "the token is another user's: connect again with it"
+            )
+        session.identity = identity
+        left: list[Room] = []
+        for room_id in list(session.rooms):
+            room = await self.resolve(room_id)
+            if not identity.may_enter(room.name):
+                await self._leave(session, room_id)
+                left.append(room)
+        return identity, left
+
     @staticmethod
     def check_entry(identity: Identity | None, room: Room) -> None:
         """``forbidden`` unless the identity may enter the room (anyone may on an open

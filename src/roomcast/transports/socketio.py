@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import heapq
 import json
 import logging
+import math
+import time
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Generator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
@@ -22,6 +26,7 @@ from engineio import packet as eio_packet
 from engineio.async_socket import AsyncSocket as _EngineSocket
 
 from ..core import validation
+from ..core.auth import past
 from ..core.events import Frame
 from ..core.hub import Connection
 from ..core.models import ConnId, Message
@@ -150,7 +155,7 @@ MAX_IN_FLIGHT = 64
 
 _RESERVED_EVENTS = frozenset(("connect", "connect_error", "disconnect"))
 
-_REQUESTS = frozenset(("join", "leave", "history", "rooms", "members"))
+_REQUESTS = frozenset(("join", "leave", "history", "rooms", "members", "refresh"))
 """Events counted against the connection's request rate (``send``, ``typing`` and ``dm``
 count against its message rate, in the service)."""
 
@@ -283,6 +288,18 @@ class UntilSuspended(Generic[T]):
                 return cast(T, done.value)
 
 
+EXPIRY_CHECK = 1.0
+"""Seconds between two looks for connections whose token has expired."""
+
+
+def _welcome(session: Session) -> dict[str, Any]:
+    """The welcome event: the user, and on a server that checks tokens when the
+    connection's token expires (``refresh`` before then to keep the connection)."""
+    if session.identity is None:
+        return {"user": session.user.to_wire()}
+    return {"user": session.user.to_wire(), "expires": session.identity.expires}
+
+
 def _credentials(auth: Any) -> tuple[Any, Any]:
     """The ``name`` and ``token`` of a Socket.IO connect payload (``auth`` of the client)."""
     if not isinstance(auth, dict):
@@ -362,7 +379,14 @@ class SocketIOTransport:
             "members": self._members,
             "typing": self._typing,
             "dm": self._dm,
+            "refresh": self._refresh,
         }
+        self._expiries: list[tuple[float, str]] = []
+        """(token expiry, sid) of the connections of tokens, earliest first (a heap); an
+        entry whose connection has since refreshed (or gone) is skipped when it comes up."""
+        self._expirer: asyncio.Task[None] | None = None
+        self.expired = 0
+        """Connections ended because their token expired."""
         # Keep references to fire-and-forget tasks so they are not collected mid-flight.
         self._tasks: set[asyncio.Task[None]] = set()
         sio.on("connect", self._on_connect)
@@ -497,7 +521,8 @@ class SocketIOTransport:
             self._read_events(conn)
         # After the handler returns python-socketio confirms the connection; the welcome
         # goes out right after that confirmation.
-        self._spawn(self.sio.emit("welcome", {"user": session.user.to_wire()}, to=sid))
+        self._watch_expiry(sid, session)
+        self._spawn(self.sio.emit("welcome", _welcome(session), to=sid))
 
     def _writer(self, eio_sid: str, environ: dict[str, Any]) -> DirectWriter | None:
         eio_socket = self.sio.eio.sockets.get(eio_sid)
@@ -532,6 +557,55 @@ class SocketIOTransport:
         sock = self.sio.eio.sockets.get(eio_sid)
         if sock is not None and not sock.upgraded:
             sock.queue.put_nowait(eio_packet.Packet(eio_packet.NOOP))
+
+    # -- token expiry ------------------------------------------------------------------
+
+    def _watch_expiry(self, sid: str, session: Session) -> None:
+        """End the connection when its token expires (see :meth:`_expire_loop`)."""
+        identity = session.identity
+        if identity is None or identity.expires == math.inf:
+            return
+        heapq.heappush(self._expiries, (identity.expires, sid))
+        if self._expirer is None:
+            self._expirer = asyncio.create_task(self._expire_loop(), name="roomcast-expiry")
+
+    async def _expire_loop(self) -> None:
+        """One task for every connection of the node: each second, end the connections
+        whose token (the newest they sent) expired."""
+        while True:
+            await asyncio.sleep(EXPIRY_CHECK)
+            now = time.time()
+            while self._expiries and past(self._expiries[0][0], now):
+                expires, sid = heapq.heappop(self._expiries)
+                session = self._by_sid.get(sid)
+                if session is None or session.identity is None:
+                    continue
+                if session.identity.expires != expires:
+                    continue  # refreshed since
+                try:
+                    await self._end_expired(sid, session)
+                except Exception:
+                    log.warning("ending the expired connection %s failed", sid, exc_info=True)
+
+    async def _end_expired(self, sid: str, session: Session) -> None:
+        """Tell the client why (``expired``), then disconnect it: a Socket.IO client does
+        not reconnect by itself after a disconnect from the server's side."""
+        self.expired += 1
+        told = {"code": ErrorCode.UNAUTHORIZED.value, "message": "the token has expired"}
+        if session.conn.native:  # type: ignore[attr-defined]
+            writer: EngineWebSocket = session.conn.writer  # type: ignore[attr-defined]
+            writer.send_text("42" + fastjson.dumps(["expired", told]))
+        else:
+            await self.sio.emit("expired", told, to=sid)
+        await self.disconnect(sid)
+
+    async def close(self) -> None:
+        """Stop ending expired connections (the node is shutting down)."""
+        if self._expirer is not None:
+            self._expirer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._expirer
+            self._expirer = None
 
     async def disconnect(self, sid: str) -> None:
         """Disconnect a client from the server's side."""
@@ -636,7 +710,8 @@ class SocketIOTransport:
         sock.conn = conn
         sock.reader = EventReader(self, sid, sock, sock)
         sock.send_text("40" + fastjson.dumps({"sid": sid}))
-        sock.send_text("42" + fastjson.dumps(["welcome", {"user": session.user.to_wire()}]))
+        self._watch_expiry(sid, session)
+        sock.send_text("42" + fastjson.dumps(["welcome", _welcome(session)]))
 
     def _native_left(self, sock: EngineWebSocket) -> None:
         """The client's Socket.IO session has ended (its WebSocket may stay open)."""
@@ -862,6 +937,12 @@ class SocketIOTransport:
         to = validation.user_id(data, "to")
         text = validation.text(data)
         return _ok(dm=await self.service.dm(session, to, text))
+
+    async def _refresh(self, session: Session, data: dict[str, Any]) -> Reply:
+        identity, left = await self.service.refresh(session, data.get("token"))
+        sid = session.conn.sid  # type: ignore[attr-defined]
+        self._watch_expiry(sid, session)
+        return _ok(expires=identity.expires, left=[room.to_wire() for room in left])
 
     async def _typing(self, session: Session, data: dict[str, Any]) -> Reply:
         await self.service.typing(session, validation.room_ref(data))

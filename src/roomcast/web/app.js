@@ -336,6 +336,10 @@
       }
     });
 
+    // The server ends the connection when its token expires (no refresh was sent): the
+    // same token cannot sign in again.
+    s.on("expired", (data) => refuse((data && data.message) || "the token has expired"));
+
     s.on("connect_error", (err) => {
       if (s.active) {
         setStatus("reconnecting", "reconnecting…");

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
-from ...core.auth import Identity
+from ...core.auth import Identity, past
 from ...core.models import Room, RoomId, UserId
 from ...core.service import ChatService
 from ...exceptions import ChatError, ErrorCode, UnavailableError
@@ -60,6 +60,9 @@ class Callers:
         # A subject's user id and a room's name never change: once read, kept.
         self._ids: OrderedDict[str, UserId] = OrderedDict()
         self._names: OrderedDict[RoomId, str] = OrderedDict()
+        self._expiry: OrderedDict[UserId, float] = OrderedDict()
+        """The latest ``exp`` of the tokens this node's calls acting as a user carried: a
+        user's heartbeat stream here ends when it passes (see :meth:`lapsed`)."""
 
     def identity(self, context: Context) -> Identity | None:
         """Who calls: the identity the call's token proves (else ``unauthorized``); None on
@@ -68,8 +71,19 @@ class Callers:
             return None
         return self.service.authenticate(bearer_token(context.invocation_metadata()))
 
+    def lapsed(self, index: UserId) -> bool:
+        """Whether every token seen here for the user has expired (False on an open
+        server, and for a user whose calls carried none here)."""
+        expires = self._expiry.get(index)
+        return expires is not None and past(expires)
+
+    def _note(self, identity: Identity, index: UserId) -> None:
+        if identity.expires > self._expiry.get(index, 0.0):
+            _keep(self._expiry, index, identity.expires)
+
     async def index_of(self, identity: Identity) -> UserId:
-        """The user index of the token's subject (made the first time it is seen)."""
+        """The user index of the token's subject (made the first time it is seen); a
+        call of it that proves its user keeps the user's login alive until its ``exp``."""
         found = _recall(self._ids, identity.subject)
         if found is None:
             try:
@@ -77,6 +91,7 @@ class Callers:
             except UnavailableError as exc:
                 raise ChatError(ErrorCode.UNAVAILABLE, "the store is unavailable") from exc
             _keep(self._ids, identity.subject, found)
+        self._note(identity, found)
         return found
 
     async def user(self, identity: Identity | None, index: int) -> GrpcUser:

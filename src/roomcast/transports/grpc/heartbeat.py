@@ -8,6 +8,8 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+import grpc
+
 from ...core.models import UserId
 from ...grpc import client_to_agent_pb2 as pb2
 from ...grpc import client_to_agent_pb2_grpc as pb2_grpc
@@ -39,6 +41,11 @@ class HeartbeatService(pb2_grpc.HeartbeatServicer):
         self._beating[user.index] += 1
         try:
             while not self._door.stopping:
+                if self._door.callers.lapsed(user.index):
+                    # Ends the login: the client logs in again with a newer token.
+                    await self._door.abort(
+                        context, grpc.StatusCode.UNAUTHENTICATED, "the token has expired"
+                    )
                 if not await self._beat(user):
                     return
                 yield pb2.HeartbeatReply(time=int(time.time()))
