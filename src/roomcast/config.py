@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .core.auth import SECRET_MIN, Authenticator
@@ -79,6 +79,11 @@ class Settings(BaseSettings):
         description="check every client's token (a JWT signed with this secret, HS256, "
         "32+ characters); unset: clients name themselves",
     )
+    auth_previous_secret: SecretStr | None = Field(
+        None,
+        description="with --auth-secret: the secret before a rotation, whose tokens are "
+        "still accepted while it is set",
+    )
     auth_audience: str | None = Field(
         None, description="with --auth-secret: the 'aud' tokens must carry"
     )
@@ -108,19 +113,27 @@ class Settings(BaseSettings):
             raise ValueError("a node id is 1-64 letters, digits, '_' or '-'")
         return value
 
-    @field_validator("auth_secret")
+    @field_validator("auth_secret", "auth_previous_secret")
     @classmethod
     def _secret(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and len(value.get_secret_value()) < SECRET_MIN:
             raise ValueError(f"an auth secret has at least {SECRET_MIN} characters")
         return value
 
+    @model_validator(mode="after")
+    def _rotation(self) -> Settings:
+        if self.auth_previous_secret is not None and self.auth_secret is None:
+            raise ValueError("--auth-previous-secret needs --auth-secret (the new secret)")
+        return self
+
     def authenticator(self) -> Authenticator | None:
         """What checks the clients' tokens: None when no auth secret is set."""
         if self.auth_secret is None:
             return None
+        previous = self.auth_previous_secret
         return Authenticator(
             self.auth_secret.get_secret_value(),
+            previous=None if previous is None else previous.get_secret_value(),
             audience=self.auth_audience,
             issuer=self.auth_issuer,
         )

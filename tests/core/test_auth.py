@@ -115,6 +115,26 @@ def test_rooms_are_exact_names_or_prefixes() -> None:
     assert not Identity("bob", "Bob", ()).may_enter("general")
 
 
+def test_after_a_rotation_tokens_of_the_previous_secret_are_accepted_while_it_is_set() -> None:
+    new_secret = "the-secret-after-the-rotation-0123456789"
+    rotated = Authenticator(new_secret, previous=SECRET)
+    old_token, new_token = auth.mint("bob", ttl=60), rotated.mint("ann", ttl=60)
+    assert rotated.verify(old_token).subject == "bob"
+    assert rotated.verify(new_token).subject == "ann"
+    assert "not valid" in refusal(new_token)  # a server not told of the new secret
+    assert "not valid" in refusal_by(Authenticator(new_secret), old_token)  # rotation over
+    stranger = Authenticator("a-secret-neither-side-has-ever-used-000").mint("eve", ttl=60)
+    assert "Signature verification failed" in refusal_by(rotated, stranger)
+    expired = signed({"sub": "bob", "exp": int(time.time()) - 60})
+    assert refusal_by(rotated, expired) == "the token has expired"
+    settings = Settings(auth_secret=new_secret, auth_previous_secret=SECRET)
+    assert settings.authenticator().verify(old_token).subject == "bob"
+    with pytest.raises(ValueError, match="needs --auth-secret"):
+        Settings(auth_previous_secret=SECRET)
+    with pytest.raises(ValueError, match="32 characters"):
+        Settings(auth_secret=new_secret, auth_previous_secret="short")
+
+
 def test_short_secrets_are_refused_by_the_settings() -> None:
     with pytest.raises(ValueError, match="32 characters"):
         Settings(auth_secret="short")

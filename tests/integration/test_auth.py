@@ -215,6 +215,29 @@ async def test_a_connection_ends_when_its_token_expires_unless_refreshed(
     assert re.search(r"roomcast_socketio_expired_total\{[^}]*\} [1-9]", metrics), metrics
 
 
+async def test_a_server_rotated_to_a_new_secret_takes_tokens_of_both(tmp_path: Path) -> None:
+    new = Authenticator("the secret after the rotation, 32+ characters")
+    env = {"ROOMCAST_AUTH_SECRET": "the secret after the rotation, 32+ characters"}
+    with run_server(
+        "--auth-previous-secret", SECRET, store_url=f"sqlite:///{tmp_path}/r.db",
+        log_dir=tmp_path, env=env,
+    ) as rotated:  # fmt: skip
+        old_client = ChatClient(rotated.url, "x", token=token("user-old"))
+        new_client = ChatClient(rotated.url, "x", token=new.mint("user-new", ttl=600))
+        try:
+            for client in (old_client, new_client):
+                await client.connect()
+            assert [old_client.user["name"], new_client.user["name"]] == ["user-old", "user-new"]
+            stranger = Authenticator("a secret neither side ever had, 32+ chars").mint(
+                "eve", ttl=60
+            )
+            refused = await refusal(rotated.url, {"token": stranger}, "websocket")
+            assert isinstance(refused, dict) and refused["code"] == "unauthorized"
+        finally:
+            for client in (old_client, new_client):
+                await client.close()
+
+
 async def test_a_user_has_one_id_on_every_node_and_worker(tmp_path: Path) -> None:
     ada = token("user-ada", name="Ada")
     async with engine_url("redis", tmp_path) as broker, postgres_schema() as store:

@@ -96,15 +96,23 @@ class Authenticator:
         self,
         secret: str,
         *,
+        previous: str | None = None,
         audience: str | None = None,
         issuer: str | None = None,
         leeway: float = LEEWAY,
     ) -> None:
-        if len(secret) < SECRET_MIN:
-            raise ValueError(f"an auth secret has at least {SECRET_MIN} characters")
+        """``previous``: the secret tokens were signed with before a rotation, accepted as
+        well while it is given (tokens are signed with ``secret``)."""
+        for key in (secret, previous):
+            if key is not None and len(key) < SECRET_MIN:
+                raise ValueError(f"an auth secret has at least {SECRET_MIN} characters")
         self._secret = secret
         # A secret shorter than a hash's size is refused for that hash (RFC 7518 3.2).
-        self._algorithms = [a for a in ALGORITHMS if len(secret.encode()) * 8 >= int(a[2:])]
+        self._keys = [
+            (key, [a for a in ALGORITHMS if len(key.encode()) * 8 >= int(a[2:])])
+            for key in (secret, previous)
+            if key is not None
+        ]
         self._audience = audience
         self._issuer = issuer
         self._leeway = leeway
@@ -115,21 +123,28 @@ class Authenticator:
         malformed, badly signed, expired, or claims of the wrong shape)."""
         if not isinstance(token, str) or not token:
             raise ChatError(ErrorCode.UNAUTHORIZED, "a token is required")
-        try:
-            claims = jwt.decode(
-                token,
-                self._secret,
-                algorithms=self._algorithms,
-                audience=self._audience,
-                issuer=self._issuer,
-                leeway=self._leeway,
-                options=self._options,  # type: ignore[arg-type]
-            )
-        except jwt.ExpiredSignatureError:
-            raise ChatError(ErrorCode.UNAUTHORIZED, "the token has expired") from None
-        except jwt.InvalidTokenError as exc:
-            raise ChatError(ErrorCode.UNAUTHORIZED, f"the token is not valid: {exc}") from None
-        return _identity(claims)
+        refused: jwt.InvalidTokenError | None = None
+        for key, algorithms in self._keys:
+            try:
+                claims = jwt.decode(
+                    token,
+                    key,
+                    algorithms=algorithms,
+                    audience=self._audience,
+                    issuer=self._issuer,
+                    leeway=self._leeway,
+                    options=self._options,  # type: ignore[arg-type]
+                )
+            except jwt.ExpiredSignatureError:  # checked after the signature
+                raise ChatError(ErrorCode.UNAUTHORIZED, "the token has expired") from None
+            except (jwt.InvalidSignatureError, jwt.InvalidAlgorithmError) as exc:
+                refused = refused or exc  # perhaps signed with the other secret
+            except jwt.InvalidTokenError as exc:
+                refused = exc
+                break
+            else:
+                return _identity(claims)
+        raise ChatError(ErrorCode.UNAUTHORIZED, f"the token is not valid: {refused}")
 
     def mint(
         self,
