@@ -370,10 +370,10 @@ async def test_logging_out_is_told_while_the_users_socketio_connection_stays(log
 
 
 def expiring_token(subject: str | None = None) -> tuple[str, int]:
-    """A token accepted now that expires within a second or two (its ``exp`` 9 s past,
-    within the 10 s clocks may differ by), and its ``exp``."""
+    """A token accepted now that expires within a few seconds (its ``exp`` 7 s past, within
+    the 10 s clocks may differ by: accepted for 2-3 s more), and its ``exp``."""
     subject = subject or f"user-{uuid.uuid4().hex[:12]}"
-    issued = int(time.time()) - 10
+    issued = int(time.time()) - 8
     return tokens.mint(subject, ttl=1, now=issued), issued + 1
 
 
