@@ -9,7 +9,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -21,15 +20,11 @@ import pytest
 import redis as syncredis
 import redis.asyncio as redis
 
+from tests.ports import free_port
+
 WAIT = 15.0
 
 _S = TypeVar("_S", bound="_Servers")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def eventually(condition: Callable[[], bool], what: str, timeout: float = WAIT) -> None:

@@ -16,7 +16,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -25,6 +24,7 @@ from roomcast.adapters import open_broker
 from roomcast.core.models import NodeId, RoomId
 from roomcast.exceptions import UnavailableError
 from tests import services
+from tests.ports import free_port
 from tests.relay import TcpRelay
 
 from .engines import unique
@@ -85,13 +85,6 @@ async def nodes(*urls: str) -> AsyncIterator[list[Node]]:
     finally:
         for node in started:
             await node.broker.close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 async def port_open(port: int) -> bool:
