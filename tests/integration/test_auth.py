@@ -167,6 +167,12 @@ async def test_rooms_outside_the_token_are_closed_to_sockets_and_http(
         every = (await http.get("/api/rooms", headers=as_admin)).json()["rooms"]
         assert "unmade" not in [r["name"] for r in every]  # a refused join made nothing
         assert (await http.get("/healthz")).status_code == 200  # health stays open
+        spec = (await http.get("/openapi.json")).json()
+    # The document of a server that checks tokens names the bearer scheme on each API route.
+    assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    for path in ("/api/rooms", "/api/rooms/{room}/messages", "/api/rooms/{room}/members"):
+        assert spec["paths"][path]["get"]["security"] == [{"HTTPBearer": []}], path
+    assert "security" not in spec["paths"]["/healthz"]["get"]
 
 
 def expiring(subject: str, **claims: object) -> str:

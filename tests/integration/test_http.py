@@ -57,6 +57,13 @@ async def test_answers_match_the_documented_schemas(connect, server):
     assert {"RoomsReply", "MessagesReply", "MembersReply", "ErrorReply"} <= set(
         spec["components"]["schemas"]
     )
+    # An open server reads no token, so its document asks for none: a client generated
+    # from it must not require one.
+    assert "securitySchemes" not in spec["components"]
+    assert not any("security" in op for ops in spec["paths"].values() for op in ops.values())
+    for ops in spec["paths"].values():
+        names = {p["name"].lower() for op in ops.values() for p in op.get("parameters", [])}
+        assert "authorization" not in names
 
 
 @pytest.mark.parametrize(

@@ -7,10 +7,10 @@ OpenAPI is served at ``/docs``. Errors have the same shape as Socket.IO acks:
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+import pathlib
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -26,7 +26,7 @@ from ..exceptions import ChatError, ErrorCode, UnavailableError
 from ..node import Node
 from .schema import ERRORS, HealthReply, MembersReply, MessagesReply, RoomsReply
 
-WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+WEB_DIR = pathlib.Path(__file__).resolve().parent.parent / "web"
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,16 @@ def _caller(
     return service.authenticate(credentials.credentials)
 
 
-Caller = Annotated[Identity | None, Depends(_caller)]
+def _anyone() -> None:
+    """Who calls an open server: nobody in particular (its schema then names no token)."""
+    return None
+
+
+ROOM = Path(
+    description="a room id (1 to 2147483647) or a room name (1 to 64 printable characters "
+    "after trimming)",
+    examples=["lobby", "42"],
+)
 
 
 def _room_ref(room: str) -> RoomId | str:
@@ -84,6 +93,9 @@ def create_http_app(node: Node) -> FastAPI:
     service = node.service
 
     app.state.service = service
+    # The bearer scheme is in the OpenAPI document only where a token is read: a client
+    # generated from an open server's document must not ask for one.
+    caller = Depends(_caller if service.auth is not None else _anyone)
 
     @app.exception_handler(ChatError)
     async def chat_error(request: Request, exc: ChatError) -> JSONResponse:
@@ -142,7 +154,7 @@ def create_http_app(node: Node) -> FastAPI:
         responses={200: {"model": RoomsReply}, **ERRORS},
     )
     async def rooms(
-        identity: Caller,
+        identity: Identity | None = caller,
         occupied: bool = Query(False, description="only the rooms with members, most first"),
         after: int | None = Query(
             None, ge=0, le=2**53, description="a page of every room: ids above this one"
@@ -170,8 +182,8 @@ def create_http_app(node: Node) -> FastAPI:
         responses={200: {"model": MessagesReply}, **ERRORS},
     )
     async def messages(
-        identity: Caller,
-        room: str,
+        room: str = ROOM,
+        identity: Identity | None = caller,
         before: int | None = Query(
             None, gt=0, le=2**53, description="only messages with a lower seq"
         ),
@@ -187,8 +199,8 @@ def create_http_app(node: Node) -> FastAPI:
         responses={200: {"model": MembersReply}, **ERRORS},
     )
     async def members(
-        identity: Caller,
-        room: str,
+        room: str = ROOM,
+        identity: Identity | None = caller,
         after: int | None = Query(
             None, ge=0, le=2**53, description="by user id: members with ids above this one"
         ),
