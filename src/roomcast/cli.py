@@ -118,8 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _token(args: argparse.Namespace) -> int:
     from .exceptions import ChatError
 
-    authenticator = settings_from(args).authenticator()
-    if authenticator is None:
+    settings = settings_from(args)
+    authenticator = settings.authenticator()
+    if authenticator is None or settings.auth_secret is None:
         print("roomcast: --auth-secret (or ROOMCAST_AUTH_SECRET) is required", file=sys.stderr)
         return 2
     if not 0 < args.ttl <= 10 * 365 * 86400:

@@ -7,12 +7,15 @@ same field; a flag wins over the environment.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .core.auth import SECRET_MIN, Authenticator
+from .core.keys import PublicKey, PublicKeys
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 
@@ -84,11 +87,22 @@ class Settings(BaseSettings):
         description="with --auth-secret: the secret before a rotation, whose tokens are "
         "still accepted while it is set",
     )
+    auth_jwks_url: str | None = Field(
+        None,
+        description="check every client's token signed by an identity provider with the "
+        "public keys it publishes at this URL (a JWKS: RS/PS/ES/EdDSA), fetched again "
+        "every 5 minutes and when a token names a key not in it",
+    )
+    auth_public_key: str | None = Field(
+        None,
+        description="check every client's token signed with the private half of the public "
+        "key in this PEM file (RSA 2048+, EC P-256/384/521, Ed25519)",
+    )
     auth_audience: str | None = Field(
-        None, description="with --auth-secret: the 'aud' tokens must carry"
+        None, description="with token checks: the 'aud' tokens must carry"
     )
     auth_issuer: str | None = Field(
-        None, description="with --auth-secret: the 'iss' tokens must carry"
+        None, description="with token checks: the 'iss' tokens must carry"
     )
 
     grpc_port: int = Field(
@@ -120,6 +134,20 @@ class Settings(BaseSettings):
             raise ValueError(f"an auth secret has at least {SECRET_MIN} characters")
         return value
 
+    @field_validator("auth_jwks_url")
+    @classmethod
+    def _jwks_url(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme.lower() not in ("https", "http"):
+            raise ValueError("a key set's URL is https:// (or http:// on a trusted network)")
+        return value
+
+    @field_validator("auth_public_key")
+    @classmethod
+    def _public_key(cls, value: str | None) -> str | None:
+        if value is not None:
+            _read_public_key(value)  # at start, not at a client's first connect
+        return value
+
     @model_validator(mode="after")
     def _rotation(self) -> Settings:
         if self.auth_previous_secret is not None and self.auth_secret is None:
@@ -127,13 +155,18 @@ class Settings(BaseSettings):
         return self
 
     def authenticator(self) -> Authenticator | None:
-        """What checks the clients' tokens: None when no auth secret is set."""
-        if self.auth_secret is None:
+        """What checks the clients' tokens: None when no secret or key is set."""
+        public_keys = None
+        if self.auth_jwks_url is not None or self.auth_public_key is not None:
+            fixed = [] if self.auth_public_key is None else [_read_public_key(self.auth_public_key)]
+            public_keys = PublicKeys(fixed, jwks_url=self.auth_jwks_url)
+        if self.auth_secret is None and public_keys is None:
             return None
-        previous = self.auth_previous_secret
+        secret, previous = self.auth_secret, self.auth_previous_secret
         return Authenticator(
-            self.auth_secret.get_secret_value(),
+            None if secret is None else secret.get_secret_value(),
             previous=None if previous is None else previous.get_secret_value(),
+            public_keys=public_keys,
             audience=self.auth_audience,
             issuer=self.auth_issuer,
         )
@@ -153,3 +186,12 @@ class Settings(BaseSettings):
         if self.cors_origins.strip() == "*":
             return "*"
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()] or None
+
+
+def _read_public_key(path: str) -> PublicKey:
+    try:
+        return PublicKey.from_pem(Path(path).read_bytes())
+    except OSError as exc:
+        raise ValueError(f"cannot read the public key {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None

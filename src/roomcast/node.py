@@ -59,6 +59,8 @@ class Node:
         self.started = False
 
     async def start(self) -> None:
+        if self.service.auth is not None:
+            await self.service.auth.start()  # the identity provider's keys, if any
         await self.history.start()
         await self.presence.start()
         await self.broker.start(
@@ -138,6 +140,8 @@ class Node:
         with contextlib.suppress(Exception):
             await self.presence.drop_node(self.id)
         await self.service.sequencer.close()
+        if self.service.auth is not None:
+            await self.service.auth.close()
         await self.hub.close()
         await self.broker.close()
         await self.presence.close()

@@ -16,6 +16,7 @@ import socketio
 
 from roomcast.core.auth import Authenticator
 from tests.contract.engines import engine_url
+from tests.identity_provider import identity_provider, jwk_of, rsa_key, sign
 
 from .clients import WAIT, ChatClient
 from .cluster import cluster, postgres_schema
@@ -287,4 +288,66 @@ async def connect_token(server: Server):
 
     yield _connect
     for client in clients:
+        await client.close()
+
+
+async def test_tokens_of_an_identity_provider_are_checked_with_its_published_keys(
+    tmp_path: Path,
+) -> None:
+    signing, rotated = rsa_key(), rsa_key()
+    with identity_provider() as provider:
+        provider.keys = [jwk_of(signing, "2026-12")]
+        with run_server(
+            "--auth-jwks-url", provider.url, "--auth-issuer", "https://id.example",
+            store_url=f"sqlite:///{tmp_path}/p.db", log_dir=tmp_path,
+        ) as srv:  # fmt: skip
+            assert provider.fetches == 1  # fetched before the node took clients
+
+            def issued(private: object, kid: str, subject: str, **claims: object) -> str:
+                return sign(private, "RS256", kid, subject, iss="https://id.example", **claims)  # type: ignore[arg-type]
+
+            ada = ChatClient(srv.url, "x", token=issued(signing, "2026-12", "ada", name="Ada"))
+            await ada.connect()
+            try:
+                assert ada.user["name"] == "Ada"
+                await ada.ok("join", {"room": "provided"})
+                # The same token works on the HTTP API; one of another issuer nowhere.
+                async with httpx.AsyncClient(base_url=srv.url, timeout=WAIT) as http:
+                    as_ada = {"Authorization": f"Bearer {ada.token}"}
+                    assert (await http.get("/api/rooms", headers=as_ada)).status_code == 200
+                    foreign = sign(signing, "RS256", "2026-12", "eve", iss="https://evil")
+                    as_eve = {"Authorization": f"Bearer {foreign}"}
+                    assert (await http.get("/api/rooms", headers=as_eve)).status_code == 401
+                # An HMAC token signed with anything is not taken by a server with no secret.
+                hmac = Authenticator("a secret the server was never given, 32+").mint("eve", ttl=60)
+                refused = await refusal(srv.url, {"token": hmac}, "websocket")
+                assert isinstance(refused, dict) and "'HS256' is not accepted" in refused["message"]
+
+                # The provider rotates its key: a client with a token of the new key is let
+                # in once the node has fetched the set again (the first such token asks it).
+                provider.keys = [jwk_of(signing, "2026-12"), jwk_of(rotated, "2027-01")]
+                bob_token = issued(rotated, "2027-01", "bob", name="Bob")
+                deadline = time.monotonic() + WAIT
+                while True:
+                    first = await refusal_or_user(srv.url, bob_token)
+                    if first == "Bob":
+                        break
+                    assert "does not know (kid '2027-01'" in str(first), first
+                    assert time.monotonic() < deadline, "the new key was never fetched"
+                    await asyncio.sleep(0.2)
+                assert provider.fetches == 2
+            finally:
+                await ada.close()
+
+
+async def refusal_or_user(url: str, token: str) -> object:
+    """The name a client with this token is welcomed as, or the connect_error's data."""
+    client = ChatClient(url, "x", token=token)
+    try:
+        await client.connect()
+    except socketio.exceptions.ConnectionError:
+        return await refusal(url, {"token": token}, "websocket")
+    try:
+        return client.user["name"]
+    finally:
         await client.close()

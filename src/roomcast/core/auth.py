@@ -4,7 +4,9 @@ With an auth secret set (``roomcast serve --auth-secret``), every client proves 
 with a JSON Web Token the application's own backend signs with that secret (HS256; HS384
 or HS512 with a secret as long as their hash) — on Socket.IO in the connect payload
 (``auth: {token}``), on gRPC and HTTP in an ``Authorization: Bearer`` header. roomcast
-never sees passwords: the application logs its users in and hands each a token.
+never sees passwords: the application logs its users in and hands each a token. Tokens an
+identity provider signs with a private key are checked with its public keys instead (see
+:mod:`roomcast.core.keys`).
 The claims it reads::
 
     sub    required  the user: a stable id of the application's (a string, 1-128 chars);
@@ -35,10 +37,12 @@ import jwt
 
 from ..exceptions import ChatError, ErrorCode
 from . import validation
+from .keys import PUBLIC_ALGORITHMS, PublicKeys
 
 ALGORITHMS = ("HS256", "HS384", "HS512")
-"""The signatures accepted: HMAC with the shared secret (never ``none``); HS384 and HS512
-only with a secret of at least 48 and 64 bytes."""
+"""The shared-secret signatures accepted: HMAC with the secret (never ``none``); HS384 and
+HS512 only with a secret of at least 48 and 64 bytes. Public-key signatures: see
+:mod:`roomcast.core.keys`."""
 
 SECRET_MIN = 32
 """Characters an auth secret has at least (RFC 7518 wants a key as long as the hash)."""
@@ -90,19 +94,26 @@ def past(expires: float, now: float | None = None) -> bool:
 
 
 class Authenticator:
-    """Checks tokens signed with one shared secret."""
+    """Checks tokens signed with a shared secret (HMAC), with public keys (see
+    :mod:`roomcast.core.keys`), or either."""
 
     def __init__(
         self,
-        secret: str,
+        secret: str | None = None,
         *,
         previous: str | None = None,
+        public_keys: PublicKeys | None = None,
         audience: str | None = None,
         issuer: str | None = None,
         leeway: float = LEEWAY,
     ) -> None:
         """``previous``: the secret tokens were signed with before a rotation, accepted as
-        well while it is given (tokens are signed with ``secret``)."""
+        well while it is given (tokens are signed with ``secret``). ``public_keys``: the
+        keys that check tokens signed by an identity provider."""
+        if secret is None and public_keys is None:
+            raise ValueError("tokens are checked with a secret, public keys, or both")
+        if previous is not None and secret is None:
+            raise ValueError("a previous secret needs the new secret")
         for key in (secret, previous):
             if key is not None and len(key) < SECRET_MIN:
                 raise ValueError(f"an auth secret has at least {SECRET_MIN} characters")
@@ -113,18 +124,53 @@ class Authenticator:
             for key in (secret, previous)
             if key is not None
         ]
+        self.public_keys = public_keys
         self._audience = audience
         self._issuer = issuer
         self._leeway = leeway
         self._options = {"require": ["sub", "exp"], "verify_aud": audience is not None}
+
+    async def start(self) -> None:
+        """Fetch what the checks need (a key set from its URL) and keep it fresh."""
+        if self.public_keys is not None:
+            await self.public_keys.start()
+
+    async def close(self) -> None:
+        if self.public_keys is not None:
+            await self.public_keys.close()
 
     def verify(self, token: object) -> Identity:
         """The identity a token proves; ``unauthorized`` if it proves none (missing,
         malformed, badly signed, expired, or claims of the wrong shape)."""
         if not isinstance(token, str) or not token:
             raise ChatError(ErrorCode.UNAUTHORIZED, "a token is required")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError as exc:
+            raise ChatError(ErrorCode.UNAUTHORIZED, f"the token is not valid: {exc}") from None
+        algorithm, kid = header.get("alg"), header.get("kid")
+        if algorithm in ALGORITHMS and self._keys:
+            keys = self._keys
+        elif algorithm in PUBLIC_ALGORITHMS and self.public_keys is not None:
+            if kid is not None and not isinstance(kid, str):
+                raise ChatError(ErrorCode.UNAUTHORIZED, "the token's 'kid' must be a string")
+            found = self.public_keys.candidates(kid, algorithm)
+            if not found:
+                self.public_keys.unknown(kid)
+                raise ChatError(
+                    ErrorCode.UNAUTHORIZED,
+                    f"the token is signed with a key this server does not know "
+                    f"(kid {kid!r}, {algorithm})",
+                )
+            keys = [(k.key, [algorithm]) for k in found]
+        else:
+            raise ChatError(
+                ErrorCode.UNAUTHORIZED,
+                f"the token's algorithm {algorithm!r} is not accepted here "
+                f"(accepted: {', '.join(self.algorithms)})",
+            )
         refused: jwt.InvalidTokenError | None = None
-        for key, algorithms in self._keys:
+        for key, algorithms in keys:
             try:
                 claims = jwt.decode(
                     token,
@@ -138,13 +184,19 @@ class Authenticator:
             except jwt.ExpiredSignatureError:  # checked after the signature
                 raise ChatError(ErrorCode.UNAUTHORIZED, "the token has expired") from None
             except (jwt.InvalidSignatureError, jwt.InvalidAlgorithmError) as exc:
-                refused = refused or exc  # perhaps signed with the other secret
+                refused = refused or exc  # perhaps signed with the other secret or key
             except jwt.InvalidTokenError as exc:
                 refused = exc
                 break
             else:
                 return _identity(claims)
         raise ChatError(ErrorCode.UNAUTHORIZED, f"the token is not valid: {refused}")
+
+    @property
+    def algorithms(self) -> tuple[str, ...]:
+        """The signature algorithms this server takes."""
+        shared = tuple(a for a in ALGORITHMS if any(a in algs for _, algs in self._keys))
+        return shared + (PUBLIC_ALGORITHMS if self.public_keys is not None else ())
 
     def mint(
         self,
@@ -168,6 +220,8 @@ class Authenticator:
         if self._issuer is not None:
             claims["iss"] = self._issuer
         _identity(claims)  # refuse to sign what verify() would refuse
+        if self._secret is None:
+            raise ValueError("only a server with an auth secret signs tokens")
         return jwt.encode(claims, self._secret, algorithm="HS256")
 
 
