@@ -86,6 +86,23 @@ class NodeCollector(Collector):
                 node.id,
                 tasks,
             )
+        keys = None if node.service.auth is None else node.service.auth.public_keys
+        if keys is not None:
+            yield _single(
+                GaugeMetricFamily,
+                "roomcast_auth_public_keys",
+                "Public keys this node checks tokens with (a PEM file's and the fetched set's)",
+                node.id,
+                len(keys),
+            )
+            yield _single(
+                GaugeMetricFamily,
+                "roomcast_auth_key_set_fetch_failures",
+                "Fetches of the identity provider's key set that failed in a row (0: the last "
+                "one succeeded; the keys of the last good one are kept)",
+                node.id,
+                keys.failures,
+            )
         sequencer = node.service.sequencer
         yield _single(
             CounterMetricFamily,

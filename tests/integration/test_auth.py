@@ -336,6 +336,10 @@ async def test_tokens_of_an_identity_provider_are_checked_with_its_published_key
                     assert time.monotonic() < deadline, "the new key was never fetched"
                     await asyncio.sleep(0.2)
                 assert provider.fetches == 2
+                metrics = httpx.get(f"{srv.url}/metrics").text
+                assert re.search(r"^roomcast_auth_public_keys\{[^}]*\} 2\.0$", metrics, re.M)
+                failing = r"^roomcast_auth_key_set_fetch_failures\{[^}]*\} 0\.0$"
+                assert re.search(failing, metrics, re.M)
             finally:
                 await ada.close()
 

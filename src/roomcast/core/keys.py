@@ -145,6 +145,10 @@ class PublicKeys:
         self._asked_at = -JWKS_UNKNOWN_REFETCH
         self._task: asyncio.Task[None] | None = None
 
+    def __len__(self) -> int:
+        """The keys held now."""
+        return len(self._fixed) + len(self._fetched)
+
     def candidates(self, kid: str | None, algorithm: str) -> list[PublicKey]:
         """The keys that may have signed a token with this header: of its algorithm, and
         of its ``kid`` when it names one."""
