@@ -45,7 +45,10 @@ class Settings(BaseSettings):
         1, ge=1, le=256, description="worker processes on the one port (>1 needs a shared broker)"
     )
     rate_limit: float = Field(
-        20.0, ge=0, description="send/typing/dm requests a second per connection; 0: no limit"
+        20.0,
+        ge=0,
+        description="send/typing/dm requests a second per connection, and messages a second "
+        "per sender of the REST API; 0: no limit",
     )
     rate_burst: int = Field(40, ge=1, description="requests a connection may burst above the rate")
     request_rate_limit: float = Field(

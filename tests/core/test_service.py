@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from roomcast.adapters.memory import MemoryBroker, MemoryHistory, MemoryPresence
+from roomcast.core import service as service_module
+from roomcast.core.auth import Authenticator
 from roomcast.core.events import Frame, Kind
 from roomcast.core.hub import Hub
 from roomcast.core.models import ConnId, Draft, Member, NodeId, Position, RoomId, User, UserId
@@ -63,7 +65,7 @@ class Cluster:
         self.presence = MemoryPresence()
         self.nodes: list[tuple[ChatService, MemoryBroker, Recorder]] = []
 
-    async def node(self, broker_class=MemoryBroker):
+    async def node(self, broker_class=MemoryBroker, **options):
         broker = broker_class(self.bus)
         hub = Hub(broker, self.history, unsubscribe_grace=0)
         node_id = NodeId(f"n{len(self.nodes)}")
@@ -74,6 +76,7 @@ class Cluster:
             presence=self.presence,
             hub=hub,
             auth=self.auth,
+            **options,
         )
         await broker.start(node_id, hub.on_frame, service.on_inbox, hub.resync)
         recorder = Recorder()
@@ -868,3 +871,36 @@ async def test_removals_a_failover_lost_are_made_again_when_the_engine_is_back()
     assert [m.conn for m in await cluster.presence.locate(dave.user.id)] == []
     await _until(lambda: told(alice, joined) == ["alice", "erin"])
     assert await service.redo_removals() == 0  # nothing listed again: nothing to do
+
+
+async def test_posts_are_rated_per_sender_and_few_senders_are_remembered(monkeypatch):
+    cluster = Cluster()
+    service, _, rec = await cluster.node(rate_limit=0.001, rate_burst=2)
+    reader = await connect(service, rec, "reader")
+    await join(service, reader, "news")
+
+    async def post(source: str, **kwargs):
+        return await service.post("news", f"from {source}", identity=None, source=source, **kwargs)
+
+    with pytest.raises(ChatError) as refused:
+        await post("a")  # no name on an open server
+    assert refused.value.code is ErrorCode.INVALID_NAME
+    assert [(await post("a", name="bot")).seq for _ in range(2)] == [1, 2]
+    with pytest.raises(ChatError) as refused:
+        await post("a", name="bot")
+    assert refused.value.code is ErrorCode.RATE_LIMITED
+    assert (await post("b", name="bot")).seq == 3  # another sender has its own rate
+    # Only so many senders are remembered: the least recently seen is forgotten first.
+    monkeypatch.setattr(service_module, "POSTERS_MAX", 3)
+    for source in ("c", "d"):
+        await post(source, name="bot")
+    assert (await post("a", name="bot")).seq == 6
+    assert [m["seq"] for m in reader.conn.messages()] == [1, 2, 3, 4, 5, 6]
+
+
+async def test_a_post_on_a_server_that_checks_tokens_needs_one():
+    cluster = Cluster(auth=Authenticator("a secret of the application, 32+ characters"))
+    service, _, _ = await cluster.node()
+    with pytest.raises(ChatError) as refused:
+        await service.post("news", "hello", identity=None, name="bot", source="x")
+    assert refused.value.code is ErrorCode.UNAUTHORIZED

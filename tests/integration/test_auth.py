@@ -176,6 +176,29 @@ async def test_rooms_outside_the_token_are_closed_to_sockets_and_http(
     assert "security" not in spec["paths"]["/healthz"]["get"]
 
 
+async def test_a_message_posted_over_http_is_sent_by_the_tokens_user(
+    server: Server, connect_token
+) -> None:
+    bot_token = token("deploy-bot", name="Deploys", rooms=["ops-*"])
+    bot = await connect_token(bot_token)  # the same user, also connected
+    reader = await connect_token(token("reader"))
+    await reader.ok("join", {"room": "ops-1"})
+    await reader.ok("join", {"room": "general"})
+    post = {"text": "v2.3 is out", "name": "someone else"}
+    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT) as http:
+        anonymous = await http.post("/api/rooms/ops-1/messages", json=post)
+        assert (anonymous.status_code, anonymous.json()["error"]["code"]) == (401, "unauthorized")
+        as_bot = {"Authorization": f"Bearer {bot_token}"}
+        closed = await http.post("/api/rooms/general/messages", json=post, headers=as_bot)
+        assert (closed.status_code, closed.json()["error"]["code"]) == (403, "forbidden")
+        sent = await http.post("/api/rooms/ops-1/messages", json=post, headers=as_bot)
+        assert sent.status_code == 200, sent.text
+    # The token's user, as on its socket: its id and its name, not the body's.
+    assert sent.json()["message"]["user"] == bot.user == {"id": bot.user["id"], "name": "Deploys"}
+    await reader.wait_for(lambda: [m["text"] for m in reader.messages()] == ["v2.3 is out"])
+    assert reader.messages()[0]["user"] == bot.user
+
+
 def expiring(subject: str, **claims: object) -> str:
     """A token that is accepted now but expires within a few seconds: its ``exp`` is 7 s
     past, within the 10 s clocks may differ by (accepted for 2-3 s more)."""

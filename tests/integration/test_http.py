@@ -4,6 +4,7 @@ and input it cannot take is refused with a code, never a server error."""
 from __future__ import annotations
 
 import itertools
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -12,9 +13,13 @@ from roomcast.transports.schema import (
     ErrorReply,
     HealthReply,
     MembersReply,
+    MessageReply,
     MessagesReply,
     RoomsReply,
 )
+
+from .clients import ChatClient
+from .servers import run_server
 
 _rooms = itertools.count()
 
@@ -54,7 +59,12 @@ async def test_answers_match_the_documented_schemas(connect, server):
         assert responses["4XX"]["content"]["application/json"]["schema"] == {
             "$ref": "#/components/schemas/ErrorReply"
         }
-    assert {"RoomsReply", "MessagesReply", "MembersReply", "ErrorReply"} <= set(
+    posting = spec["paths"]["/api/rooms/{room}/messages"]["post"]
+    assert set(posting["responses"]) == {"200", "4XX", "503"}
+    assert posting["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/MessageIn"
+    }
+    assert {"RoomsReply", "MessagesReply", "MembersReply", "ErrorReply", "MessageReply"} <= set(
         spec["components"]["schemas"]
     )
     # An open server reads no token, so its document asks for none: a client generated
@@ -98,3 +108,106 @@ async def test_bad_input_is_refused_with_its_code(connect, server, path, status,
     refused = ErrorReply.model_validate_json(answer.content)
     assert refused.error.code == code and refused.error.message
     assert [m["text"] for m in after["messages"]] == ["kept"]
+
+
+async def test_a_message_posted_over_http_reaches_the_members_and_history(connect, server):
+    name = f"posted-{next(_rooms)}"
+    alice = await connect("alice")
+    room = (await alice.ok("join", {"room": name}))["room"]
+    await alice.ok("send", {"room": name, "text": "before"})
+    post = {"text": "deploy finished", "name": "ci-bot", "id": "deploy-42"}
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        answer = await http.post(f"/api/rooms/{name}/messages", json=post)
+        assert answer.status_code == 200, answer.text
+        message = MessageReply.model_validate_json(answer.content, strict=True).message
+        assert (message.seq, message.id, message.text) == (2, "deploy-42", "deploy finished")
+        assert message.user.name == "ci-bot" and message.user.id != alice.user["id"]
+        # The member gets it live, as any member's message, in seq order.
+        await alice.wait_for(lambda: [m["text"] for m in alice.messages()][-1:] == [post["text"]])
+        live = alice.messages()[-1]
+        assert (live["seq"], live["room"], live["user"]) == (
+            2,
+            room["id"],
+            message.user.model_dump(),
+        )
+        # A retry with the same id stores nothing and answers with the stored message; the
+        # same id with another text is a conflict; by room id works as by name.
+        again = await http.post(f"/api/rooms/{room['id']}/messages", json=post)
+        assert again.json()["message"] == answer.json()["message"]
+        other = await http.post(f"/api/rooms/{name}/messages", json={**post, "text": "other"})
+        assert (other.status_code, other.json()["error"]["code"]) == (409, "conflict")
+        history = (await http.get(f"/api/rooms/{name}/messages")).json()["messages"]
+    assert [(m["seq"], m["text"]) for m in history] == [(1, "before"), (2, "deploy finished")]
+    assert [m["text"] for m in alice.messages()] == ["before", "deploy finished"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "code"),
+    [
+        ("{room}", {"text": "x"}, 400, "invalid_name"),
+        ("{room}", {"text": "x", "name": " "}, 400, "invalid_name"),
+        ("{room}", {"text": " ", "name": "bot"}, 400, "invalid_text"),
+        ("{room}", {"text": "x" * 4001, "name": "bot"}, 400, "invalid_text"),
+        ("{room}", {"text": "a\x00b", "name": "bot"}, 400, "invalid_text"),
+        ("{room}", {"text": 7, "name": "bot"}, 400, "bad_request"),
+        ("{room}", {"name": "bot"}, 400, "bad_request"),
+        ("{room}", {"text": "x", "name": "bot", "id": "no spaces"}, 400, "bad_request"),
+        ("{room}", b"{not json", 400, "bad_request"),
+        ("{room}", b'{"text": "' + b"x" * 70_000 + b'", "name": "bot"}', 413, "bad_request"),
+        ("no-such-room-anywhere", {"text": "x", "name": "bot"}, 404, "not_found"),
+        ("0", {"text": "x", "name": "bot"}, 400, "invalid_room"),
+    ],
+)
+async def test_a_bad_post_is_refused_with_its_code_and_stores_nothing(
+    connect, server, path, body, status, code
+):
+    name = f"refused-post-{next(_rooms)}"
+    alice = await connect("alice")
+    await alice.ok("join", {"room": name})
+    await alice.ok("send", {"room": name, "text": "kept"})
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        url = f"/api/rooms/{path.replace('{room}', name)}/messages"
+        if isinstance(body, bytes):
+            answer = await http.post(
+                url, content=body, headers={"Content-Type": "application/json"}
+            )
+        else:
+            answer = await http.post(url, json=body)
+        after = (await http.get(f"/api/rooms/{name}/messages")).json()
+    assert answer.status_code == status, answer.text
+    refused = ErrorReply.model_validate_json(answer.content)
+    assert refused.error.code == code and refused.error.message
+    assert [m["text"] for m in after["messages"]] == ["kept"]
+
+
+async def test_a_post_without_a_length_is_refused(server):
+    async def body() -> AsyncIterator[bytes]:  # sent chunked: no Content-Length
+        yield b'{"text": "streamed", "name": "bot"}'
+
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        answer = await http.post("/api/rooms/anything/messages", content=body())
+    assert answer.status_code == 411
+    assert answer.json()["error"]["code"] == "bad_request"
+
+
+async def test_posts_past_the_rate_are_refused(tmp_path):
+    with run_server("--rate-limit", "1", "--rate-burst", "3", log_dir=tmp_path) as srv:
+        client = ChatClient(srv.url, "alice")
+        await client.connect()
+        try:
+            await client.ok("join", {"room": "rated"})
+            async with httpx.AsyncClient(base_url=srv.url) as http:
+                answers = [
+                    await http.post(
+                        "/api/rooms/rated/messages", json={"text": f"m{i}", "name": "bot"}
+                    )
+                    for i in range(6)
+                ]
+                history = (await http.get("/api/rooms/rated/messages")).json()["messages"]
+        finally:
+            await client.close()
+    statuses = [a.status_code for a in answers]
+    assert statuses[:3] == [200, 200, 200] and 429 in statuses[3:], statuses
+    assert {a.json()["error"]["code"] for a in answers if a.status_code == 429} == {"rate_limited"}
+    stored = [a.json()["message"]["text"] for a in answers if a.status_code == 200]
+    assert [m["text"] for m in history] == stored

@@ -72,6 +72,10 @@ log = logging.getLogger(__name__)
 ROOM_CACHE = 100_000
 """Room ids and names a node remembers (they never change); the cache starts over when full."""
 
+POSTERS_MAX = 10_000
+"""Senders of :meth:`ChatService.post` whose rate a node keeps (the least recently seen
+are forgotten first)."""
+
 RECOVERY_LIMIT = 1000
 """The most missed messages a join with ``since`` returns; beyond it the client reloads."""
 
@@ -535,6 +539,8 @@ class ChatService:
             history, broker, local=hub.deliver_stored if local_first else None
         )
         self._sessions: dict[ConnId, Session] = {}
+        self._posters: dict[str, TokenBucket] = {}
+        """The rate of each sender of :meth:`post`, least recently seen first."""
         self.run = secrets.token_hex(8)
         """This process's token among those that may share its node id (see :meth:`beacon`)."""
         self.shared_id: set[str] = set()
@@ -853,6 +859,59 @@ class ChatService:
             else:
                 draft = Draft(room_id, chosen, session.user, body, self._now_ms(), chosen=True)
             return await self.sequencer.append(draft)
+
+    async def post(
+        self,
+        ref: RoomId | str,
+        text: object,
+        message_id: object = None,
+        *,
+        identity: Identity | None,
+        name: object = None,
+        source: str,
+    ) -> Message:
+        """Store and deliver a message sent without a connection: by an application's
+        backend, a bot or a script, over the REST API. The room must exist; the sender
+        need not be a member. On a server that checks tokens the sender is the token's
+        user; on an open server it names itself (``name``), a new user as each connection
+        is. ``message_id`` makes a retry safe, as on :meth:`send`. ``source`` is who sends,
+        for the rate limit: the user on a server that checks tokens, else the client's
+        address."""
+        body = validation.text({"text": text})
+        chosen = validation.message_id({"id": message_id})
+        if identity is None and self.auth is not None:
+            raise ChatError(ErrorCode.UNAUTHORIZED, "a token is required")
+        if identity is None and name is None:
+            raise ChatError(
+                ErrorCode.INVALID_NAME,
+                "'name' is required: on an open server a sender names itself",
+            )
+        nick = validation.nickname(name) if identity is None else identity.name
+        bucket = self._posters.get(source)
+        if bucket is None and self._rate > 0:
+            if len(self._posters) >= POSTERS_MAX:
+                self._posters.pop(next(iter(self._posters)))  # the least recently seen
+            bucket = TokenBucket(self._rate, self._burst)
+        if bucket is not None:
+            self._posters.pop(source, None)
+            self._posters[source] = bucket
+            if not bucket.take():
+                raise ChatError(ErrorCode.RATE_LIMITED, "too many messages, slow down")
+        room = await self._entered(ref, identity)
+        if not self.broker.healthy:
+            raise ChatError(ErrorCode.UNAVAILABLE, "the broker is unavailable, try again")
+        try:
+            if identity is None:
+                user = User(await self.history.next_user_id(), nick)
+            else:
+                user = User(await self.history.user_id_for(identity.subject), nick)
+        except UnavailableError as exc:
+            raise ChatError(ErrorCode.UNAVAILABLE, "the store is unavailable") from exc
+        if chosen is None:
+            draft = Draft(room.id, self._message_id(), user, body, self._now_ms())
+        else:
+            draft = Draft(room.id, chosen, user, body, self._now_ms(), chosen=True)
+        return await self.sequencer.append(draft)
 
     def _message_id(self) -> str:
         # Unique across the cluster: a random prefix per node process and a counter.

@@ -16,6 +16,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..core import validation
 from ..core.auth import Identity
@@ -24,7 +25,15 @@ from ..core.service import ChatService, members_wire, rooms_wire
 from ..core.validation import HISTORY_LIMIT_MAX, MEMBERS_LIMIT_MAX, ROOMS_LIMIT_MAX
 from ..exceptions import ChatError, ErrorCode, UnavailableError
 from ..node import Node
-from .schema import ERRORS, HealthReply, MembersReply, MessagesReply, RoomsReply
+from .schema import (
+    ERRORS,
+    HealthReply,
+    MembersReply,
+    MessageIn,
+    MessageReply,
+    MessagesReply,
+    RoomsReply,
+)
 
 WEB_DIR = pathlib.Path(__file__).resolve().parent.parent / "web"
 
@@ -36,7 +45,36 @@ _STATUS = {
     ErrorCode.RATE_LIMITED: 429,
     ErrorCode.UNAUTHORIZED: 401,
     ErrorCode.FORBIDDEN: 403,
+    ErrorCode.CONFLICT: 409,
 }
+
+BODY_MAX = 64 * 1024
+"""The largest request body the API reads: a message of 4000 characters, each escaped in
+JSON as ``\\uXXXX``, with its other fields."""
+
+
+class _BodyLimit:
+    """Reads no request body past :data:`BODY_MAX`: one without a ``Content-Length`` is a
+    411, a longer one a 413 (the server reading the body stops at its length)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
+            length = dict(scope["headers"]).get(b"content-length")
+            status, why = 0, ""
+            if length is None:
+                status, why = 411, "a 'Content-Length' header is required"
+            elif not length.isdigit() or int(length) > BODY_MAX:
+                status, why = 413, f"a request body is at most {BODY_MAX} bytes"
+            if status:
+                error = ChatError(ErrorCode.BAD_REQUEST, why)
+                response = JSONResponse({"ok": False, "error": error.to_dict()}, status)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
 
 _bearer = HTTPBearer(
     auto_error=False,
@@ -93,6 +131,7 @@ def create_http_app(node: Node) -> FastAPI:
     service = node.service
 
     app.state.service = service
+    app.add_middleware(_BodyLimit)
     # The bearer scheme is in the OpenAPI document only where a token is read: a client
     # generated from an open server's document must not ask for one.
     caller = Depends(_caller if service.auth is not None else _anyone)
@@ -191,6 +230,35 @@ def create_http_app(node: Node) -> FastAPI:
     ) -> dict[str, Any]:
         page = await service.history_page(_room_ref(room), before, limit, identity)
         return {"ok": True, "messages": [m.to_wire() for m in page]}
+
+    @app.post(
+        "/api/rooms/{room}/messages",
+        summary="Send a message into a room",
+        response_model=None,
+        responses={200: {"model": MessageReply}, **ERRORS},
+    )
+    async def post_message(
+        request: Request,
+        body: MessageIn,
+        room: str = ROOM,
+        identity: Identity | None = caller,
+    ) -> dict[str, Any]:
+        """Store a message in the room and deliver it to every member, as a member's
+        ``send`` does: for an application's backend, a bot or a script. The room must
+        exist; the sender need not be in it. On a server that checks tokens the sender
+        is the token's user; on an open server it names itself (``name``). The answer is
+        the stored message, with its ``seq``, once it is durable; a retry with the same
+        ``id`` stores nothing and answers with the message stored before. Rate: the
+        server's ``rate_limit`` per sender (per token user; on an open server per client
+        address)."""
+        if identity is not None:
+            source = f"user {identity.subject}"
+        else:
+            source = f"address {request.client.host if request.client else ''}"
+        message = await service.post(
+            _room_ref(room), body.text, body.id, identity=identity, name=body.name, source=source
+        )
+        return {"ok": True, "message": message.to_wire()}
 
     @app.get(
         "/api/rooms/{room}/members",

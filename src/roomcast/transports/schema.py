@@ -60,6 +60,27 @@ class MessagesReply(BaseModel):
     messages: list[MessageOut] = Field(description="ascending by seq")
 
 
+class MessageIn(BaseModel):
+    """A message sent over the REST API (what the ``send`` event carries, less ``room``)."""
+
+    text: str = Field(description="1-4000 characters, not only white space")
+    id: str | None = Field(
+        None,
+        description="the message's id, chosen by the sender (1-64 of `A-Z a-z 0-9 _ . : -`): "
+        "sending again with the same id stores the message once",
+    )
+    name: str | None = Field(
+        None,
+        description="on an open server: the sender's name (1-32 characters); on a server "
+        "that checks tokens the token's name is the sender's and this is not read",
+    )
+
+
+class MessageReply(BaseModel):
+    ok: Literal[True]
+    message: MessageOut
+
+
 class MembersReply(BaseModel):
     ok: Literal[True]
     room: RoomOut
@@ -95,9 +116,12 @@ ERRORS: dict[int | str, dict[str, object]] = {
     "4XX": {
         "model": ErrorReply,
         "description": "Refused, nothing done: 400 `bad_request` (a parameter out of range or "
-        "of the wrong type), 404 `not_found` (no such room); on a server that checks tokens 401 "
-        "`unauthorized` (no valid `Authorization: Bearer` token) and 403 `forbidden` (the "
-        "token does not let its user into the room)",
+        "of the wrong type), `invalid_room`, `invalid_text`, `invalid_name`; 404 `not_found` "
+        "(no such room); 409 `conflict` (a message `id` the room holds with another text or "
+        "sender); 411 and 413 `bad_request` (a request body without a length, or larger than "
+        "64 KiB); 429 `rate_limited`; on a server that checks tokens 401 `unauthorized` (no "
+        "valid `Authorization: Bearer` token) and 403 `forbidden` (the token does not let "
+        "its user into the room)",
     },
     503: {
         "model": ErrorReply,
