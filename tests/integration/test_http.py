@@ -211,3 +211,15 @@ async def test_posts_past_the_rate_are_refused(tmp_path):
     assert {a.json()["error"]["code"] for a in answers if a.status_code == 429} == {"rate_limited"}
     stored = [a.json()["message"]["text"] for a in answers if a.status_code == 200]
     assert [m["text"] for m in history] == stored
+
+
+async def test_paths_and_methods_that_do_not_exist_get_the_error_shape(server):
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        wrong_method = await http.delete("/api/rooms/lobby/messages")
+        no_path = await http.get("/api/no/such/path")
+        no_file = await http.get("/static/no-such-file.js")
+    assert wrong_method.status_code == 405
+    assert wrong_method.headers["allow"] == "GET, POST"  # every method the path takes
+    for answer, code in [(wrong_method, "bad_request"), (no_path, "not_found")]:
+        assert ErrorReply.model_validate_json(answer.content).error.code == code
+    assert (no_file.status_code, no_file.json()["error"]["code"]) == (404, "not_found")

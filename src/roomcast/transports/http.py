@@ -13,9 +13,12 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..core import validation
@@ -149,6 +152,33 @@ def create_http_app(node: Node) -> FastAPI:
         log.warning("%s %s: %s", request.method, request.url.path, exc)
         error = ChatError(ErrorCode.UNAVAILABLE, "the service is unavailable, try again")
         return JSONResponse({"ok": False, "error": error.to_dict()}, 503)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def no_route(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Routing's own refusals (no such path, a method the path does not take), in the
+        # shape of every other error, with every method the path takes in Allow.
+        if exc.status_code == 405:
+            allowed = sorted(
+                {
+                    method
+                    for route in app.routes
+                    if isinstance(route, APIRoute)
+                    and route.matches(request.scope)[0] is not Match.NONE
+                    for method in route.methods or ()
+                }
+            )
+            error = ChatError(
+                ErrorCode.BAD_REQUEST,
+                f"{request.method} is not a method of this path ({', '.join(allowed)} are)",
+            )
+            return JSONResponse(
+                {"ok": False, "error": error.to_dict()}, 405, {"Allow": ", ".join(allowed)}
+            )
+        if exc.status_code == 404:
+            error = ChatError(ErrorCode.NOT_FOUND, f"no such path: {request.url.path}")
+        else:
+            error = ChatError(ErrorCode.BAD_REQUEST, str(exc.detail))
+        return JSONResponse({"ok": False, "error": error.to_dict()}, exc.status_code, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:

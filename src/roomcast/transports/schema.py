@@ -63,16 +63,25 @@ class MessagesReply(BaseModel):
 class MessageIn(BaseModel):
     """A message sent over the REST API (what the ``send`` event carries, less ``room``)."""
 
-    text: str = Field(description="1-4000 characters, not only white space")
+    # The limits are documented here and checked by the service, which refuses with the
+    # codes the Socket.IO events use (invalid_text, invalid_name), not pydantic's.
+    text: str = Field(
+        description="1-4000 characters, not only white space, no control characters but "
+        "tab and line breaks",
+        json_schema_extra={"minLength": 1, "maxLength": 4000, "pattern": r"\S"},
+    )
     id: str | None = Field(
         None,
         description="the message's id, chosen by the sender (1-64 of `A-Z a-z 0-9 _ . : -`): "
         "sending again with the same id stores the message once",
+        json_schema_extra={"pattern": "^[A-Za-z0-9_.:-]{1,64}$"},
     )
     name: str | None = Field(
         None,
-        description="on an open server: the sender's name (1-32 characters); on a server "
-        "that checks tokens the token's name is the sender's and this is not read",
+        description="on an open server: the sender's name (1-32 printable characters, "
+        "required); on a server that checks tokens the token's name is the sender's and this "
+        "is not read",
+        json_schema_extra={"minLength": 1, "maxLength": 32},
     )
 
 
