@@ -617,7 +617,23 @@ class SocketIOTransport:
             self._native_left(sock)
             sock.close(1000)
             return
+        eio_sid = session.conn.eio_sid if session is not None else None  # type: ignore[attr-defined]
         await self.sio.disconnect(sid)
+        if eio_sid is not None:
+            await self._close_engine_session(eio_sid)
+
+    async def _close_engine_session(self, eio_sid: str) -> None:
+        """End a disconnected client's Engine.IO session as well: python-socketio's
+        disconnect leaves only the namespace, so a long-polling client that does not close
+        its side (python-socketio's own) would keep a poll open on this node until the next
+        ping, 25 s on — and a node shutting down would wait for it. Its pending poll is
+        answered with the close; one that comes after gets 400, as for any ended session.
+        Not waiting for the client to fetch the close: it may never come back."""
+        sock = self.sio.eio.sockets.get(eio_sid)
+        if sock is None:
+            return
+        await sock.close(wait=False, reason=self.sio.eio.reason.SERVER_DISCONNECT)
+        self.sio.eio.sockets.pop(eio_sid, None)
 
     # -- sessions served by EngineWebSocket --------------------------------------------
 
