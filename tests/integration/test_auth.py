@@ -245,6 +245,32 @@ async def test_a_connection_ends_when_its_token_expires_unless_refreshed(
     assert re.search(r"roomcast_socketio_expired_total\{[^}]*\} [1-9]", metrics), metrics
 
 
+async def test_a_long_polling_session_whose_token_expired_is_closed_not_left_open(
+    server: Server,
+) -> None:
+    """The server ends the whole Engine.IO session of an expired client: its pending poll
+    gets the close, and a poll after it is refused at once, not held open until the next
+    ping (which would also hold up the node's shutdown)."""
+    endpoint = f"{server.url}/ws/socket.io/?EIO=4&transport=polling"
+    async with httpx.AsyncClient(timeout=WAIT) as http:
+        opened = await http.get(endpoint)
+        sid = json.loads(opened.text[1:])["sid"]
+        await http.post(
+            f"{endpoint}&sid={sid}", content="40" + json.dumps({"token": expiring("x")})
+        )
+        seen: list[str] = []
+        deadline = time.monotonic() + WAIT
+        while "1" not in seen:  # polls until the Engine.IO close, each answered in < WAIT
+            assert time.monotonic() < deadline, seen
+            answer = await http.get(f"{endpoint}&sid={sid}")
+            assert answer.status_code == 200, answer.text
+            seen += answer.text.split("\x1e")
+        assert any(p.startswith('42["expired"') for p in seen), seen
+        assert seen.index("41") < seen.index("1")  # Socket.IO's disconnect, then the close
+        after = await http.get(f"{endpoint}&sid={sid}")
+    assert after.status_code == 400
+
+
 async def test_a_server_rotated_to_a_new_secret_takes_tokens_of_both(tmp_path: Path) -> None:
     new = Authenticator("the secret after the rotation, 32+ characters")
     env = {"ROOMCAST_AUTH_SECRET": "the secret after the rotation, 32+ characters"}
