@@ -296,3 +296,19 @@ async def test_a_refresh_takes_a_newer_token_of_the_same_user_only(service) -> N
     assert [room.name for room in left] == ["b"]
     assert [r.name for r in [await service.resolve(r) for r in bob.rooms]] == ["a"]
     assert [u.name for u in (await service.members("b"))[1]] == []
+
+
+def test_a_token_checked_before_is_still_refused_once_it_has_expired() -> None:
+    strict = Authenticator(SECRET, leeway=0)
+    token = strict.mint("ada", ttl=1)
+    exp = strict.verify(token).expires
+    assert strict.verify(token).subject == "ada"  # checked again: the same answer
+    deadline = time.monotonic() + 5
+    while time.time() <= exp:  # until the wall clock is past exp (at most ~1 s)
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    with pytest.raises(ChatError) as raised:
+        strict.verify(token)
+    assert raised.value.message == "the token has expired"
+    with pytest.raises(ChatError):
+        strict.verify(token)  # and stays refused

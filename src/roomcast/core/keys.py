@@ -141,6 +141,8 @@ class PublicKeys:
         """When the key set was last fetched (``time.monotonic()``); None: never."""
         self.failures = 0
         """Fetches that failed in a row (the keys of the last good one are kept)."""
+        self.version = 0
+        """Counts the changes of the keys held (a fetch that brought other keys)."""
         self._wake = asyncio.Event()
         self._asked_at = -JWKS_UNKNOWN_REFETCH
         self._task: asyncio.Task[None] | None = None
@@ -218,6 +220,10 @@ class PublicKeys:
             log.warning("fetching the key set %s failed: %s", self.jwks_url, exc)
             self.failures += 1
             return False
+        if [(k.kid, k.algorithms, k.key) for k in keys] != [
+            (k.kid, k.algorithms, k.key) for k in self._fetched
+        ]:
+            self.version += 1
         self._fetched = keys
         self.fetched_at = time.monotonic()
         self.failures = 0
