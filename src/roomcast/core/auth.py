@@ -58,8 +58,8 @@ LEEWAY = 10.0
 
 VERIFIED_MAX = 10_000
 """Tokens a node remembers having checked: a gRPC client or an HTTP caller brings the same
-token on every call, and checking its signature again each time costs 50-150 µs (HMAC to
-EdDSA) where a look-up costs well under one."""
+token on every call, and checking it again each time costs 150-300 µs (HMAC to
+EdDSA, PyJWT on a 2-core AMD EPYC) where a look-up costs under one."""
 
 
 @dataclass(frozen=True, slots=True)
