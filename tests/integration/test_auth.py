@@ -9,6 +9,7 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -394,13 +395,29 @@ async def test_tokens_of_an_identity_provider_are_checked_with_its_published_key
 
 
 async def refusal_or_user(url: str, token: str) -> object:
-    """The name a client with this token is welcomed as, or the connect_error's data."""
-    client = ChatClient(url, "x", token=token)
+    """The name a client with this token is welcomed as, or the data of the connect_error
+    it gets: one connect either way."""
+    client = socketio.AsyncClient(reconnection=False)
+    answer: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+
+    @client.event
+    def connect_error(data: object) -> None:
+        if not answer.done():
+            answer.set_result(data)
+
+    @client.on("welcome")
+    def welcome(data: dict[str, Any]) -> None:
+        if not answer.done():
+            answer.set_result(data["user"]["name"])
+
     try:
-        await client.connect()
+        await client.connect(
+            url, socketio_path="/ws/socket.io", auth={"token": token},
+            transports=["websocket"], wait_timeout=WAIT,
+        )  # fmt: skip
     except socketio.exceptions.ConnectionError:
-        return await refusal(url, {"token": token}, "websocket")
+        pass
     try:
-        return client.user["name"]
+        return await asyncio.wait_for(answer, WAIT)
     finally:
-        await client.close()
+        await client.disconnect()
