@@ -191,7 +191,7 @@ async def test_a_post_without_a_length_is_refused(server):
 
 
 async def test_posts_past_the_rate_are_refused(tmp_path):
-    with run_server("--rate-limit", "1", "--rate-burst", "3", log_dir=tmp_path) as srv:
+    with run_server("--rate-limit", "0.1", "--rate-burst", "3", log_dir=tmp_path) as srv:
         client = ChatClient(srv.url, "alice")
         await client.connect()
         try:
