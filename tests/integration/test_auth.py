@@ -47,22 +47,38 @@ async def refusal(url: str, auth: object, transport: str) -> object:
         # Spoken by hand: python-socketio's client, refused over polling, returns from
         # connect() only when a long-poll ends (~30 s).
         return await _polling_refusal(url, auth)
+    connected, answer = await connect_answer(url, auth, transport)
+    assert not connected, answer
+    assert isinstance(answer, dict), answer
+    return answer["data"]
+
+
+async def connect_answer(url: str, auth: object, transport: str) -> tuple[bool, object]:
+    """One connect with this payload: (True, the name it is welcomed as) or (False, the
+    connect_error's argument, whose ``data`` is ``{code, message}``)."""
     client = socketio.AsyncClient(reconnection=False)
-    refused: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+    answer: asyncio.Future[tuple[bool, object]] = asyncio.get_running_loop().create_future()
 
     @client.event
     def connect_error(data: object) -> None:
-        if not refused.done():
-            refused.set_result(data)
+        if not answer.done():
+            answer.set_result((False, data))
 
-    with pytest.raises(socketio.exceptions.ConnectionError):
+    @client.on("welcome")
+    def welcome(data: dict[str, Any]) -> None:
+        if not answer.done():
+            answer.set_result((True, data["user"]["name"]))
+
+    try:
         await client.connect(
             url, socketio_path="/ws/socket.io", auth=auth, transports=[transport], wait_timeout=WAIT
         )
-    error = await asyncio.wait_for(refused, WAIT)
-    await client.disconnect()
-    assert isinstance(error, dict), error
-    return error["data"]
+    except socketio.exceptions.ConnectionError:
+        pass
+    try:
+        return await asyncio.wait_for(answer, WAIT)
+    finally:
+        await client.disconnect()
 
 
 async def _polling_refusal(url: str, auth: object) -> object:
@@ -395,29 +411,7 @@ async def test_tokens_of_an_identity_provider_are_checked_with_its_published_key
 
 
 async def refusal_or_user(url: str, token: str) -> object:
-    """The name a client with this token is welcomed as, or the data of the connect_error
-    it gets: one connect either way."""
-    client = socketio.AsyncClient(reconnection=False)
-    answer: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-
-    @client.event
-    def connect_error(data: object) -> None:
-        if not answer.done():
-            answer.set_result(data)
-
-    @client.on("welcome")
-    def welcome(data: dict[str, Any]) -> None:
-        if not answer.done():
-            answer.set_result(data["user"]["name"])
-
-    try:
-        await client.connect(
-            url, socketio_path="/ws/socket.io", auth={"token": token},
-            transports=["websocket"], wait_timeout=WAIT,
-        )  # fmt: skip
-    except socketio.exceptions.ConnectionError:
-        pass
-    try:
-        return await asyncio.wait_for(answer, WAIT)
-    finally:
-        await client.disconnect()
+    """The name a client with this token is welcomed as, or the ``{code, message}`` of
+    its refusal: one connect either way."""
+    connected, answer = await connect_answer(url, {"token": token}, "websocket")
+    return answer if connected else answer["data"]  # type: ignore[index]
