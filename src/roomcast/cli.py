@@ -32,6 +32,8 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
         args = get_args(annotation)
         if args and all(isinstance(a, str) for a in args):
             choices = list(args)
+        elif annotation is bool:
+            choices = ["true", "false"]
         default = field.default
         env = f"ROOMCAST_{name.upper()}"
         parser.add_argument(

@@ -79,6 +79,11 @@ class Settings(BaseSettings):
     unsubscribe_grace: float = Field(
         2.0, ge=0, le=600, description="seconds a room stays subscribed after its last local member"
     )
+    metrics_rooms: bool = Field(
+        False,
+        description="also list in /metrics the frames received per subscribed room (one series "
+        "per room: to look into a few rooms, not for a node serving thousands)",
+    )
 
     auth_secret: SecretStr | None = Field(
         None,

@@ -44,14 +44,24 @@ class NodeCollector(Collector):
             node.id,
             hub.frames_received,
         )
-        by_room = CounterMetricFamily(
-            "roomcast_broker_room_frames_received",
-            "Room frames this node received from the broker, per room",
-            labels=["node", "room"],
+        yield _single(
+            CounterMetricFamily,
+            "roomcast_broker_stray_frames_received",
+            "Room frames this node received from the broker for rooms it is not subscribed "
+            "to (late ones of a room it has just left), dropped",
+            node.id,
+            hub.frames_stray,
         )
-        for room, count in sorted(hub.frames_by_room.items()):
-            by_room.add_metric([node.id, str(room)], count)
-        yield by_room
+        if node.settings.metrics_rooms:
+            by_room = CounterMetricFamily(
+                "roomcast_broker_room_frames_received",
+                "Room frames this node received from the broker, per room it is subscribed "
+                "to, since it subscribed",
+                labels=["node", "room"],
+            )
+            for room, count in sorted(hub.frames_by_room().items()):
+                by_room.add_metric([node.id, str(room)], count)
+            yield by_room
         yield _single(
             CounterMetricFamily,
             "roomcast_deliveries",

@@ -285,3 +285,27 @@ async def test_a_stale_read_that_ends_after_a_newer_one_is_not_taken():
         "join"
     ]
     assert hub.end_roster_read(room, older, []) == []
+
+
+async def test_a_rooms_frame_count_goes_with_its_subscription_and_late_frames_are_stray():
+    history, hub, conn, room = await setup()
+    others = [(await history.room_by_name(f"r{i}", create=True)).id for i in range(3)]
+    for other in others:
+        await hub.begin_join(other, conn)
+        hub.activate(other, conn, after=0)
+    for r in (room, *others):
+        for f in await store(history, r, 2):
+            await hub.on_frame(f)
+    assert hub.frames_by_room() == {r: 2 for r in (room, *others)}
+    for other in others:
+        hub.detach(other, conn)
+    for _ in range(200):  # the grace is 0: the unsubscribes are already scheduled
+        if hub.local_rooms() == [room]:
+            break
+        await asyncio.sleep(0.01)
+    assert hub.local_rooms() == [room]
+    assert hub.frames_by_room() == {room: 2}
+    late = await store(history, others[0], 1)
+    await hub.on_frame(late[0])
+    assert hub.frames_by_room() == {room: 2}
+    assert (hub.frames_received, hub.frames_stray) == (9, 1)

@@ -873,6 +873,29 @@ async def test_removals_a_failover_lost_are_made_again_when_the_engine_is_back()
     assert await service.redo_removals() == 0  # nothing listed again: nothing to do
 
 
+async def test_a_node_keeps_only_its_last_window_of_removals_to_make_again(monkeypatch):
+    """What a node remembers to redo after a failover is its last REDO_WINDOW seconds of
+    leaves, not every leave it has seen: a node that lives for weeks does not grow."""
+    monkeypatch.setattr(service_module, "REDO_WINDOW", 0.2)
+    cluster = Cluster()
+    service, _, rec = await cluster.node()
+    old = [await connect(service, rec, f"old{i}") for i in range(50)]
+    for session in old:
+        await join(service, session, "lobby")
+        await service.disconnect(session.conn.id)  # a leave and an unregistration each
+    assert len(service._removed_lately) == 100
+    await asyncio.sleep(0.3)
+    new = await connect(service, rec, "new")
+    await join(service, new, "lobby")
+    await service.leave(new, "lobby")
+    room = (await service.resolve("lobby")).id
+    assert list(service._removed_lately) == [(room, new.conn.id)]
+    for session in old:  # a failover brought the old ones back: too old to be redone
+        await cluster.presence.add(room, Member(session.user, session.conn.id, NodeId("n0")))
+    await cluster.presence.add(room, Member(new.user, new.conn.id, NodeId("n0")))
+    assert await service.redo_removals() == 1
+
+
 async def test_posts_are_rated_per_sender_and_few_senders_are_remembered(monkeypatch):
     cluster = Cluster()
     service, _, rec = await cluster.node(rate_limit=0.001, rate_burst=2)

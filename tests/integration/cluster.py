@@ -82,9 +82,21 @@ def cluster(broker: str, store: str, log_dir: Path, *extra: str) -> Iterator[Clu
         c.stop()
 
 
-def room_frames(node: Server) -> dict[int, float]:
-    """Per room, the frames this node received from the broker (from /metrics)."""
+def _metrics(node: Server) -> str:
     with urllib.request.urlopen(node.url + "/metrics", timeout=5) as response:
-        text = response.read().decode()
+        return str(response.read().decode())
+
+
+def room_frames(node: Server) -> dict[int, float]:
+    """Per room it is subscribed to, the frames this node received from the broker (from
+    /metrics; the node runs with ``--metrics-rooms true``)."""
     pattern = r'^roomcast_broker_room_frames_received_total\{node="[^"]*",room="(\d+)"\} (\S+)$'
-    return {int(m[1]): float(m[2]) for m in re.finditer(pattern, text, re.MULTILINE)}
+    return {int(m[1]): float(m[2]) for m in re.finditer(pattern, _metrics(node), re.MULTILINE)}
+
+
+def stray_frames(node: Server) -> float:
+    """Frames this node received for rooms it is not subscribed to (from /metrics)."""
+    pattern = r'^roomcast_broker_stray_frames_received_total\{node="[^"]*"\} (\S+)$'
+    found = re.search(pattern, _metrics(node), re.MULTILINE)
+    assert found is not None, "no roomcast_broker_stray_frames_received_total"
+    return float(found[1])

@@ -16,7 +16,7 @@ from tests.contract.engines import engine_url, unique
 from tests.redis_server import RedisClusterServers, RedisSentinelServers
 
 from .clients import ChatClient, eventually, told
-from .cluster import BROKERS, FAST, cluster, postgres_schema, room_frames
+from .cluster import BROKERS, FAST, cluster, postgres_schema, room_frames, stray_frames
 from .servers import run_server
 
 LONG = 60.0
@@ -199,7 +199,7 @@ async def test_a_node_without_members_of_a_room_receives_none_of_its_traffic(
     engines, clients, tmp_path
 ):
     broker, store = engines
-    with cluster(broker, store, tmp_path) as c:
+    with cluster(broker, store, tmp_path, "--metrics-rooms", "true") as c:
         busy, other, idle = c.start(3)
         alice, bob = await clients(busy, "alice"), await clients(other, "bob")
         carol = await clients(idle, "carol")
@@ -215,6 +215,8 @@ async def test_a_node_without_members_of_a_room_receives_none_of_its_traffic(
         assert frames.get(x, 0) == 0
         assert frames.get(y, 0) >= 1
         assert room_frames(other).get(x, 0) >= 50
+        # Nor did x's frames reach it unasked, to be dropped (a room it never had).
+        assert stray_frames(idle) == 0
 
 
 async def test_kill_9_of_a_node_removes_its_members_and_its_clients_recover(

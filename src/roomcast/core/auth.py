@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -134,7 +135,7 @@ class Authenticator:
         self._issuer = issuer
         self._leeway = leeway
         self._options = {"require": ["sub", "exp"], "verify_aud": audience is not None}
-        self._verified: dict[str, Identity] = {}
+        self._verified: OrderedDict[str, Identity] = OrderedDict()
         """Tokens checked lately, oldest first; emptied when the public keys change."""
         self._keys_version = None if public_keys is None else public_keys.version
 
@@ -164,7 +165,7 @@ class Authenticator:
             raise ChatError(ErrorCode.UNAUTHORIZED, "the token has expired")
         identity = self._check(token)
         if len(self._verified) >= VERIFIED_MAX:
-            del self._verified[next(iter(self._verified))]
+            self._verified.popitem(last=False)
         self._verified[token] = identity
         return identity
 

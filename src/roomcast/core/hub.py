@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -119,6 +118,8 @@ class _LocalRoom:
     drop: asyncio.TimerHandle | None = None
     gap: asyncio.TimerHandle | None = None
     roster: _Roster = field(default_factory=_Roster)
+    frames: int = 0
+    """Frames of this room received from the broker since this node subscribed to it."""
 
     def empty(self) -> bool:
         return not self.pending and not self.behind and not any(self.groups.values())
@@ -144,9 +145,9 @@ class Hub:
         self._reads = itertools.count(1)
         """Numbers of reads of presence (see :meth:`begin_roster_read`), across rooms."""
         self.frames_received = 0
-        self.frames_by_room: Counter[RoomId] = Counter()
-        """Frames received per room: with ref-counted subscriptions, only rooms that have
-        (or just had) local members ever appear here."""
+        self.frames_stray = 0
+        """Frames received of rooms this node is not subscribed to (late ones of a room it
+        has just left, or a broker's mistake), dropped."""
         self.deliveries = 0
         self.duplicates_dropped = 0
         self.gaps_filled = 0
@@ -154,6 +155,12 @@ class Hub:
     def local_rooms(self) -> list[RoomId]:
         """Rooms this node is subscribed to."""
         return list(self._rooms)
+
+    def frames_by_room(self) -> dict[RoomId, int]:
+        """Frames received per room this node is subscribed to, since it subscribed (only
+        rooms with at least one): a room's count goes when its subscription does, so this
+        stays as small as the node's rooms, however many rooms it has ever served."""
+        return {room_id: room.frames for room_id, room in self._rooms.items() if room.frames}
 
     # -- receiving ---------------------------------------------------------------------
 
@@ -177,7 +184,11 @@ class Hub:
             log.warning("dropped a malformed frame (%d bytes)", len(data))
             return None
         self.frames_received += 1
-        self.frames_by_room[frame.room] += 1
+        room = self._rooms.get(frame.room)
+        if room is None:
+            self.frames_stray += 1
+        else:
+            room.frames += 1
         return frame
 
     async def deliver_stored(self, frames: Sequence[Frame]) -> None:

@@ -16,6 +16,7 @@ import itertools
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -539,7 +540,7 @@ class ChatService:
             history, broker, local=hub.deliver_stored if local_first else None
         )
         self._sessions: dict[ConnId, Session] = {}
-        self._posters: dict[str, TokenBucket] = {}
+        self._posters: OrderedDict[str, TokenBucket] = OrderedDict()
         """The rate of each sender of :meth:`post`, least recently seen first."""
         self.run = secrets.token_hex(8)
         """This process's token among those that may share its node id (see :meth:`beacon`)."""
@@ -560,9 +561,11 @@ class ChatService:
         """Presence removals that failed (the engine out of reach), in order: (room, conn)
         for a membership, (None, conn) for a registration. Until one is retried (see
         :meth:`retry_removals`), its connection is still listed."""
-        self._removed_lately: dict[tuple[RoomId | None, ConnId], float] = {}
-        """Presence removals made in the last :data:`REDO_WINDOW` seconds, as above, with
-        when (monotonic): what :meth:`redo_removals` makes again."""
+        self._removed_lately: OrderedDict[tuple[RoomId | None, ConnId], float] = OrderedDict()
+        """Presence removals made in the last :data:`REDO_WINDOW` seconds (at most
+        :data:`REDO_MAX`), as above, oldest first, with when (monotonic): what
+        :meth:`redo_removals` makes again. Older ones are dropped as new ones come, so a
+        node that has seen millions of leaves keeps only its last minute's."""
 
     # -- connections -------------------------------------------------------------------
 
@@ -890,11 +893,11 @@ class ChatService:
         bucket = self._posters.get(source)
         if bucket is None and self._rate > 0:
             if len(self._posters) >= POSTERS_MAX:
-                self._posters.pop(next(iter(self._posters)))  # the least recently seen
+                self._posters.popitem(last=False)  # the least recently seen
             bucket = TokenBucket(self._rate, self._burst)
         if bucket is not None:
-            self._posters.pop(source, None)
             self._posters[source] = bucket
+            self._posters.move_to_end(source)
             if not bucket.take():
                 raise ChatError(ErrorCode.RATE_LIMITED, "too many messages, slow down")
         room = await self._entered(ref, identity)
@@ -1306,11 +1309,16 @@ class ChatService:
             self._removed(room_id, conn_id)
 
     def _removed(self, room_id: RoomId | None, conn_id: ConnId) -> None:
+        lately, key, now = self._removed_lately, (room_id, conn_id), time.monotonic()
+        lately[key] = now
+        lately.move_to_end(key)  # the dict stays in time order
+        self._forget_removals(now - REDO_WINDOW)
+
+    def _forget_removals(self, cutoff: float) -> None:
+        """Drop the removals made before ``cutoff`` (and the oldest past :data:`REDO_MAX`)."""
         lately = self._removed_lately
-        lately.pop((room_id, conn_id), None)  # to the end: the dict stays in time order
-        lately[(room_id, conn_id)] = time.monotonic()
-        if len(lately) > REDO_MAX:
-            del lately[next(iter(lately))]
+        while lately and (len(lately) > REDO_MAX or next(iter(lately.values())) < cutoff):
+            lately.popitem(last=False)
 
     async def redo_removals(self) -> int:
         """Make again the presence removals of the last :data:`REDO_WINDOW` seconds whose
@@ -1321,10 +1329,8 @@ class ChatService:
         is asynchronous), and a removal lost so would leave its member listed for as long
         as this node lives — no one else removes the entries of a live node. A connection
         back in the room (or still connected, for a registration) stays listed."""
-        cutoff = time.monotonic() - REDO_WINDOW
+        self._forget_removals(time.monotonic() - REDO_WINDOW)
         lately = self._removed_lately
-        while lately and next(iter(lately.values())) < cutoff:
-            del lately[next(iter(lately))]
         by_room: dict[RoomId, set[ConnId]] = {}
         for room_id, conn_id in list(lately):
             session = self._sessions.get(conn_id)
