@@ -54,7 +54,8 @@ class Settings(BaseSettings):
     request_rate_limit: float = Field(
         50.0,
         ge=0,
-        description="join/leave/history/rooms/members requests a second per connection; 0: off",
+        description="join/leave/history/rooms/members requests a second per connection, "
+        "and REST API reads a second per caller; 0: off",
     )
     request_rate_burst: int = Field(
         200, ge=1, description="such requests a connection may burst above their rate"

@@ -897,6 +897,7 @@ async def test_a_node_keeps_only_its_last_window_of_removals_to_make_again(monke
 
 
 async def test_posts_are_rated_per_sender_and_few_senders_are_remembered(monkeypatch):
+    monkeypatch.setattr(service_module, "CALLERS_MAX", 3)
     cluster = Cluster()
     service, _, rec = await cluster.node(rate_limit=0.001, rate_burst=2)
     reader = await connect(service, rec, "reader")
@@ -913,12 +914,25 @@ async def test_posts_are_rated_per_sender_and_few_senders_are_remembered(monkeyp
         await post("a", name="bot")
     assert refused.value.code is ErrorCode.RATE_LIMITED
     assert (await post("b", name="bot")).seq == 3  # another sender has its own rate
-    # Only so many senders are remembered: the least recently seen is forgotten first.
-    monkeypatch.setattr(service_module, "POSTERS_MAX", 3)
+    # Only so many senders are remembered (3 here): the least recently seen goes first.
     for source in ("c", "d"):
         await post(source, name="bot")
     assert (await post("a", name="bot")).seq == 6
     assert [m["seq"] for m in reader.conn.messages()] == [1, 2, 3, 4, 5, 6]
+
+
+async def test_reads_without_a_connection_are_rated_per_caller():
+    cluster = Cluster()
+    service, _, _ = await cluster.node(request_rate_limit=0.001, request_rate_burst=3)
+    for _ in range(3):
+        service.spend_read("address 10.0.0.1")
+    with pytest.raises(ChatError) as refused:
+        service.spend_read("address 10.0.0.1")
+    assert refused.value.code is ErrorCode.RATE_LIMITED
+    service.spend_read("address 10.0.0.2")  # another caller has its own rate
+    unlimited, _, _ = await cluster.node(request_rate_limit=0)
+    for _ in range(100):
+        unlimited.spend_read("address 10.0.0.1")
 
 
 async def test_a_post_on_a_server_that_checks_tokens_needs_one():

@@ -213,6 +213,23 @@ async def test_posts_past_the_rate_are_refused(tmp_path):
     assert [m["text"] for m in history] == stored
 
 
+async def test_reads_past_the_rate_are_refused_per_caller(tmp_path):
+    """Each REST read counts against its caller's rate, whichever route it asks: a
+    script polling in a tight loop is held back as a connection would be."""
+    args = ("--request-rate-limit", "0.1", "--request-rate-burst", "4")
+    with run_server(*args, log_dir=tmp_path) as srv:
+        async with httpx.AsyncClient(base_url=srv.url) as http:
+            paths = ["/api/rooms", "/api/rooms/1/messages", "/api/rooms/1/members"]
+            answers = [await http.get(paths[i % 3]) for i in range(7)]
+            # Another caller (a proxy uvicorn trusts names it): a rate of its own.
+            other = await http.get("/api/rooms", headers={"X-Forwarded-For": "10.1.2.3"})
+    statuses = [a.status_code for a in answers]
+    # The room does not exist: 404 is an answer, and it counted like the others.
+    assert statuses == [200, 404, 404, 200, 429, 429, 429], statuses
+    assert {a.json()["error"]["code"] for a in answers[4:]} == {"rate_limited"}
+    assert other.status_code == 200
+
+
 async def test_paths_and_methods_that_do_not_exist_get_the_error_shape(server):
     async with httpx.AsyncClient(base_url=server.url) as http:
         wrong_method = await http.delete("/api/rooms/lobby/messages")

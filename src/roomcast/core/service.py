@@ -50,7 +50,7 @@ from .models import (
     UserId,
 )
 from .ports import Broker, History, Presence
-from .ratelimit import TokenBucket
+from .ratelimit import Buckets, TokenBucket
 from .timing import Durations
 
 PRESENCE_GATHER_FROM = 0.001
@@ -73,9 +73,9 @@ log = logging.getLogger(__name__)
 ROOM_CACHE = 100_000
 """Room ids and names a node remembers (they never change); the cache starts over when full."""
 
-POSTERS_MAX = 10_000
-"""Senders of :meth:`ChatService.post` whose rate a node keeps (the least recently seen
-are forgotten first)."""
+CALLERS_MAX = 10_000
+"""Callers without a connection (senders of :meth:`ChatService.post`, readers of the REST
+API) whose rates a node keeps, of each kind (the least recently seen are forgotten first)."""
 
 RECOVERY_LIMIT = 1000
 """The most missed messages a join with ``since`` returns; beyond it the client reloads."""
@@ -540,7 +540,8 @@ class ChatService:
             history, broker, local=hub.deliver_stored if local_first else None
         )
         self._sessions: dict[ConnId, Session] = {}
-        self._posters: OrderedDict[str, TokenBucket] = OrderedDict()
+        self._posters = Buckets(rate_limit, rate_burst, CALLERS_MAX)
+        self._readers = Buckets(request_rate_limit, request_rate_burst, CALLERS_MAX)
         """The rate of each sender of :meth:`post`, least recently seen first."""
         self.run = secrets.token_hex(8)
         """This process's token among those that may share its node id (see :meth:`beacon`)."""
@@ -863,6 +864,13 @@ class ChatService:
                 draft = Draft(room_id, chosen, session.user, body, self._now_ms(), chosen=True)
             return await self.sequencer.append(draft)
 
+    def spend_read(self, source: str) -> None:
+        """Count a read of the REST API (rooms, history, members) against its caller's
+        ``request_rate_limit``, as a connection's reads count against its own; ``source``
+        is the caller, as for :meth:`post`. ``rate_limited`` past it."""
+        if not self._readers.take(source):
+            raise ChatError(ErrorCode.RATE_LIMITED, "too many requests, slow down")
+
     async def post(
         self,
         ref: RoomId | str,
@@ -890,16 +898,8 @@ class ChatService:
                 "'name' is required: on an open server a sender names itself",
             )
         nick = validation.nickname(name) if identity is None else identity.name
-        bucket = self._posters.get(source)
-        if bucket is None and self._rate > 0:
-            if len(self._posters) >= POSTERS_MAX:
-                self._posters.popitem(last=False)  # the least recently seen
-            bucket = TokenBucket(self._rate, self._burst)
-        if bucket is not None:
-            self._posters[source] = bucket
-            self._posters.move_to_end(source)
-            if not bucket.take():
-                raise ChatError(ErrorCode.RATE_LIMITED, "too many messages, slow down")
+        if not self._posters.take(source):
+            raise ChatError(ErrorCode.RATE_LIMITED, "too many messages, slow down")
         room = await self._entered(ref, identity)
         if not self.broker.healthy:
             raise ChatError(ErrorCode.UNAVAILABLE, "the broker is unavailable, try again")

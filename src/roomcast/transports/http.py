@@ -139,6 +139,20 @@ def create_http_app(node: Node) -> FastAPI:
     # generated from an open server's document must not ask for one.
     caller = Depends(_caller if service.auth is not None else _anyone)
 
+    def source(request: Request, identity: Identity | None) -> str:
+        """Who calls, for the rate limits: the token's user, else the client's address
+        (the ``X-Forwarded-For`` one behind a proxy uvicorn trusts)."""
+        if identity is not None:
+            return f"user {identity.subject}"
+        return f"address {request.client.host if request.client else ''}"
+
+    async def reading(request: Request, identity: Identity | None = caller) -> Identity | None:
+        """The caller of a read, counted against its ``request_rate_limit`` (429 past it)."""
+        service.spend_read(source(request, identity))
+        return identity
+
+    reader = Depends(reading)
+
     @app.exception_handler(ChatError)
     async def chat_error(request: Request, exc: ChatError) -> JSONResponse:
         status = _STATUS.get(exc.code, 400)
@@ -223,7 +237,7 @@ def create_http_app(node: Node) -> FastAPI:
         responses={200: {"model": RoomsReply}, **ERRORS},
     )
     async def rooms(
-        identity: Identity | None = caller,
+        identity: Identity | None = reader,
         occupied: bool = Query(False, description="only the rooms with members, most first"),
         after: int | None = Query(
             None, ge=0, le=2**53, description="a page of every room: ids above this one"
@@ -252,7 +266,7 @@ def create_http_app(node: Node) -> FastAPI:
     )
     async def messages(
         room: str = ROOM,
-        identity: Identity | None = caller,
+        identity: Identity | None = reader,
         before: int | None = Query(
             None, gt=0, le=2**53, description="only messages with a lower seq"
         ),
@@ -281,12 +295,13 @@ def create_http_app(node: Node) -> FastAPI:
         ``id`` stores nothing and answers with the message stored before. Rate: the
         server's ``rate_limit`` per sender (per token user; on an open server per client
         address)."""
-        if identity is not None:
-            source = f"user {identity.subject}"
-        else:
-            source = f"address {request.client.host if request.client else ''}"
         message = await service.post(
-            _room_ref(room), body.text, body.id, identity=identity, name=body.name, source=source
+            _room_ref(room),
+            body.text,
+            body.id,
+            identity=identity,
+            name=body.name,
+            source=source(request, identity),
         )
         return {"ok": True, "message": message.to_wire()}
 
@@ -298,7 +313,7 @@ def create_http_app(node: Node) -> FastAPI:
     )
     async def members(
         room: str = ROOM,
-        identity: Identity | None = caller,
+        identity: Identity | None = reader,
         after: int | None = Query(
             None, ge=0, le=2**53, description="by user id: members with ids above this one"
         ),
