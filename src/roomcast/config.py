@@ -80,6 +80,25 @@ class Settings(BaseSettings):
     unsubscribe_grace: float = Field(
         2.0, ge=0, le=600, description="seconds a room stays subscribed after its last local member"
     )
+    history_max_messages: int | None = Field(
+        None,
+        ge=1,
+        description="keep at most this many messages per room, its newest (older ones are "
+        "deleted by the retention passes); unset: every message",
+    )
+    history_max_days: float | None = Field(
+        None,
+        gt=0,
+        description="delete messages older than this many days (by the retention passes); "
+        "unset: keep them",
+    )
+    history_trim_interval: float = Field(
+        600.0,
+        gt=0,
+        le=86_400,
+        description="seconds between a node's retention passes (with --history-max-messages "
+        "or --history-max-days)",
+    )
     metrics_rooms: bool = Field(
         False,
         description="also list in /metrics the frames received per subscribed room (one series "

@@ -121,6 +121,14 @@ class NodeCollector(Collector):
             node.id,
             sequencer.messages_stored,
         )
+        yield _single(
+            CounterMetricFamily,
+            "roomcast_messages_trimmed",
+            "Messages this node deleted from history for retention (--history-max-messages, "
+            "--history-max-days)",
+            node.id,
+            node.service.messages_trimmed,
+        )
         yield _histogram(
             "roomcast_store_append_seconds",
             "Time to append one batch of messages to the store (seqs given, durably written)",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import secrets
 from urllib.parse import urlsplit
 
@@ -56,6 +57,7 @@ class Node:
         self.metrics = Metrics(self)
         self._stopping = asyncio.Event()
         self._heartbeat: asyncio.Task[None] | None = None
+        self._retention: asyncio.Task[None] | None = None
         self.started = False
 
     async def start(self) -> None:
@@ -76,6 +78,8 @@ class Node:
         await self._drop_previous_run()
         await self.presence.heartbeat(self.id, self.settings.node_ttl)
         self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="roomcast-heartbeat")
+        if self.settings.history_max_messages or self.settings.history_max_days:
+            self._retention = asyncio.create_task(self._retention_loop(), name="roomcast-retention")
         self.started = True
         log.info("node %s started (broker %s)", self.id, urlsplit(self.settings.broker_url).scheme)
 
@@ -128,6 +132,28 @@ class Node:
             except Exception as exc:  # the broker is away: the next beat sends one
                 log.debug("beacon failed: %s", exc)
 
+    async def _retention_loop(self) -> None:
+        """Retention passes (see :meth:`ChatService.trim_history`) until stopped: the first
+        at a random point of the first interval, so that nodes started together do not
+        make theirs together, then one every interval."""
+        settings = self.settings
+        max_age = None if settings.history_max_days is None else settings.history_max_days * 86_400
+        wait = settings.history_trim_interval * random.uniform(0.5, 1.0)
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), wait)
+                return
+            wait = settings.history_trim_interval
+            try:
+                deleted = await self.service.trim_history(
+                    keep=settings.history_max_messages, max_age=max_age, stopping=self._stopping
+                )
+            except Exception:
+                log.warning("retention pass failed; the next one tries again", exc_info=True)
+                continue
+            if deleted:
+                log.info("retention: deleted %d messages", deleted)
+
     async def stop(self) -> None:
         if not self.started:
             return
@@ -135,6 +161,8 @@ class Node:
         self._stopping.set()
         if self._heartbeat is not None:
             await self._heartbeat
+        if self._retention is not None:
+            await self._retention  # it ends between two batches
         for conn_id in list(self.service.sessions()):
             await self.service.disconnect(conn_id)
         with contextlib.suppress(Exception):

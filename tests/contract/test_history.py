@@ -353,6 +353,76 @@ async def test_a_reset_forgets_the_chosen_ids(history: History) -> None:
     assert [(m.seq, m.epoch, m.text) for m in stored] == [(1, reset.epoch, "after the reset")]
 
 
+# Retention
+
+
+async def test_trim_lets_the_oldest_go_and_keeps_the_newest_gapless(history: History) -> None:
+    room, sent = await _room_with(history, 10)
+    assert await history.trim(room.id, keep=4, limit=3) == 3  # a batch at most
+    assert seqs(await history.before(room.id, None, 100)) == [4, 5, 6, 7, 8, 9, 10]
+    assert await history.trim(room.id, keep=4) == 3
+    assert await history.trim(room.id, keep=4) == 0  # done
+    assert await history.before(room.id, None, 100) == sent[6:]
+    assert seqs(await history.after(room.id, 0, 100)) == [7, 8, 9, 10]
+    assert seqs(await history.after(room.id, 8, 100)) == [9, 10]
+    assert seqs(await history.before(room.id, 9, 2)) == [7, 8]
+    assert await history.before(room.id, 7, 10) == []
+    assert await history.latest(room.id) == 10  # the room's order goes on
+    assert seqs(await history.append([draft(room)])) == [11]
+    assert await history.trim(room.id) == 0  # no rule: nothing goes
+    assert await history.trim(room.id, keep=100) == 0
+    assert await history.trim(RoomId(999), keep=1) == 0
+    assert await history.trim(room.id, keep=0) == 5  # keep none: every message goes
+    assert (await history.before(room.id, None, 100), await history.latest(room.id)) == ([], 11)
+
+
+async def test_oldest_pages_through_the_rooms_that_hold_messages(history: History) -> None:
+    a, _ = await _room_with(history, 3)
+    empty = await history.room_by_name("empty", create=True)
+    b = await history.room_by_name("b", create=True)
+    c = await history.room_by_name("c", create=True)
+    assert a is not None and empty is not None and b is not None and c is not None
+    await history.append([Draft(b.id, "b1", ANA, "t", 5), Draft(b.id, "b2", ANA, "t", 6)])
+    await history.append([Draft(c.id, "c1", ANA, "t", 7)])
+    await history.trim(b.id, keep=1)
+    assert await history.oldest() == [(a.id, 3, 1, TS), (b.id, 2, 2, 6), (c.id, 1, 1, 7)]
+    assert await history.oldest(limit=2) == [(a.id, 3, 1, TS), (b.id, 2, 2, 6)]
+    assert await history.oldest(after=b.id, limit=2) == [(c.id, 1, 1, 7)]
+    assert await history.oldest(after=c.id) == []
+    await history.trim(c.id, keep=0)  # a room whose every message went holds none
+    assert [o.room for o in await history.oldest()] == [a.id, b.id]
+
+
+async def test_trim_by_age_stops_at_the_first_message_to_keep(history: History) -> None:
+    room, _ = await _room_with(history, 0)
+    # Two nodes' clocks: an older stamp can follow a newer one in a room's order.
+    stamps = [1_000, 2_000, 9_000, 1_500, 9_500]
+    await history.append([Draft(room.id, f"a{i}", ANA, "t", ts) for i, ts in enumerate(stamps)])
+    assert await history.trim(room.id, before_ms=5_000) == 2
+    assert seqs(await history.after(room.id, 0, 100)) == [3, 4, 5]
+    # Both rules: a message goes when either lets it go.
+    assert await history.trim(room.id, keep=1, before_ms=5_000) == 2
+    assert seqs(await history.after(room.id, 0, 100)) == [5]
+
+
+async def test_a_trimmed_messages_chosen_id_goes_with_it(history: History) -> None:
+    room, _ = await _room_with(history, 0)
+    first = await history.append([chosen(room, "c-1"), chosen(room, "c-2")])
+    await history.append([draft(room)])
+    assert await history.trim(room.id, keep=2) == 1
+    assert await history.find(room.id, "c-1") is None
+    assert await history.append([chosen(room, "c-2")]) == [first[1]]  # kept: still found
+    assert seqs(await history.append([chosen(room, "c-1")])) == [4]  # trimmed: stored anew
+
+
+async def test_trimming_a_message_leaves_another_messages_chosen_id(history: History) -> None:
+    room, _ = await _room_with(history, 0)
+    await history.append([Draft(room.id, "x", ANA, "an id the server chose", TS)])
+    kept = await history.append([chosen(room, "x")])  # a sender chose the same one
+    assert await history.trim(room.id, keep=1) == 1
+    assert await history.append([chosen(room, "x")]) == kept
+
+
 async def test_latest(history: History) -> None:
     room, _ = await _room_with(history, 0)
     assert await history.latest(room.id) == 0

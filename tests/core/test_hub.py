@@ -309,3 +309,19 @@ async def test_a_rooms_frame_count_goes_with_its_subscription_and_late_frames_ar
     await hub.on_frame(late[0])
     assert hub.frames_by_room() == {room: 2}
     assert (hub.frames_received, hub.frames_stray) == (9, 1)
+
+
+async def test_a_gap_whose_messages_retention_deleted_is_passed_over():
+    """A room kept to its newest messages: a node whose frames were late finds the
+    messages of its gap deleted, and goes on from the oldest one kept."""
+    history, hub, conn, room = await setup(gap_wait=0.01)
+    f = await store(history, room, 6)
+    await history.trim(room, keep=2)  # seqs 1-4 go before this node saw them
+    await hub.on_frame(f[5])
+    for _ in range(200):
+        if seqs(conn) == [5, 6]:
+            break
+        await asyncio.sleep(0.01)
+    assert seqs(conn) == [5, 6]
+    await hub.on_frame(f[3])  # a late frame from before the kept run: already passed
+    assert seqs(conn) == [5, 6]

@@ -896,6 +896,34 @@ async def test_a_node_keeps_only_its_last_window_of_removals_to_make_again(monke
     assert await service.redo_removals() == 1
 
 
+async def test_a_retention_pass_trims_every_room_a_batch_at_a_time(monkeypatch):
+    monkeypatch.setattr(service_module, "TRIM_BATCH", 3)
+    monkeypatch.setattr(service_module, "TRIM_ROOMS_PAGE", 2)
+    cluster = Cluster()
+    service, _, rec = await cluster.node()
+    ada = await connect(service, rec, "ada")
+    sizes = {"a": 10, "b": 1, "c": 7, "d": 0, "e": 4}
+    for name, size in sizes.items():
+        await join(service, ada, name)
+        for i in range(size):
+            await service.send(ada, name, f"{name}{i}")
+    assert await service.trim_history() == 0  # no rule, no pass
+    assert await service.trim_history(keep=2) == 8 + 0 + 5 + 0 + 2
+    for name, size in sizes.items():
+        kept = [m.text for m in await service.history_page(name, None, 100)]
+        assert kept == [f"{name}{i}" for i in range(max(size - 2, 0), size)]
+    assert service.messages_trimmed == 15
+    # By age: what was sent more than a minute ago goes, the rest stays.
+    service._clock = lambda: time.time() + 120
+    await service.send(ada, "a", "new")
+    assert await service.trim_history(max_age=60) == 2 + 1 + 2 + 2
+    assert [m.text for m in await service.history_page("a", None, 100)] == ["new"]
+    stop = asyncio.Event()
+    stop.set()
+    await service.send(ada, "c", "kept by a stopped pass")
+    assert await service.trim_history(keep=0, stopping=stop) == 0
+
+
 async def test_posts_are_rated_per_sender_and_few_senders_are_remembered(monkeypatch):
     monkeypatch.setattr(service_module, "CALLERS_MAX", 3)
     cluster = Cluster()

@@ -18,7 +18,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..core.models import ConnId, Draft, Member, Message, NodeId, Room, RoomId, UserId
-from ..core.ports import FIND_WINDOW, BatchHandler, FrameHandler, ReconnectHandler
+from ..core.ports import (
+    FIND_WINDOW,
+    TRIM_BATCH,
+    TRIM_ROOMS_PAGE,
+    BatchHandler,
+    FrameHandler,
+    Oldest,
+    ReconnectHandler,
+)
 from ..exceptions import ChatError, ErrorCode, UnavailableError
 
 
@@ -144,6 +152,13 @@ class MemoryBroker:
         self._node = None
 
 
+def _following(log: list[Message], seq: int) -> int:
+    """The index in a room's log (ascending, gapless) of its first message after ``seq``."""
+    if not log:
+        return 0
+    return max(min(seq - log[0].seq + 1, len(log)), 0)
+
+
 class MemoryHistory:
     """History kept in dictionaries; lost when the process ends."""
 
@@ -151,6 +166,9 @@ class MemoryHistory:
         self._rooms: dict[RoomId, Room] = {}
         self._by_name: dict[str, RoomId] = {}
         self._messages: defaultdict[RoomId, list[Message]] = defaultdict(list)
+        """Each room's messages, ascending and gapless: its newest, after a trim."""
+        self._seqs: dict[RoomId, int] = {}
+        """Each room's last seq (its messages may have been trimmed)."""
         self._chosen: defaultdict[RoomId, dict[str, Message]] = defaultdict(dict)
         """Messages whose ids their senders chose, by room and id."""
         self._room_ids = itertools.count(1)
@@ -192,8 +210,7 @@ class MemoryHistory:
         return [self._rooms[room] for room in sorted(set(ids)) if room in self._rooms]
 
     async def latest(self, room: RoomId) -> int:
-        messages = self._messages.get(room)
-        return messages[-1].seq if messages else 0
+        return self._seqs.get(room, 0)
 
     async def append(self, drafts: Sequence[Draft]) -> list[Message]:
         # Check every room first so a bad batch stores nothing.
@@ -208,7 +225,7 @@ class MemoryHistory:
                 if stored is not None:
                     out.append(stored)
                     continue
-            seq = log[-1].seq + 1 if log else 1
+            seq = self._seqs[draft.room] = self._seqs.get(draft.room, 0) + 1
             message = Message.from_draft(draft, seq, self._rooms[draft.room].epoch)
             log.append(message)
             out.append(message)
@@ -218,8 +235,7 @@ class MemoryHistory:
 
     async def after(self, room: RoomId, seq: int, limit: int) -> list[Message]:
         log = self._messages.get(room, [])
-        # seq n is at index n - 1: the log is gapless from 1.
-        start = max(seq, 0)
+        start = _following(log, seq)
         return log[start : start + limit]
 
     async def find(self, room: RoomId, message_id: str) -> Message | None:
@@ -230,7 +246,7 @@ class MemoryHistory:
 
     async def before(self, room: RoomId, seq: int | None, limit: int) -> list[Message]:
         log = self._messages.get(room, [])
-        end = len(log) if seq is None else max(min(seq - 1, len(log)), 0)
+        end = len(log) if seq is None else _following(log, seq - 1)
         return log[max(end - limit, 0) : end]
 
     async def reset(self, room: RoomId) -> Room:
@@ -241,7 +257,44 @@ class MemoryHistory:
         self._rooms[room] = new
         self._messages.pop(room, None)
         self._chosen.pop(room, None)
+        self._seqs.pop(room, None)
         return new
+
+    async def oldest(
+        self, *, after: RoomId | None = None, limit: int = TRIM_ROOMS_PAGE
+    ) -> list[Oldest]:
+        found = sorted(
+            Oldest(room, self._seqs[room], log[0].seq, log[0].ts)
+            for room, log in self._messages.items()
+            if log and (after is None or room > after)
+        )
+        return found[: max(limit, 0)]
+
+    async def trim(
+        self,
+        room: RoomId,
+        *,
+        keep: int | None = None,
+        before_ms: int | None = None,
+        limit: int = TRIM_BATCH,
+    ) -> int:
+        log = self._messages.get(room, [])
+        below = None if keep is None else self._seqs.get(room, 0) - keep + 1
+        count = 0
+        for message in log[: max(limit, 0)]:
+            if keep is None and before_ms is None:
+                break
+            if (below is None or message.seq >= below) and (
+                before_ms is None or message.ts >= before_ms
+            ):
+                break
+            count += 1
+        chosen = self._chosen.get(room, {})
+        for message in log[:count]:
+            if chosen.get(message.id) is message:
+                del chosen[message.id]
+        del log[:count]
+        return count
 
     async def next_user_id(self) -> UserId:
         return UserId(next(self._user_ids))

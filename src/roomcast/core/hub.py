@@ -337,6 +337,19 @@ class Hub:
                 return
             if not missing:
                 break
+            if missing[0].seq > room.next_seq:
+                # The store holds a gapless run of the room's newest messages: what is
+                # before it was deleted by retention before its frames reached this node.
+                log.warning(
+                    "room %s: messages %d-%d were deleted (retention) before this node "
+                    "delivered them",
+                    room_id,
+                    room.next_seq,
+                    missing[0].seq - 1,
+                )
+                for seq in [s for s in room.early if s < missing[0].seq]:
+                    del room.early[seq]
+                room.next_seq = missing[0].seq
             for message in missing:
                 if message.seq == room.next_seq:
                     room.next_seq += 1

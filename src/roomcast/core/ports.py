@@ -12,7 +12,7 @@ the publishing node); a broker never looks inside them.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from .models import ConnId, Draft, Member, Message, NodeId, Room, RoomId, UserId
 
@@ -28,6 +28,13 @@ them apart hands over instead of one :data:`FrameHandler` call each (see
 ReconnectHandler = Callable[[], Awaitable[None]]
 """Called by a broker once its subscriptions are restored after a lost connection."""
 
+
+TRIM_ROOMS_PAGE = 500
+"""Rooms one :meth:`History.oldest` reads at most."""
+
+TRIM_BATCH = 500
+"""Messages one :meth:`History.trim` deletes at most: one short transaction, so a room's
+appends never wait long behind the deletion of its old history."""
 
 FIND_WINDOW = 100_000
 """How far back :meth:`History.find` looks: a batch whose append failed is among a room's
@@ -97,6 +104,18 @@ class Broker(Protocol):
     async def close(self) -> None: ...
 
 
+class Oldest(NamedTuple):
+    """A room that holds messages, as :meth:`History.oldest` reads it."""
+
+    room: RoomId
+    seq: int
+    """The room's last seq."""
+    first_seq: int
+    """The seq of the oldest message it holds."""
+    first_ts: int
+    """When that message was stored (ms since the Unix epoch)."""
+
+
 @runtime_checkable
 class History(Protocol):
     """The durable record: rooms, and each room's messages in one order.
@@ -160,6 +179,31 @@ class History(Protocol):
 
     async def reset(self, room: RoomId) -> Room:
         """Drop the room's messages and give it a new epoch; ``seq`` starts again at 1."""
+        ...
+
+    async def oldest(
+        self, *, after: RoomId | None = None, limit: int = TRIM_ROOMS_PAGE
+    ) -> list[Oldest]:
+        """A page of the rooms that hold messages, by id (the first ``limit`` above
+        ``after``): each with its last ``seq`` and the ``seq`` and ``ts`` of the oldest
+        message it holds — what tells, in one read for many rooms, which have something
+        for :meth:`trim` to do."""
+        ...
+
+    async def trim(
+        self,
+        room: RoomId,
+        *,
+        keep: int | None = None,
+        before_ms: int | None = None,
+        limit: int = TRIM_BATCH,
+    ) -> int:
+        """Delete up to ``limit`` of the room's oldest messages that retention lets go —
+        all but its newest ``keep``, and those stored before ``before_ms`` (ms since the
+        Unix epoch) — oldest first, stopping at the first one to keep, so what is left is
+        always the room's newest messages without a gap. Their chosen ids go with them (a
+        retry of one is stored again). The room's ``seq`` and epoch do not change. Returns
+        how many were deleted: fewer than ``limit``, the room is done."""
         ...
 
     async def next_user_id(self) -> UserId:

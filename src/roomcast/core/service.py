@@ -49,7 +49,7 @@ from .models import (
     User,
     UserId,
 )
-from .ports import Broker, History, Presence
+from .ports import TRIM_BATCH, TRIM_ROOMS_PAGE, Broker, History, Presence
 from .ratelimit import Buckets, TokenBucket
 from .timing import Durations
 
@@ -541,8 +541,11 @@ class ChatService:
         )
         self._sessions: dict[ConnId, Session] = {}
         self._posters = Buckets(rate_limit, rate_burst, CALLERS_MAX)
+        """The rate of each sender of :meth:`post`."""
         self._readers = Buckets(request_rate_limit, request_rate_burst, CALLERS_MAX)
-        """The rate of each sender of :meth:`post`, least recently seen first."""
+        """The rate of each reader of the REST API (see :meth:`spend_read`)."""
+        self.messages_trimmed = 0
+        """Messages this node deleted for retention (see :meth:`trim_history`)."""
         self.run = secrets.token_hex(8)
         """This process's token among those that may share its node id (see :meth:`beacon`)."""
         self.shared_id: set[str] = set()
@@ -1200,6 +1203,45 @@ class ChatService:
         if missed:
             await self.hub.deliver_presence(missed)
         return users
+
+    async def trim_history(
+        self,
+        *,
+        keep: int | None = None,
+        max_age: float | None = None,
+        stopping: asyncio.Event | None = None,
+    ) -> int:
+        """One retention pass: in every room, delete the oldest messages but the newest
+        ``keep`` and those older than ``max_age`` seconds (see :meth:`History.trim`), a
+        batch at a time so appends take turns with it. Stops early once ``stopping`` is
+        set. Returns how many messages it deleted.
+
+        Every node of a cluster makes its own passes; the deletions are the same whoever
+        makes them, so two nodes at once only do some of the work twice."""
+        if keep is None and max_age is None:
+            return 0
+        before_ms = None if max_age is None else self._now_ms() - int(max_age * 1000)
+        deleted, after = 0, None
+        while not (stopping is not None and stopping.is_set()):
+            page = await self.history.oldest(after=after, limit=TRIM_ROOMS_PAGE)
+            for room in page:
+                if (keep is None or room.first_seq > room.seq - keep) and (
+                    before_ms is None or room.first_ts >= before_ms
+                ):
+                    continue  # nothing of it to let go: no write
+                while not (stopping is not None and stopping.is_set()):
+                    count = await self.history.trim(
+                        room.room, keep=keep, before_ms=before_ms, limit=TRIM_BATCH
+                    )
+                    deleted += count
+                    self.messages_trimmed += count
+                    if count < TRIM_BATCH:
+                        break
+                    await asyncio.sleep(0)  # what waits to append goes first
+            if len(page) < TRIM_ROOMS_PAGE:
+                break
+            after = page[-1].room
+        return deleted
 
     async def resync(self) -> None:
         """After the broker was out of reach, or dropped frames: deliver from history every

@@ -30,7 +30,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import RowMapping
 
 from ...core.models import Draft, Message, Room, RoomId, User, UserId
-from ...core.ports import FIND_WINDOW
+from ...core.ports import FIND_WINDOW, TRIM_BATCH, TRIM_ROOMS_PAGE, Oldest
 from ...core.validation import HISTORY_LIMIT_MAX
 from ...exceptions import ChatError, ErrorCode
 from .engine import acquire, release
@@ -486,6 +486,96 @@ class SqlHistory:
             return row
 
         return _room(await self._db.run(reset, write=True))
+
+    async def oldest(
+        self, *, after: RoomId | None = None, limit: int = TRIM_ROOMS_PAGE
+    ) -> list[Oldest]:
+        """A page of the rooms that hold messages (see
+        :meth:`roomcast.core.ports.History.oldest`): one read, each room's oldest message
+        found on the primary key."""
+        if limit <= 0:
+            return []
+        held = messages.alias("held")
+        first = (
+            sa.select(sa.func.min(held.c.seq))
+            .where(held.c.room_id == rooms.c.id)
+            .correlate(rooms)
+            .scalar_subquery()
+        )
+        query = (
+            sa.select(rooms.c.id, rooms.c.seq, messages.c.seq, messages.c.ts)
+            .select_from(rooms)
+            .join(messages, sa.and_(messages.c.room_id == rooms.c.id, messages.c.seq == first))
+            .where(rooms.c.id > (0 if after is None else after))
+            .order_by(rooms.c.id)
+            .limit(limit)
+        )
+
+        def read(conn: sa.Connection) -> list[Oldest]:
+            return [
+                Oldest(RoomId(row[0]), int(row[1]), int(row[2]), int(row[3]))
+                for row in conn.execute(query)
+            ]
+
+        return await self._db.run(read)
+
+    async def trim(
+        self,
+        room: RoomId,
+        *,
+        keep: int | None = None,
+        before_ms: int | None = None,
+        limit: int = TRIM_BATCH,
+    ) -> int:
+        """Delete up to ``limit`` of the room's oldest messages past retention (see
+        :meth:`roomcast.core.ports.History.trim`), in one transaction."""
+        if limit <= 0 or (keep is None and before_ms is None):
+            return 0
+        latest = sa.select(rooms.c.seq).where(rooms.c.id == room)
+        oldest = (
+            sa.select(messages.c.seq, messages.c.ts, messages.c.id)
+            .where(messages.c.room_id == room)
+            .order_by(messages.c.seq)
+            .limit(limit)
+        )
+
+        def doomed(conn: sa.Connection) -> list[tuple[int, str]]:
+            """The seqs and ids of the messages to delete, oldest first."""
+            seq = conn.execute(latest).scalar()
+            if seq is None:
+                return []
+            below = None if keep is None else seq - keep + 1  # these seqs go
+            found: list[tuple[int, str]] = []
+            for row in conn.execute(oldest):
+                if (below is None or row.seq >= below) and (
+                    before_ms is None or row.ts >= before_ms
+                ):
+                    break
+                found.append((row.seq, row.id))
+            return found
+
+        def trim(conn: sa.Connection) -> int:
+            going = doomed(conn)  # again, in the write transaction
+            if not going:
+                return 0
+            last = going[-1][0]
+            conn.execute(
+                sa.delete(message_ids).where(
+                    message_ids.c.room_id == room,
+                    message_ids.c.id.in_([message_id for _, message_id in going]),
+                    message_ids.c.seq <= last,
+                )
+            )
+            conn.execute(
+                sa.delete(messages).where(messages.c.room_id == room, messages.c.seq <= last)
+            )
+            return len(going)
+
+        # A room with nothing to let go (most rooms, most passes) costs a read, not a write
+        # transaction: on SQLite those take turns with every room's appends.
+        if not await self._db.run(doomed):
+            return 0
+        return await self._db.run(trim, write=True)
 
     async def next_user_id(self) -> UserId:
         """A user id never handed out before by this store (1, 2, 3, ...)."""
