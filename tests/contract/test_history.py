@@ -545,6 +545,33 @@ async def test_two_instances_share_one_order_per_room(durable_store: Store) -> N
     assert await one.latest(room.id) == await two.latest(room.id) == 90
 
 
+async def test_two_instances_trimming_while_a_third_appends_delete_each_message_once(
+    durable_store: Store,
+) -> None:
+    """Every node makes its own retention passes: two at once, while messages keep
+    coming, delete each message once and leave a gapless run of the newest."""
+    one, two, writer = [await durable_store.open() for _ in range(3)]
+    room = await writer.room_by_name("busy", create=True)
+    assert room is not None
+    await writer.append([chosen(room, f"c{i}") for i in range(200)])
+
+    async def appends() -> None:
+        for _ in range(20):
+            await writer.append([draft(room) for _ in range(5)])
+
+    async def trims(history: History) -> int:
+        deleted = 0
+        for _ in range(20):
+            deleted += await history.trim(room.id, keep=10, limit=20)
+        return deleted
+
+    _, by_one, by_two = await asyncio.gather(appends(), trims(one), trims(two))
+    by_one += await one.trim(room.id, keep=10, limit=1000)
+    assert by_one + by_two == 300 - 10
+    assert seqs(await two.after(room.id, 0, 1000)) == list(range(291, 301))
+    assert seqs(await writer.append([chosen(room, "c0")])) == [301]  # its id went with it
+
+
 async def test_two_instances_racing_to_store_one_chosen_id_store_it_once(
     durable_store: Store,
 ) -> None:
