@@ -477,6 +477,32 @@ async def test_unknown_users_and_bad_requests_get_statuses(login):
     assert alice.index in await alice.users()
 
 
+async def test_requests_that_are_not_protobuf_messages_get_invalid_argument(login, server):
+    """Bytes that do not parse as the method's request type are a bad request, said so,
+    and leave no error in the node's log (a client looping on garbage must not flood it)."""
+    alice = await login()
+    channel = alice.dial(alice.login_reply.lobby_ip)
+    garbage = [b"\xff\xff", b"\x0a\x05ab"]  # not protobuf; a field cut short
+    # A string field that is not UTF-8: `text` (2) of a Chat, `ip` (1) of a LoginRequest.
+    methods = [
+        ("/Lobby/TryCommand", "CommandRequest", channel.unary_unary, []),
+        ("/Lobby/TryChatSend", "Chat", channel.unary_unary, [b"\x12\x02\xc3\x28"]),
+        ("/Agent/TryLogin", "LoginRequest", channel.unary_unary, [b"\x0a\x02\xc3\x28"]),
+        ("/Heartbeat/TryHeartbeat", "HeartbeatRequest", channel.unary_stream, []),
+        ("/Lobby/TryChatReceive", "Chat", channel.unary_stream, [b"\x12\x01\xff"]),
+    ]
+    for path, expected, kind, not_utf8 in methods:
+        call = kind(path, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        for raw in garbage + not_utf8:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                answer = call(raw, timeout=WAIT)
+                await (answer.read() if kind == channel.unary_stream else answer)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (path, raw)
+            assert f"not a valid {expected}" in info.value.details(), info.value.details()
+    assert alice.index in await alice.users()  # the door still serves
+    assert "Unexpected [DecodeError]" not in server.output()
+
+
 async def test_commands_past_the_request_rate_are_refused_and_change_nothing(tmp_path):
     port = free_port()
     args = ("--grpc-port", str(port), "--request-rate-limit", "0.1", "--request-rate-burst", "3")

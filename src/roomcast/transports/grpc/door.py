@@ -26,6 +26,7 @@ from .channel import ChannelService
 from .errors import Context, abort, answer
 from .heartbeat import HeartbeatService
 from .lobby import LobbyService
+from .malformed import add_checked
 from .streams import GrpcTransport
 from .users import GrpcUser, Users
 
@@ -95,7 +96,7 @@ class GrpcDoor:
             (pb2_grpc.add_ChannelServicer_to_server, ChannelService(self)),
         ]
         for add, servicer in services:
-            add(servicer, server)
+            add_checked(server, add, servicer, self.refused)
         bind = f"{_host(self.settings.host)}:{self.settings.grpc_port}"
         try:
             port = server.add_insecure_port(bind)
