@@ -155,6 +155,28 @@ async def test_a_key_set_is_fetched_at_start_and_again_for_a_new_key(provider, k
     assert provider.fetches == 2
 
 
+async def test_a_token_of_a_new_key_waits_for_the_fetch_it_asked_for(provider, keyed) -> None:
+    provider.keys = [jwk_of(RSA, "k1")]
+    auth = keyed()
+    await auth.start()
+    new = rsa_key()
+    provider.keys = [jwk_of(RSA, "k1"), jwk_of(new, "k2")]
+    # Two clients at once with tokens of the new key: both wait for the one fetch.
+    first, second = await asyncio.gather(
+        auth.check(sign(new, "RS256", "k2", "ada")), auth.check(sign(new, "RS256", "k2", "bob"))
+    )
+    assert (first.subject, second.subject) == ("ada", "bob")
+    assert provider.fetches == 2
+    # A key the set does not have either: the fetch it would ask for was just made, so
+    # there is nothing to wait for, and it is refused.
+    with pytest.raises(ChatError, match="does not know"):
+        await auth.check(sign(new, "RS256", "k3", "eve"))
+    assert provider.fetches == 2
+    # Refusals of other kinds never wait either.
+    with pytest.raises(ChatError, match="expired"):
+        await auth.check(sign(new, "RS256", "k2", "old", ttl=-3600))
+
+
 async def test_a_key_taken_out_of_the_set_stops_checking_tokens(provider, keyed) -> None:
     old, new = rsa_key(), rsa_key()
     provider.keys = [jwk_of(old, "old"), jwk_of(new, "new", alg="RS256")]

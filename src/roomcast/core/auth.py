@@ -99,6 +99,10 @@ def past(expires: float, now: float | None = None, *, leeway: float = LEEWAY) ->
     return (time.time() if now is None else now) > expires + leeway
 
 
+class UnknownKeyError(ChatError):
+    """A token refused because it names a key the server does not hold (yet)."""
+
+
 class Authenticator:
     """Checks tokens signed with a shared secret (HMAC), with public keys (see
     :mod:`roomcast.core.keys`), or either."""
@@ -169,6 +173,18 @@ class Authenticator:
         self._verified[token] = identity
         return identity
 
+    async def check(self, token: object) -> Identity:
+        """:meth:`verify`, but a token naming a key this server does not hold yet waits (at
+        most :data:`~roomcast.core.keys.JWKS_WAIT` seconds) for the key set it had fetched
+        again, and is checked once more: after an identity provider rotates its keys,
+        the first clients with tokens of the new key get in, not a refusal."""
+        try:
+            return self.verify(token)
+        except UnknownKeyError:
+            if self.public_keys is None or not await self.public_keys.refetched():
+                raise
+        return self.verify(token)
+
     def _check(self, token: str) -> Identity:
         try:
             header = jwt.get_unverified_header(token)
@@ -183,7 +199,7 @@ class Authenticator:
             found = self.public_keys.candidates(kid, algorithm)
             if not found:
                 self.public_keys.unknown(kid)
-                raise ChatError(
+                raise UnknownKeyError(
                     ErrorCode.UNAUTHORIZED,
                     f"the token is signed with a key this server does not know "
                     f"(kid {kid!r}, {algorithm})",

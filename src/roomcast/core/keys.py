@@ -55,6 +55,10 @@ stream of forged key ids must not become a stream of fetches)."""
 JWKS_TIMEOUT = 10.0
 """Seconds a fetch of the key set may take."""
 
+JWKS_WAIT = 5.0
+"""Seconds a token naming a key not held yet waits, at most, for the key set fetched again
+for it (see :meth:`PublicKeys.refetched`)."""
+
 JWKS_MAX_BYTES = 1 << 20
 """The largest key set read."""
 
@@ -146,6 +150,10 @@ class PublicKeys:
         self._wake = asyncio.Event()
         self._asked_at = -JWKS_UNKNOWN_REFETCH
         self._task: asyncio.Task[None] | None = None
+        self._asked: list[asyncio.Future[None]] = []
+        """Who waits for the fetch an unknown key asked for (see :meth:`refetched`)."""
+        self._coming = False
+        """Whether a fetch asked for by an unknown key is yet to end."""
 
     def __len__(self) -> int:
         """The keys held now."""
@@ -168,8 +176,28 @@ class PublicKeys:
         now = time.monotonic()
         if now - self._asked_at >= JWKS_UNKNOWN_REFETCH:
             self._asked_at = now
+            self._coming = True
             log.info("a token names key %r, not in the key set: fetching it again", kid)
             self._wake.set()
+
+    async def refetched(self, within: float = JWKS_WAIT) -> bool:
+        """Wait, at most ``within`` seconds, for the end of the fetch that a token naming
+        an unknown key asked for; whether there was one and it ended in time (whatever
+        it brought). False at once when no such fetch is coming (one was made less than
+        :data:`JWKS_UNKNOWN_REFETCH` seconds ago)."""
+        if not self._coming:
+            return False
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._asked.append(done)
+        try:
+            async with asyncio.timeout(within):
+                await done
+        except TimeoutError:
+            return False
+        finally:
+            with contextlib.suppress(ValueError):
+                self._asked.remove(done)
+        return True
 
     async def start(self) -> None:
         """Fetch the key set once (a failure is logged; the fetches go on in the
@@ -199,6 +227,11 @@ class PublicKeys:
                         await self._wake.wait()
                 self._wake.clear()
                 await self._fetch(client)
+                if self._coming:  # asked for before or during this fetch: it answers
+                    self._coming = False
+                    for done in self._asked:
+                        if not done.done():
+                            done.set_result(None)
 
     async def _fetch(self, client: httpx.AsyncClient) -> bool:
         """Fetch the key set and take its keys; False (and the keys kept) if it failed."""

@@ -581,7 +581,7 @@ class ChatService:
         """Register a connection. On an open server under the nickname ``name``, as a new
         user with a cluster-wide id; on a server that checks tokens as the user ``token``
         proves (``name`` is not read): its id the same on every connect, on every node."""
-        identity = self.authenticate(token)
+        identity = None if self.auth is None else await self.auth.check(token)
         if identity is None:
             user = User(await self.history.next_user_id(), validation.nickname(name))
         else:
@@ -615,7 +615,7 @@ class ChatService:
         (connect again with it), an invalid one ``unauthorized``: nothing changes."""
         if self.auth is None or session.identity is None:
             raise ChatError(ErrorCode.BAD_REQUEST, "this server checks no tokens")
-        identity = self.auth.verify(token)
+        identity = await self.auth.check(token)
         if identity.subject != session.identity.subject:
             raise ChatError(
                 ErrorCode.FORBIDDEN, "the token is another user's: connect again with it"

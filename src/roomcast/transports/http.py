@@ -86,7 +86,7 @@ _bearer = HTTPBearer(
 )
 
 
-def _caller(
+async def _caller(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Identity | None:
@@ -99,7 +99,7 @@ def _caller(
         raise ChatError(
             ErrorCode.UNAUTHORIZED, "an 'Authorization: Bearer TOKEN' header is required"
         )
-    return service.authenticate(credentials.credentials)
+    return await service.auth.check(credentials.credentials)
 
 
 def _anyone() -> None:
