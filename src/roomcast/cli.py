@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a room the user may enter, or a 'prefix*' (repeat it; default: every room)",
     )
     token.add_argument(
+        "--moderator",
+        action="store_true",
+        help="the user may delete any message of the rooms it may enter (default: its own)",
+    )
+    token.add_argument(
         "--ttl", type=float, default=3600.0, help="seconds the token is valid (default: 3600)"
     )
     for name in ("auth_secret", "auth_audience", "auth_issuer"):
@@ -129,7 +134,15 @@ def _token(args: argparse.Namespace) -> int:
         print("roomcast: --ttl: between 0 and ten years of seconds", file=sys.stderr)
         return 2
     try:
-        print(authenticator.mint(args.subject, ttl=args.ttl, name=args.name, rooms=args.rooms))
+        print(
+            authenticator.mint(
+                args.subject,
+                ttl=args.ttl,
+                name=args.name,
+                rooms=args.rooms,
+                moderator=args.moderator,
+            )
+        )
     except ChatError as exc:
         print(f"roomcast: {exc.message}", file=sys.stderr)
         return 2

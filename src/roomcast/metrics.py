@@ -129,6 +129,13 @@ class NodeCollector(Collector):
             node.id,
             node.service.messages_trimmed,
         )
+        yield _single(
+            CounterMetricFamily,
+            "roomcast_messages_deleted",
+            "Messages deleted through this node by their senders or moderators",
+            node.id,
+            node.service.messages_deleted,
+        )
         yield _histogram(
             "roomcast_store_append_seconds",
             "Time to append one batch of messages to the store (seqs given, durably written)",

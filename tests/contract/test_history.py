@@ -423,6 +423,62 @@ async def test_trimming_a_message_leaves_another_messages_chosen_id(history: His
     assert await history.append([chosen(room, "x")]) == kept
 
 
+# Deleting
+
+
+async def test_get_reads_one_message_by_seq(history: History) -> None:
+    room, sent = await _room_with(history, 3)
+    assert await history.get(room.id, 2) == sent[1]
+    assert await history.get(room.id, 0) is None
+    assert await history.get(room.id, 4) is None
+    assert await history.get(RoomId(999), 1) is None
+    await history.trim(room.id, keep=1)
+    assert await history.get(room.id, 1) is None  # no longer kept
+    assert await history.get(room.id, 3) == sent[2]
+
+
+async def test_a_deleted_message_keeps_its_place_and_loses_its_text(history: History) -> None:
+    room, sent = await _room_with(history, 3)
+    deleted = await history.delete(room.id, 2)
+    assert deleted is not None and deleted.deleted
+    assert (deleted.seq, deleted.id, deleted.user, deleted.ts, deleted.epoch) == (
+        2,
+        sent[1].id,
+        sent[1].user,
+        sent[1].ts,
+        sent[1].epoch,
+    )
+    assert deleted.text == ""
+    assert await history.after(room.id, 0, 10) == [sent[0], deleted, sent[2]]
+    assert await history.before(room.id, None, 10) == [sent[0], deleted, sent[2]]
+    assert await history.get(room.id, 2) == deleted
+    assert await history.delete(room.id, 2) == deleted  # again: nothing changes
+    assert await history.latest(room.id) == 3
+    assert seqs(await history.append([draft(room)])) == [4]  # the order goes on
+
+
+async def test_deleting_what_the_room_does_not_hold_is_none(history: History) -> None:
+    room, sent = await _room_with(history, 2)
+    assert await history.delete(room.id, 3) is None
+    assert await history.delete(room.id, 0) is None
+    assert await history.delete(RoomId(999), 1) is None
+    await history.trim(room.id, keep=1)
+    assert await history.delete(room.id, 1) is None  # retention took it
+    assert await history.after(room.id, 0, 10) == [sent[1]]
+
+
+async def test_a_deleted_messages_chosen_id_answers_with_the_deleted_message(
+    history: History,
+) -> None:
+    room, _ = await _room_with(history, 0)
+    first = await history.append([chosen(room, "c-1", "oops")])
+    deleted = await history.delete(room.id, first[0].seq)
+    assert deleted is not None
+    assert await history.append([chosen(room, "c-1", "oops")]) == [deleted]
+    assert await history.find(room.id, "c-1") == deleted
+    assert await history.latest(room.id) == 1
+
+
 async def test_latest(history: History) -> None:
     room, _ = await _room_with(history, 0)
     assert await history.latest(room.id) == 0
@@ -507,12 +563,13 @@ async def test_everything_survives_a_reopen(durable_store: Store) -> None:
     reset = await before.reset(games.id)
     users = [await before.next_user_id() for _ in range(3)]
     alice = await before.user_id_for("alice")
+    gone = await before.delete(lobby.id, sent[2].seq)
     await durable_store.close(before)
 
     after = await durable_store.open()
     assert await after.rooms() == [lobby, reset]
     assert await after.room_by_name("lobby") == lobby
-    assert await after.after(lobby.id, 0, 100) == [sent[0], sent[2]]
+    assert await after.after(lobby.id, 0, 100) == [sent[0], gone]
     assert await after.latest(lobby.id) == 2
     assert await after.latest(games.id) == 0
     more = await after.append([draft(lobby, "four"), draft(games, "five")])

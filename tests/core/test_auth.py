@@ -80,6 +80,18 @@ def test_claims_of_the_wrong_shape_are_refused() -> None:
         assert "'rooms'" in refusal(signed({"sub": "bob", "rooms": rooms, "exp": exp}))
     with pytest.raises(ChatError):  # what it would refuse, it does not sign either
         auth.mint("bob", ttl=60, rooms=[""])
+    for flag in ("true", 1, None):
+        assert "'moderator'" in refusal(signed({"sub": "bob", "moderator": flag, "exp": exp}))
+
+
+def test_a_moderator_is_one_whose_token_says_so() -> None:
+    exp = int(time.time()) + 60
+    assert auth.verify(auth.mint("mod", ttl=60, moderator=True)).moderator
+    assert not auth.verify(auth.mint("bob", ttl=60)).moderator
+    assert auth.verify(signed({"sub": "m", "moderator": True, "rooms": ["a"], "exp": exp})) == (
+        Identity("m", "m", ("a",), float(exp), moderator=True)
+    )
+    assert not auth.verify(signed({"sub": "bob", "moderator": False, "exp": exp})).moderator
 
 
 def test_a_long_subject_without_a_name_is_named_by_its_start() -> None:

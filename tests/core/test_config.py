@@ -77,3 +77,23 @@ def test_workers_on_a_port_another_process_listens_on_exit_2_with_a_message():
         )  # fmt: skip
     assert result.returncode == 2, result.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+def test_roomcast_token_prints_a_token_the_servers_of_its_secret_accept(monkeypatch):
+    from roomcast.core.auth import Authenticator
+
+    secret = "the secret of every node, 32+ characters"
+    monkeypatch.setenv("ROOMCAST_AUTH_SECRET", secret)
+    printed = []
+    for extra in ([], ["--moderator", "--room", "general", "--name", "Mod"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "roomcast", "token", "ada", *extra],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        printed.append(Authenticator(secret).verify(result.stdout.strip()))
+    plain, moderator = printed
+    assert (plain.subject, plain.name, plain.rooms, plain.moderator) == ("ada", "ada", None, False)
+    assert (moderator.name, moderator.rooms, moderator.moderator) == ("Mod", ("general",), True)

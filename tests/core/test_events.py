@@ -3,7 +3,7 @@
 import orjson
 import pytest
 
-from roomcast.core.events import Frame, Kind, message_frame, presence_frame
+from roomcast.core.events import Frame, Kind, deleted_frame, message_frame, presence_frame
 from roomcast.core.models import Message, RoomId, User, UserId
 
 
@@ -22,7 +22,20 @@ def test_presence_frames_have_no_seq():
     assert frame.data() == {"room": 1, "event": "leave", "user": {"id": 2, "name": "bo"}}
 
 
-@pytest.mark.parametrize("raw", [b"", b"no header", b"X 1 2\n{}", b"M one 2\n{}"])
+def test_a_deleted_message_travels_without_its_text_and_its_deletion_without_a_seq():
+    msg = Message(RoomId(3), 42, "ep", "id1", User(UserId(9), "bo"), "regretted", 1700)
+    gone = msg.erased()
+    assert gone.deleted and not msg.deleted
+    assert Message.from_wire(orjson.loads(message_frame(gone).body)) == gone
+    assert orjson.loads(message_frame(gone).body)["deleted"] is True
+    assert "deleted" not in orjson.loads(message_frame(msg).body)
+    frame = Frame.decode(deleted_frame(gone, User(UserId(1), "mod")).encode())
+    assert (frame.kind, frame.room, frame.seq) == (Kind.DELETED, 3, 0)
+    assert frame.data() == {"room": 3, "seq": 42, "id": "id1", "by": {"id": 1, "name": "mod"}}
+    assert Frame.decode(deleted_frame(gone, None).encode()).data()["by"] is None
+
+
+@pytest.mark.parametrize("raw", [b"", b"no header", b"Z 1 2\n{}", b"M one 2\n{}"])
 def test_malformed_frames_raise(raw):
     with pytest.raises((ValueError, KeyError)):
         Frame.decode(raw)

@@ -969,3 +969,177 @@ async def test_a_post_on_a_server_that_checks_tokens_needs_one():
     with pytest.raises(ChatError) as refused:
         await service.post("news", "hello", identity=None, name="bot", source="x")
     assert refused.value.code is ErrorCode.UNAUTHORIZED
+
+
+# -- deleting messages ------------------------------------------------------------------
+
+
+def _deletions(session) -> list[dict]:
+    return [f.data() for f in session.conn.frames if f.kind is Kind.DELETED]
+
+
+async def test_a_sender_deletes_its_message_and_every_member_on_every_node_is_told():
+    _, (a, alice, _), (b, bob, _) = await two_in_lobby("alice", "bob")
+    first = await a.send(alice, "lobby", "oops, wrong room")
+    await a.send(alice, "lobby", "hello")
+    deleted = await a.delete(alice, "lobby", first.seq)
+    assert (deleted.seq, deleted.id, deleted.user, deleted.ts) == (
+        first.seq,
+        first.id,
+        first.user,
+        first.ts,
+    )
+    assert deleted.text == "" and deleted.deleted
+    told = {"room": first.room, "seq": 1, "id": first.id, "by": alice.user.to_wire()}
+    assert _deletions(alice) == _deletions(bob) == [told]
+    page = await b.history_page("lobby", None, 50)
+    assert [(m.seq, m.text, m.deleted) for m in page] == [(1, "", True), (2, "hello", False)]
+    assert page[0].to_wire()["deleted"] is True and "deleted" not in page[1].to_wire()
+    assert a.messages_deleted == 1
+
+
+async def test_only_the_sender_deletes_a_message_on_an_open_server(one):
+    service, rec = one
+    alice, bob = await connect(service, rec, "alice"), await connect(service, rec, "bob")
+    await join(service, alice, "lobby")
+    await join(service, bob, "lobby")
+    message = await service.send(alice, "lobby", "mine")
+    with pytest.raises(ChatError) as refused:
+        await service.delete(bob, "lobby", message.seq)
+    assert refused.value.code is ErrorCode.FORBIDDEN
+    for ref, seq, code in (
+        ("lobby", 2, ErrorCode.NOT_FOUND),
+        ("nowhere", 1, ErrorCode.NOT_FOUND),
+        ("lobby", 0, ErrorCode.BAD_REQUEST),
+        ("lobby", "1", ErrorCode.BAD_REQUEST),
+        ("lobby", True, ErrorCode.BAD_REQUEST),
+    ):
+        with pytest.raises(ChatError) as info:
+            await service.delete(alice, ref, seq)
+        assert info.value.code is code
+    # Nothing changed, and nobody was told anything.
+    assert [m.text for m in await service.history_page("lobby", None, 50)] == ["mine"]
+    assert _deletions(alice) == _deletions(bob) == []
+    assert service.messages_deleted == 0
+
+
+async def test_deleting_again_tells_the_room_again_and_counts_once(one):
+    service, rec = one
+    alice = await connect(service, rec, "alice")
+    await join(service, alice, "lobby")
+    message = await service.send(alice, "lobby", "twice")
+    first = await service.delete(alice, "lobby", message.seq)
+    assert await service.delete(alice, "lobby", message.seq) == first
+    assert [d["seq"] for d in _deletions(alice)] == [1, 1]
+    assert service.messages_deleted == 1
+
+
+async def test_a_retry_of_a_deleted_message_gets_it_as_deleted_not_a_conflict(one):
+    service, rec = one
+    alice = await connect(service, rec, "alice")
+    await join(service, alice, "lobby")
+    sent = await service.send(alice, "lobby", "sent once", "c-1")
+    deleted = await service.delete(alice, "lobby", sent.seq)
+    assert await service.send(alice, "lobby", "sent once", "c-1") == deleted
+    assert [m.seq for m in await service.history_page("lobby", None, 50)] == [1]
+
+
+async def test_a_client_recovering_after_a_deletion_gets_the_deleted_message_as_deleted(one):
+    service, rec = one
+    alice, bob = await connect(service, rec, "alice"), await connect(service, rec, "bob")
+    lobby = await join(service, alice, "lobby")
+    await service.send(alice, "lobby", "kept")
+    gone = await service.send(alice, "lobby", "regretted")
+    await service.delete(alice, "lobby", gone.seq)
+    since = Position(lobby.room.epoch, 0)
+    recovered = await join(service, bob, "lobby", since)
+    assert [(m.text, m.deleted) for m in recovered.missed] == [("kept", False), ("", True)]
+
+
+async def test_moderators_delete_any_message_of_the_rooms_their_token_names():
+    auth = Authenticator("a secret of the application, 32+ characters")
+    cluster = Cluster(auth=auth)
+    service, _, rec = await cluster.node()
+
+    async def connect_as(subject, **claims):
+        conn = Conn(service.new_conn_id(), rec)
+        return await service.connect(conn, None, auth.mint(subject, ttl=60, **claims))
+
+    alice = await connect_as("alice")
+    bob = await connect_as("bob")
+    mod = await connect_as("mod", moderator=True)
+    elsewhere = await connect_as("mod-2", moderator=True, rooms=["other"])
+    await join(service, alice, "lobby")
+    message = await service.send(alice, "lobby", "spam")
+    for session, code in ((bob, ErrorCode.FORBIDDEN), (elsewhere, ErrorCode.FORBIDDEN)):
+        with pytest.raises(ChatError) as refused:
+            await service.delete(session, "lobby", message.seq)
+        assert refused.value.code is code
+    assert (await service.history_page("lobby", None, 1))[0].text == "spam"
+    deleted = await service.delete(mod, "lobby", message.seq)  # not a member: allowed
+    assert deleted.deleted
+    assert _deletions(alice) == [
+        {"room": message.room, "seq": 1, "id": message.id, "by": mod.user.to_wire()}
+    ]
+
+
+async def test_deleting_without_a_connection_follows_the_token_or_trusts_an_open_server():
+    open_cluster = Cluster()
+    service, _, rec = await open_cluster.node()
+    alice = await connect(service, rec, "alice")
+    await join(service, alice, "lobby")
+    message = await service.send(alice, "lobby", "anything")
+    deleted = await service.remove("lobby", message.seq, identity=None, source="address x")
+    assert deleted.deleted
+    assert _deletions(alice) == [{"room": message.room, "seq": 1, "id": message.id, "by": None}]
+
+    auth = Authenticator("a secret of the application, 32+ characters")
+    cluster = Cluster(auth=auth)
+    service, _, rec = await cluster.node()
+    conn = Conn(service.new_conn_id(), rec)
+    alice = await service.connect(conn, None, auth.mint("alice", ttl=60))
+    await join(service, alice, "lobby")
+    first = await service.send(alice, "lobby", "one")
+    second = await service.send(alice, "lobby", "two")
+
+    async def remove(seq, subject, **claims):
+        identity = auth.verify(auth.mint(subject, ttl=60, **claims))
+        return await service.remove("lobby", seq, identity=identity, source=subject)
+
+    with pytest.raises(ChatError) as refused:
+        await service.remove("lobby", first.seq, identity=None, source="address x")
+    assert refused.value.code is ErrorCode.UNAUTHORIZED
+    with pytest.raises(ChatError) as refused:
+        await remove(first.seq, "bob")
+    assert refused.value.code is ErrorCode.FORBIDDEN
+    assert (await remove(first.seq, "alice")).deleted  # the sender, by its token
+    assert (await remove(second.seq, "mod", moderator=True)).deleted
+    assert [d["by"]["name"] for d in _deletions(alice)] == ["alice", "mod"]
+
+
+async def test_a_deletion_the_broker_could_not_publish_is_stored_and_told_when_tried_again():
+    cluster = Cluster()
+
+    class Unreachable(MemoryBroker):
+        failing = False
+
+        async def publish(self, room, frame):
+            if self.failing:
+                raise UnavailableError("the broker is out of reach")
+            await super().publish(room, frame)
+
+    service, broker, rec = await cluster.node(Unreachable)
+    alice = await connect(service, rec, "alice")
+    await join(service, alice, "lobby")
+    message = await service.send(alice, "lobby", "hello")
+    broker.failing = True
+    with pytest.raises(ChatError) as refused:
+        await service.delete(alice, "lobby", message.seq)
+    assert refused.value.code is ErrorCode.UNAVAILABLE
+    assert "delete it again" in refused.value.message
+    assert (await service.history_page("lobby", None, 1))[0].deleted
+    assert _deletions(alice) == []
+    broker.failing = False
+    await service.delete(alice, "lobby", message.seq)
+    assert [d["seq"] for d in _deletions(alice)] == [1]
+    assert service.messages_deleted == 1

@@ -249,6 +249,25 @@ class MemoryHistory:
         end = len(log) if seq is None else _following(log, seq - 1)
         return log[max(end - limit, 0) : end]
 
+    async def get(self, room: RoomId, seq: int) -> Message | None:
+        log = self._messages.get(room, [])
+        index = _following(log, seq - 1)
+        return log[index] if index < len(log) and log[index].seq == seq else None
+
+    async def delete(self, room: RoomId, seq: int) -> Message | None:
+        log = self._messages.get(room, [])
+        index = _following(log, seq - 1)
+        if index >= len(log) or log[index].seq != seq:
+            return None
+        message = log[index]
+        if message.deleted:
+            return message
+        erased = log[index] = message.erased()
+        chosen = self._chosen.get(room, {})
+        if chosen.get(message.id) is message:
+            chosen[message.id] = erased
+        return erased
+
     async def reset(self, room: RoomId) -> Room:
         old = self._rooms.get(room)
         if old is None:

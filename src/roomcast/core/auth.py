@@ -16,6 +16,8 @@ The claims it reads::
                      the client cannot choose another
     rooms  optional  the rooms the user may join, read the history and members of: exact
                      names, or a prefix ending in ``*`` ("team-*"); absent: every room
+    moderator  optional  true: the user may delete any message of the rooms it may enter
+                     (default false: only its own)
     nbf, iat, aud, iss  checked when present (aud and iss when the server is told them)
 
 A token is checked when a client connects (and on gRPC and HTTP at every call). A
@@ -75,6 +77,8 @@ class Identity:
     """Room names and ``prefix*`` patterns the user may enter; None: every room."""
     expires: float = math.inf
     """When the token stops being accepted (its ``exp``, seconds since the Unix epoch)."""
+    moderator: bool = False
+    """The user may delete other users' messages (the token's ``moderator``)."""
 
     def expired(self, now: float | None = None) -> bool:
         """Whether the token has expired (see :func:`past`): a connection it opened is
@@ -247,6 +251,7 @@ class Authenticator:
         ttl: float,
         name: str | None = None,
         rooms: Sequence[str] | None = None,
+        moderator: bool = False,
         now: float | None = None,
     ) -> str:
         """A token for ``subject``, valid for ``ttl`` seconds: what an application's backend
@@ -257,6 +262,8 @@ class Authenticator:
             claims["name"] = name
         if rooms is not None:
             claims["rooms"] = list(rooms)
+        if moderator:
+            claims["moderator"] = True
         if self._audience is not None:
             claims["aud"] = self._audience
         if self._issuer is not None:
@@ -282,9 +289,12 @@ def _identity(claims: dict[str, object]) -> Identity:
     expires = claims.get("exp")
     if not isinstance(expires, int | float) or isinstance(expires, bool):
         raise ChatError(ErrorCode.UNAUTHORIZED, "'exp' must be a number of seconds")
+    moderator = claims.get("moderator", False)
+    if not isinstance(moderator, bool):
+        raise ChatError(ErrorCode.UNAUTHORIZED, "'moderator' must be true or false")
     rooms = claims.get("rooms")
     if rooms is None:
-        return Identity(subject, name, expires=float(expires))
+        return Identity(subject, name, expires=float(expires), moderator=moderator)
     if (
         not isinstance(rooms, list)
         or len(rooms) > ROOMS_MAX
@@ -294,4 +304,4 @@ def _identity(claims: dict[str, object]) -> Identity:
             ErrorCode.UNAUTHORIZED,
             f"'rooms' must be a list of at most {ROOMS_MAX} room names or 'prefix*' patterns",
         )
-    return Identity(subject, name, tuple(rooms), float(expires))
+    return Identity(subject, name, tuple(rooms), float(expires), moderator)

@@ -8,7 +8,7 @@ bytes once per message, not once per recipient::
     ^ ^  ^
     | |  seq (0 for frames that are not history messages)
     | room id (0 for frames that are not room frames)
-    kind: M message, P presence, T typing, D direct message
+    kind: M message, P presence, T typing, X deleted, D direct message
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ class Kind(Enum):
     MESSAGE = ("M", "message")
     PRESENCE = ("P", "presence")
     TYPING = ("T", "typing")
+    DELETED = ("X", "deleted")
     DM = ("D", "dm")
 
     def __init__(self, code: str, event: str) -> None:
@@ -79,6 +80,14 @@ def presence_frame(room: RoomId, event: str, user: User) -> Frame:
 
 def typing_frame(room: RoomId, user: User) -> Frame:
     return Frame(Kind.TYPING, room, 0, dumps({"room": room, "user": user.to_wire()}))
+
+
+def deleted_frame(message: Message, by: User | None) -> Frame:
+    """The news that a message was deleted, for its room's members; ``by``: who deleted
+    it (None: a request of an open server's REST API, which names no one)."""
+    body: dict[str, Any] = {"room": message.room, "seq": message.seq, "id": message.id}
+    body["by"] = None if by is None else by.to_wire()
+    return Frame(Kind.DELETED, message.room, 0, dumps(body))
 
 
 def dm_frame(body: dict[str, Any]) -> Frame:

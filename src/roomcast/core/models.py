@@ -64,7 +64,11 @@ class Draft:
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """A sequenced message: ``seq`` is 1, 2, 3, ... per room with no gaps."""
+    """A sequenced message: ``seq`` is 1, 2, 3, ... per room with no gaps.
+
+    A deleted message keeps its place (``seq``, ``id``, sender, ``ts``) and loses its
+    text: ``text`` is empty, which no message sent can be (see :attr:`deleted`).
+    """
 
     room: RoomId
     seq: int
@@ -78,8 +82,17 @@ class Message:
     def from_draft(cls, draft: Draft, seq: int, epoch: str) -> Message:
         return cls(draft.room, seq, epoch, draft.id, draft.user, draft.text, draft.ts)
 
+    @property
+    def deleted(self) -> bool:
+        """Whether the message was deleted (its text is gone)."""
+        return not self.text
+
+    def erased(self) -> Message:
+        """The message as it is once deleted: the same place, no text."""
+        return Message(self.room, self.seq, self.epoch, self.id, self.user, "", self.ts)
+
     def to_wire(self) -> dict[str, Any]:
-        return {
+        wire = {
             "room": self.room,
             "seq": self.seq,
             "epoch": self.epoch,
@@ -88,6 +101,9 @@ class Message:
             "text": self.text,
             "ts": self.ts,
         }
+        if not self.text:
+            wire["deleted"] = True
+        return wire
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> Message:

@@ -177,6 +177,20 @@ class History(Protocol):
         """The newest ``limit`` messages with ``seq`` below ``seq`` (all if None), ascending."""
         ...
 
+    async def get(self, room: RoomId, seq: int) -> Message | None:
+        """The room's message ``seq``, or None if it has none such (never stored, or
+        deleted by retention)."""
+        ...
+
+    async def delete(self, room: RoomId, seq: int) -> Message | None:
+        """Delete the room's message ``seq``: it keeps its place (``seq``, ``id``, sender,
+        ``ts``) and its text is gone for good (see
+        :attr:`~roomcast.core.models.Message.deleted`). Returns the deleted message, or
+        None if the room holds no such message. Deleting a deleted message changes
+        nothing. Its chosen id stays taken: a retry of it answers with the deleted
+        message."""
+        ...
+
     async def reset(self, room: RoomId) -> Room:
         """Drop the room's messages and give it a new epoch; ``seq`` starts again at 1."""
         ...

@@ -30,6 +30,7 @@ from .events import (
     Frame,
     RunBeacon,
     decode_envelope,
+    deleted_frame,
     dm_frame,
     message_frame,
     presence_frame,
@@ -450,8 +451,9 @@ async def _late_tries() -> AsyncIterator[None]:
 
 
 def _same_message(draft: Draft, message: Message) -> bool:
-    """Whether a stored message with the draft's id is the draft sent again."""
-    return message.text == draft.text and message.user.name == draft.user.name
+    """Whether a stored message with the draft's id is the draft sent again (a deleted
+    message has no text left to compare: its sender's retry gets it as it is now)."""
+    return (message.deleted or message.text == draft.text) and message.user.name == draft.user.name
 
 
 def _conflict(draft: Draft) -> ChatError:
@@ -546,6 +548,9 @@ class ChatService:
         """The rate of each reader of the REST API (see :meth:`spend_read`)."""
         self.messages_trimmed = 0
         """Messages this node deleted for retention (see :meth:`trim_history`)."""
+        self.messages_deleted = 0
+        """Messages deleted through this node by their senders or moderators (see
+        :meth:`delete`)."""
         self.run = secrets.token_hex(8)
         """This process's token among those that may share its node id (see :meth:`beacon`)."""
         self.shared_id: set[str] = set()
@@ -927,6 +932,72 @@ class ChatService:
         room_id = await self._member_room(session, ref)
         self._spend(session)
         await self._publish(room_id, typing_frame(room_id, session.user))
+
+    async def delete(self, session: Session, ref: RoomId | str, seq: object) -> Message:
+        """Delete the room's message ``seq``: the session's own, or any message on a
+        moderator's token (the ``moderator`` claim). The message keeps its place and
+        loses its text, for good; every member of the room is told (a ``deleted``
+        event). Membership is not required, but on a server that checks tokens the
+        token must let its user into the room. Counts as a message against the
+        connection's rate. Deleting a deleted message tells the room again."""
+        number = validation.seq({"seq": seq})
+        self._spend(session)
+        room = await self._entered(ref, session.identity)
+        moderator = session.identity is not None and session.identity.moderator
+        owner = None if moderator else session.user.id
+        return await self._delete(room, number, session.user, owner)
+
+    async def remove(
+        self, ref: RoomId | str, seq: object, *, identity: Identity | None, source: str
+    ) -> Message:
+        """Delete the room's message ``seq`` without a connection (the REST API): on a
+        server that checks tokens as :meth:`delete` lets the token's user; an open server
+        trusts its callers as it does for :meth:`post`, and deletes any message. ``source``
+        is the caller, for the rate limit, as for :meth:`post`."""
+        number = validation.seq({"seq": seq})
+        if identity is None and self.auth is not None:
+            raise ChatError(ErrorCode.UNAUTHORIZED, "a token is required")
+        if not self._posters.take(source):
+            raise ChatError(ErrorCode.RATE_LIMITED, "too many messages, slow down")
+        room = await self._entered(ref, identity)
+        if identity is None:
+            return await self._delete(room, number, None, None)
+        try:
+            user = User(await self.history.user_id_for(identity.subject), identity.name)
+        except UnavailableError as exc:
+            raise ChatError(ErrorCode.UNAVAILABLE, "the store is unavailable") from exc
+        return await self._delete(room, number, user, None if identity.moderator else user.id)
+
+    async def _delete(self, room: Room, seq: int, by: User | None, owner: UserId | None) -> Message:
+        """Delete message ``seq`` of the room if ``owner`` (None: anyone's) sent it, and
+        tell the room."""
+        if not self.broker.healthy:
+            raise ChatError(ErrorCode.UNAVAILABLE, "the broker is unavailable, try again")
+        try:
+            message = await self.history.get(room.id, seq)
+            if message is not None and owner is not None and message.user.id != owner:
+                raise ChatError(
+                    ErrorCode.FORBIDDEN,
+                    "only the sender of a message, or a moderator, may delete it",
+                )
+            deleted = None if message is None else await self.history.delete(room.id, seq)
+        except UnavailableError as exc:
+            raise ChatError(ErrorCode.UNAVAILABLE, "the message store is unavailable") from exc
+        if message is None or deleted is None:
+            raise ChatError(
+                ErrorCode.NOT_FOUND, f"room {room.name!r} holds no message {seq} (any more)"
+            )
+        if not message.deleted:
+            self.messages_deleted += 1
+        try:
+            await self.broker.publish(room.id, deleted_frame(deleted, by).encode())
+        except Exception as exc:
+            log.warning("publish of a deletion to room %s failed", room.id, exc_info=True)
+            raise ChatError(
+                ErrorCode.UNAVAILABLE,
+                "the message was deleted, but its room could not be told: delete it again",
+            ) from exc
+        return deleted
 
     async def history_page(
         self, ref: RoomId | str, before: int | None, limit: int, identity: Identity | None = None

@@ -202,3 +202,11 @@ def user_id(data: dict[str, Any], key: str = "to") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 2**53:
         raise ChatError(ErrorCode.BAD_REQUEST, f"'{key}' must be a user id (positive integer)")
     return value
+
+
+def seq(data: dict[str, Any], key: str = "seq") -> int:
+    """A message's ``seq`` field: a positive integer."""
+    value = data.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 2**53:
+        raise ChatError(ErrorCode.BAD_REQUEST, f"'{key}' must be a message's seq (an integer > 0)")
+    return value

@@ -305,6 +305,29 @@ def create_http_app(node: Node) -> FastAPI:
         )
         return {"ok": True, "message": message.to_wire()}
 
+    @app.delete(
+        "/api/rooms/{room}/messages/{seq}",
+        summary="Delete a message of a room",
+        response_model=None,
+        responses={200: {"model": MessageReply}, **ERRORS},
+    )
+    async def delete_message(
+        request: Request,
+        room: str = ROOM,
+        seq: int = Path(gt=0, le=2**53, description="the message's seq"),
+        identity: Identity | None = caller,
+    ) -> dict[str, Any]:
+        """Delete a message: it keeps its place in the room's history (seq, id, sender,
+        time) and its text is gone for good; every member of the room gets a ``deleted``
+        event. On a server that checks tokens, the token's user may delete its own
+        messages, and a moderator's token (``moderator: true``) any message, in the rooms
+        the token lets its user into; an open server trusts its callers and deletes any
+        message. The answer is the deleted message. Rate: as for sending."""
+        message = await service.remove(
+            _room_ref(room), seq, identity=identity, source=source(request, identity)
+        )
+        return {"ok": True, "message": message.to_wire()}
+
     @app.get(
         "/api/rooms/{room}/members",
         summary="A room's members across the cluster",

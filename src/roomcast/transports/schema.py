@@ -43,8 +43,11 @@ class MessageOut(BaseModel):
     epoch: str
     id: str
     user: UserOut
-    text: str
+    text: str = Field(description="empty once the message was deleted")
     ts: int = Field(description="milliseconds since the Unix epoch, set by the server")
+    deleted: bool | None = Field(
+        None, description="true on a deleted message (which keeps its place, without text)"
+    )
 
 
 class RoomsReply(BaseModel):

@@ -156,8 +156,8 @@ MAX_IN_FLIGHT = 64
 _RESERVED_EVENTS = frozenset(("connect", "connect_error", "disconnect"))
 
 _REQUESTS = frozenset(("join", "leave", "history", "rooms", "members", "refresh"))
-"""Events counted against the connection's request rate (``send``, ``typing`` and ``dm``
-count against its message rate, in the service)."""
+"""Events counted against the connection's request rate (``send``, ``typing``, ``delete``
+and ``dm`` count against its message rate, in the service)."""
 
 _KEPT_ENVIRON = frozenset(("REQUEST_METHOD", "PATH_INFO", "QUERY_STRING", "CONTENT_TYPE"))
 """What an upgraded session keeps of its long-poll's WSGI environ, besides the headers."""
@@ -378,6 +378,7 @@ class SocketIOTransport:
             "rooms": self._rooms,
             "members": self._members,
             "typing": self._typing,
+            "delete": self._delete,
             "dm": self._dm,
             "refresh": self._refresh,
         }
@@ -959,6 +960,11 @@ class SocketIOTransport:
         sid = session.conn.sid  # type: ignore[attr-defined]
         self._watch_expiry(sid, session)
         return _ok(expires=identity.expires, left=[room.to_wire() for room in left])
+
+    async def _delete(self, session: Session, data: dict[str, Any]) -> Reply:
+        ref = validation.room_ref(data)
+        message = await self.service.delete(session, ref, validation.seq(data))
+        return _ok(message=message.to_wire())
 
     async def _typing(self, session: Session, data: dict[str, Any]) -> Reply:
         await self.service.typing(session, validation.room_ref(data))

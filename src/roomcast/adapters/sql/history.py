@@ -107,6 +107,7 @@ _AFTER = _PAGE + "WHERE room_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
 _FIND = _PAGE + (
     "WHERE room_id = $1 AND id = $2 AND seq > (SELECT seq FROM {rooms} WHERE id = $3) - $4"
 )
+_GET = _PAGE + "WHERE room_id = $1 AND seq = $2"
 _BEFORE = _PAGE + "WHERE room_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3"
 _NEWEST = _PAGE + "WHERE room_id = $1 ORDER BY seq DESC LIMIT $2"
 
@@ -221,6 +222,7 @@ class SqlHistory:
         self._after_sql = sql(_AFTER, **tables)
         self._find_sql = sql(_FIND, **tables)
         self._before_sql = sql(_BEFORE, **tables)
+        self._get_sql = sql(_GET, **tables)
         self._newest_sql = sql(_NEWEST, **tables)
 
     async def start(self) -> None:
@@ -462,6 +464,27 @@ class SqlHistory:
         else:
             rows = await self._db.fetch(self._before_sql, room, seq, limit, inline=inline)
         return [_message_of(row) for row in reversed(rows)]
+
+    async def get(self, room: RoomId, seq: int) -> Message | None:
+        """The room's message ``seq``, or None."""
+        rows = await self._db.fetch(self._get_sql, room, seq)
+        return _message_of(rows[0]) if rows else None
+
+    async def delete(self, room: RoomId, seq: int) -> Message | None:
+        """Delete the room's message ``seq`` (its text goes; see
+        :meth:`roomcast.core.ports.History.delete`) in one statement; None if none such."""
+        erase = (
+            sa.update(messages)
+            .where(messages.c.room_id == room, messages.c.seq == seq)
+            .values(text="")
+            .returning(*_PAGE_COLUMNS)
+        )
+
+        def delete(conn: sa.Connection) -> Any:
+            return conn.execute(erase).first()
+
+        row = await self._db.run(delete, write=True)
+        return None if row is None else _message_of(row)
 
     async def reset(self, room: RoomId) -> Room:
         """Drop the room's messages and give it a new epoch; ``seq`` starts again at 1."""

@@ -211,6 +211,8 @@ class GrpcTransport:
 
     def _deliver_chat(self, frame: Frame, conns: Collection[Connection]) -> None:
         body = frame.data()
+        if body.get("deleted"):
+            return  # deleted before this node had it: the protocol has no deletions to tell
         sender = body["user"]["id"]
         chat = pb2.Chat(index=sender, text=body["text"])
         for conn in conns:

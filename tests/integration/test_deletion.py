@@ -1,0 +1,158 @@
+"""Deleting messages on real servers: a sender takes back its own message, a moderator
+removes anyone's, every member on every node is told, and history keeps the message's
+place without its text."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from roomcast.core.auth import Authenticator
+from roomcast.transports.schema import MessageReply
+from tests.contract.engines import engine_url
+
+from .clients import ChatClient, scrape
+from .cluster import cluster, postgres_schema
+from .servers import run_server
+
+SECRET = "the application's secret for deleting, 32+ characters"
+tokens = Authenticator(SECRET)
+
+
+def deleted_count(url: str) -> float:
+    return sum(v for k, v in scrape(url).items() if k.startswith("roomcast_messages_deleted_total"))
+
+
+@pytest.mark.service
+async def test_deletions_reach_every_member_on_every_node_and_history_keeps_the_place(tmp_path):
+    async with engine_url("redis", tmp_path) as broker, postgres_schema() as store:
+        with cluster(broker, store, tmp_path, "--auth-secret", SECRET) as c:
+            one, two = c.start(2)
+            ada = await ChatClient(one.url, "x", token=tokens.mint("ada", ttl=600)).connect()
+            bob = await ChatClient(two.url, "x", token=tokens.mint("bob", ttl=600)).connect()
+            try:
+                joined = await ada.ok("join", {"room": "mod"})
+                room = joined["room"]["id"]
+                await bob.ok("join", {"room": "mod"})
+                sent = []
+                for text in ("ada: oops", "bob: spam", "ada: hello"):
+                    client = ada if text.startswith("ada") else bob
+                    sent.append((await client.ok("send", {"room": "mod", "text": text}))["message"])
+                await bob.wait_messages(room, 3)
+
+                # Bob may not delete Ada's message; nothing changes.
+                refused = await bob.call("delete", {"room": room, "seq": sent[0]["seq"]})
+                assert refused["ok"] is False and refused["error"]["code"] == "forbidden"
+
+                # Ada deletes her own: both nodes' members are told, with who did it.
+                reply = await ada.ok("delete", {"room": "mod", "seq": sent[0]["seq"]})
+                gone = reply["message"]
+                assert (gone["seq"], gone["id"], gone["text"], gone["deleted"]) == (
+                    1,
+                    sent[0]["id"],
+                    "",
+                    True,
+                )
+                expected = {"room": room, "seq": 1, "id": sent[0]["id"], "by": ada.user}
+                for client in (ada, bob):
+                    await client.wait_for(lambda c=client: c.of("deleted"))
+                    assert client.of("deleted") == [expected]
+
+                # A moderator removes Bob's message over REST, through the other node.
+                moderator = tokens.mint("mod", ttl=600, name="Moderator", moderator=True)
+                plain = tokens.mint("eve", ttl=600)
+                async with httpx.AsyncClient(base_url=two.url) as http:
+                    path = f"/api/rooms/{room}/messages/{sent[1]['seq']}"
+                    eve = await http.delete(path, headers={"Authorization": f"Bearer {plain}"})
+                    assert (eve.status_code, eve.json()["error"]["code"]) == (403, "forbidden")
+                    nobody = await http.delete(path)
+                    assert nobody.status_code == 401
+                    mod = await http.delete(path, headers={"Authorization": f"Bearer {moderator}"})
+                    assert mod.status_code == 200, mod.text
+                    assert mod.json()["message"]["deleted"] is True
+                    missing = await http.delete(
+                        f"/api/rooms/{room}/messages/99",
+                        headers={"Authorization": f"Bearer {moderator}"},
+                    )
+                    assert (missing.status_code, missing.json()["error"]["code"]) == (
+                        404,
+                        "not_found",
+                    )
+                for client in (ada, bob):
+                    await client.wait_for(lambda c=client: len(c.of("deleted")) == 2)
+                    assert client.of("deleted")[1]["by"]["name"] == "Moderator"
+
+                # Both nodes answer history with the places kept and the texts gone.
+                for node, client in ((one, ada), (two, bob)):
+                    page = (await client.ok("history", {"room": "mod"}))["messages"]
+                    assert [(m["seq"], m["text"], m.get("deleted")) for m in page] == [
+                        (1, "", True),
+                        (2, "", True),
+                        (3, "ada: hello", None),
+                    ]
+                    async with httpx.AsyncClient(base_url=node.url) as http:
+                        headers = {"Authorization": f"Bearer {moderator}"}
+                        rest = await http.get(f"/api/rooms/{room}/messages", headers=headers)
+                        assert [m["text"] for m in rest.json()["messages"]] == [
+                            "",
+                            "",
+                            "ada: hello",
+                        ]
+
+                # A client coming back recovers the deleted messages as deleted.
+                back = await ChatClient(one.url, "x", token=tokens.mint("bob", ttl=600)).connect()
+                try:
+                    since = {"epoch": joined["epoch"], "seq": 0}
+                    again = await back.ok("join", {"room": "mod", "since": since})
+                    assert [m["text"] for m in again["missed"]] == ["", "", "ada: hello"]
+                finally:
+                    await back.close()
+                assert deleted_count(one.url) + deleted_count(two.url) == 2
+            finally:
+                await ada.close()
+                await bob.close()
+
+
+@pytest.mark.parametrize("transports", [["websocket"], ["polling"]])
+async def test_an_open_server_lets_a_connection_delete_its_own_messages_only(tmp_path, transports):
+    """On roomcast's own WebSocket path and on python-engineio's long-polling one."""
+    with run_server("--rate-limit", "0", log_dir=tmp_path) as server:
+        ada = await ChatClient(server.url, "ada", transports=transports).connect()
+        bob = await ChatClient(server.url, "bob", transports=transports).connect()
+        try:
+            room = (await ada.ok("join", {"room": "open"}))["room"]["id"]
+            await bob.ok("join", {"room": "open"})
+            mine = (await ada.ok("send", {"room": "open", "text": "mine"}))["message"]
+            for payload, code in (
+                ({"room": room, "seq": mine["seq"]}, "forbidden"),
+                ({"room": room, "seq": 7}, "not_found"),
+                ({"room": room, "seq": "1"}, "bad_request"),
+                ({"room": room}, "bad_request"),
+                ({"room": "nowhere", "seq": 1}, "not_found"),
+            ):
+                answer = await bob.call("delete", payload)
+                assert answer["ok"] is False and answer["error"]["code"] == code, (payload, answer)
+            assert [m["text"] for m in (await bob.ok("history", {"room": room}))["messages"]] == [
+                "mine"
+            ]
+            await ada.ok("delete", {"room": room, "seq": mine["seq"]})
+            await bob.wait_for(lambda: bob.of("deleted"))
+            assert bob.of("deleted")[0]["by"] == ada.user
+            # The REST API of an open server trusts its callers, as for sending.
+            other = (await bob.ok("send", {"room": room, "text": "bob's"}))["message"]
+            async with httpx.AsyncClient(base_url=server.url) as http:
+                answer = await http.delete(f"/api/rooms/open/messages/{other['seq']}")
+                assert answer.status_code == 200 and answer.json()["message"]["deleted"]
+                MessageReply.model_validate_json(answer.content, strict=True)
+                spec = (await http.get("/openapi.json")).json()
+                documented = spec["paths"]["/api/rooms/{room}/messages/{seq}"]["delete"]
+                assert set(documented["responses"]) == {"200", "4XX", "503"}
+                for path in ("/api/rooms/open/messages/0", "/api/rooms/open/messages/x"):
+                    bad = await http.delete(path)
+                    assert (bad.status_code, bad.json()["error"]["code"]) == (400, "bad_request")
+            await ada.wait_for(lambda: len(ada.of("deleted")) == 2)
+            assert ada.of("deleted")[1]["by"] is None
+            assert deleted_count(server.url) == 2
+        finally:
+            await ada.close()
+            await bob.close()
