@@ -406,3 +406,31 @@ async def test_a_login_ends_when_its_newest_token_expires(login):
         assert lives.status == pb2.UserLivesReply.LIVE
     finally:
         await renewed.close()
+
+
+async def test_a_login_with_a_token_of_a_key_the_provider_just_published_is_let_in(tmp_path):
+    """After an identity provider rotates its key, the first gRPC call with a token of the
+    new key waits for the node's fetch of the set it asked for, and is let in."""
+    from tests.identity_provider import identity_provider, jwk_of, rsa_key, sign
+
+    signing, rotated = rsa_key(), rsa_key()
+    grpc_port = free_port()
+    with identity_provider() as provider:
+        provider.keys = [jwk_of(signing, "old")]
+        with run_server(
+            "--auth-jwks-url", provider.url, "--grpc-port", str(grpc_port),
+            log_dir=tmp_path,
+        ):  # fmt: skip
+            assert provider.fetches == 1
+            provider.keys = [jwk_of(signing, "old"), jwk_of(rotated, "new")]
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+                agent = pb2_grpc.AgentStub(channel)
+                fresh = metadata_of(sign(rotated, "RS256", "new", "bob"))
+                reply = await agent.TryLogin(pb2.LoginRequest(), metadata=fresh, timeout=WAIT)
+                assert reply.index > 0
+                assert provider.fetches == 2
+                made_up = metadata_of(sign(rotated, "RS256", "made-up", "eve"))
+                error = await _error(agent.TryLogin(pb2.LoginRequest(), metadata=made_up))
+                assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert "kid 'made-up'" in error.details()
+                assert provider.fetches == 2

@@ -607,11 +607,6 @@ class ChatService:
         self._by_user.setdefault(user.id, {})[conn.id] = session
         return session
 
-    def authenticate(self, token: object) -> Identity | None:
-        """Who a token proves its bearer is: None on an open server (nothing is checked),
-        else the identity, or ``unauthorized``."""
-        return None if self.auth is None else self.auth.verify(token)
-
     async def refresh(self, session: Session, token: object) -> tuple[Identity, list[Room]]:
         """Give a connection a newer token of its user, before its own expires: the
         connection lives until the new one's ``exp``, and may enter the rooms the new one

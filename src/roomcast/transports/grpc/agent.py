@@ -39,7 +39,7 @@ class AgentService(pb2_grpc.AgentServicer):
 
     async def _login(self, context: Context) -> GrpcUser:
         callers, users = self._door.callers, self._door.users
-        identity = callers.identity(context)
+        identity = await callers.identity(context)
         if identity is None:
             return await users.login()
         await callers.check_entry(identity, await users.lobby())

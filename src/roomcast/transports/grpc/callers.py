@@ -64,12 +64,14 @@ class Callers:
         """The latest ``exp`` of the tokens this node's calls acting as a user carried: a
         user's heartbeat stream here ends when it passes (see :meth:`lapsed`)."""
 
-    def identity(self, context: Context) -> Identity | None:
+    async def identity(self, context: Context) -> Identity | None:
         """Who calls: the identity the call's token proves (else ``unauthorized``); None on
-        an open server."""
+        an open server. A token of a key the node has not fetched yet waits for the fetch
+        it asks for, as a Socket.IO connect does (see
+        :meth:`roomcast.core.auth.Authenticator.check`)."""
         if self.service.auth is None:
             return None
-        return self.service.authenticate(bearer_token(context.invocation_metadata()))
+        return await self.service.auth.check(bearer_token(context.invocation_metadata()))
 
     def lapsed(self, index: UserId) -> bool:
         """Whether every token seen here for the user has expired (False on an open

@@ -40,7 +40,7 @@ class ChannelService(pb2_grpc.ChannelServicer):
         one that still lets its user in (the token of a call may name fewer rooms than
         the one the user joined with)."""
         callers = self._door.callers
-        identity = callers.identity(context)
+        identity = await callers.identity(context)
         user, channel = await self._member(identity, index)
         await callers.check_entry(identity, channel)
         return user, channel
@@ -95,5 +95,5 @@ class ChannelService(pb2_grpc.ChannelServicer):
         return pb2.Empty()
 
     async def _remove(self, index: int, context: Context) -> None:
-        user, _ = await self._member(self._door.callers.identity(context), index)
+        user, _ = await self._member(await self._door.callers.identity(context), index)
         await self._door.users.leave(user)

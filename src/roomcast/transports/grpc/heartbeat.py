@@ -71,7 +71,7 @@ class HeartbeatService(pb2_grpc.HeartbeatServicer):
 
     async def _user(self, context: Context, index: int) -> GrpcUser:
         callers = self._door.callers
-        return await callers.user(callers.identity(context), index)
+        return await callers.user(await callers.identity(context), index)
 
     async def TryUserLives(self, request: pb2.UserRequest, context: Context) -> pb2.UserLivesReply:
         """LIVE while the user is logged in and beating, else UNKNOWN. Any user may ask
@@ -82,5 +82,5 @@ class HeartbeatService(pb2_grpc.HeartbeatServicer):
         return pb2.UserLivesReply(status=live)
 
     async def _find(self, context: Context, index: int) -> GrpcUser | None:
-        self._door.callers.identity(context)  # a valid token, whoever's
+        await self._door.callers.identity(context)  # a valid token, whoever's
         return await self._door.users.find(check_index(index))

@@ -47,7 +47,7 @@ class LobbyService(pb2_grpc.LobbyServicer):
         """The user a call acts as, and the lobby; with a token, the token's own user, and
         a token that lets it into the lobby."""
         callers = self._door.callers
-        identity = callers.identity(context)
+        identity = await callers.identity(context)
         user = await callers.user(identity, index)
         lobby = await self._door.users.lobby()
         await callers.check_entry(identity, lobby)
@@ -110,7 +110,7 @@ class LobbyService(pb2_grpc.LobbyServicer):
 
     async def _remove(self, index: int, context: Context) -> GrpcUser:
         callers = self._door.callers
-        user = await callers.user(callers.identity(context), index)
+        user = await callers.user(await callers.identity(context), index)
         await self._door.remove(user)
         return user
 
@@ -122,7 +122,7 @@ class LobbyService(pb2_grpc.LobbyServicer):
 
     async def _command(self, request: pb2.CommandRequest, context: Context) -> pb2.CommandReply:
         callers = self._door.callers
-        identity = callers.identity(context)
+        identity = await callers.identity(context)
         command = self._commands.get(request.status)
         if command is None:
             raise ChatError(ErrorCode.BAD_REQUEST, f"unknown command {request.status}")
