@@ -136,6 +136,13 @@ class NodeCollector(Collector):
             node.id,
             node.service.messages_deleted,
         )
+        yield _single(
+            CounterMetricFamily,
+            "roomcast_messages_edited",
+            "Edits of messages made through this node by their senders",
+            node.id,
+            node.service.messages_edited,
+        )
         yield _histogram(
             "roomcast_store_append_seconds",
             "Time to append one batch of messages to the store (seqs given, durably written)",

@@ -479,6 +479,45 @@ async def test_a_deleted_messages_chosen_id_answers_with_the_deleted_message(
     assert await history.latest(room.id) == 1
 
 
+async def test_an_edited_message_keeps_its_place_with_its_new_text(history: History) -> None:
+    room, sent = await _room_with(history, 3)
+    edited = await history.edit(room.id, 2, "#2, corrected", TS + 5)
+    assert edited is not None
+    assert (edited.seq, edited.id, edited.user, edited.ts, edited.epoch) == (
+        2,
+        sent[1].id,
+        sent[1].user,
+        sent[1].ts,
+        sent[1].epoch,
+    )
+    assert (edited.text, edited.edited, edited.deleted) == ("#2, corrected", TS + 5, False)
+    assert sent[1].edited is None
+    assert await history.after(room.id, 0, 10) == [sent[0], edited, sent[2]]
+    assert await history.before(room.id, 3, 10) == [sent[0], edited]
+    again = await history.edit(room.id, 2, "#2, again", TS + 9)
+    assert again is not None and (again.text, again.edited) == ("#2, again", TS + 9)
+    assert await history.get(room.id, 2) == again
+    # Nothing to edit: no such message, or a deleted one (it stays deleted).
+    assert await history.edit(room.id, 4, "x", TS) is None
+    assert await history.edit(RoomId(999), 1, "x", TS) is None
+    deleted = await history.delete(room.id, 2)
+    assert deleted is not None and deleted.edited is None
+    assert await history.edit(room.id, 2, "back", TS) is None
+    assert await history.get(room.id, 2) == deleted
+    assert await history.latest(room.id) == 3
+
+
+async def test_an_edited_messages_chosen_id_answers_with_the_edited_message(
+    history: History,
+) -> None:
+    room, _ = await _room_with(history, 0)
+    first = await history.append([chosen(room, "c-1", "typo")])
+    edited = await history.edit(room.id, first[0].seq, "no typo", TS + 1)
+    assert edited is not None
+    assert await history.append([chosen(room, "c-1", "typo")]) == [edited]
+    assert await history.find(room.id, "c-1") == edited
+
+
 async def test_latest(history: History) -> None:
     room, _ = await _room_with(history, 0)
     assert await history.latest(room.id) == 0
@@ -564,12 +603,13 @@ async def test_everything_survives_a_reopen(durable_store: Store) -> None:
     users = [await before.next_user_id() for _ in range(3)]
     alice = await before.user_id_for("alice")
     gone = await before.delete(lobby.id, sent[2].seq)
+    fixed = await before.edit(lobby.id, sent[0].seq, "one, edited", TS + 1)
     await durable_store.close(before)
 
     after = await durable_store.open()
     assert await after.rooms() == [lobby, reset]
     assert await after.room_by_name("lobby") == lobby
-    assert await after.after(lobby.id, 0, 100) == [sent[0], gone]
+    assert await after.after(lobby.id, 0, 100) == [fixed, gone]
     assert await after.latest(lobby.id) == 2
     assert await after.latest(games.id) == 0
     more = await after.append([draft(lobby, "four"), draft(games, "five")])
@@ -579,6 +619,73 @@ async def test_everything_survives_a_reopen(durable_store: Store) -> None:
     assert await after.next_user_id() > max(users)
     newer = await after.room_by_name("newer", create=True)
     assert newer is not None and newer.id == 3
+
+
+_EARLIER_SCHEMA = [
+    "CREATE TABLE rooms (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, epoch TEXT NOT"
+    " NULL, seq BIGINT NOT NULL DEFAULT 0, created_ms BIGINT)",
+    "CREATE TABLE messages (room_id INTEGER NOT NULL REFERENCES rooms (id), seq BIGINT NOT"
+    " NULL, id TEXT NOT NULL, user_id BIGINT NOT NULL, user_name TEXT NOT NULL, text TEXT"
+    " NOT NULL, ts BIGINT NOT NULL, epoch TEXT NOT NULL, PRIMARY KEY (room_id, seq))",
+    "INSERT INTO rooms (id, name, epoch, seq) VALUES (1, 'old', 'e0', 2)",
+    "INSERT INTO messages VALUES (1, 1, 'a', 7, 'ana', 'from before', 1000, 'e0')",
+    "INSERT INTO messages VALUES (1, 2, 'b', 7, 'ana', 'and this', 2000, 'e0')",
+]
+"""A store an earlier roomcast made (its messages had no ``edited_ms``), with messages."""
+
+
+@pytest.mark.parametrize("kind", DURABLE)
+async def test_a_store_an_earlier_roomcast_made_is_used_on_with_what_it_holds(
+    kind: str, tmp_path: Path
+) -> None:
+    from roomcast.adapters.sql import SqlHistory
+
+    async with engine_url(kind, tmp_path) as url:
+        if kind == "sqlite":
+            import sqlite3
+
+            with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as db:
+                for statement in _EARLIER_SCHEMA:
+                    db.execute(statement)
+                db.commit()
+        else:
+            import asyncpg
+
+            from tests import services
+
+            schema = url.split("schema=")[1]
+            conn = await asyncpg.connect(services.POSTGRES_URL)
+            try:
+                await conn.execute(f'CREATE SCHEMA "{schema}"')
+                await conn.execute(f'SET search_path TO "{schema}"')
+                for statement in _EARLIER_SCHEMA:
+                    await conn.execute(statement)
+            finally:
+                await conn.close()
+        history = SqlHistory(url)
+        await history.start()  # adds the column
+        try:
+            old = await history.before(RoomId(1), None, 10)
+            assert [(m.seq, m.text, m.edited) for m in old] == [
+                (1, "from before", None),
+                (2, "and this", None),
+            ]
+            edited = await history.edit(RoomId(1), 2, "and this, edited", 3000)
+            assert edited is not None and edited.edited == 3000
+            assert seqs(await history.append([draft(RoomId(1))])) == [3]
+        finally:
+            await history.close()
+        history = SqlHistory(url)
+        await history.start()  # finds it there
+        try:
+            assert await history.get(RoomId(1), 2) == edited
+            assert [m.text for m in await history.after(RoomId(1), 0, 10)] == [
+                "from before",
+                "and this, edited",
+                "hello",
+            ]
+        finally:
+            await history.close()
 
 
 async def test_two_instances_share_one_order_per_room(durable_store: Store) -> None:

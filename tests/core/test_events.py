@@ -3,7 +3,14 @@
 import orjson
 import pytest
 
-from roomcast.core.events import Frame, Kind, deleted_frame, message_frame, presence_frame
+from roomcast.core.events import (
+    Frame,
+    Kind,
+    deleted_frame,
+    edited_frame,
+    message_frame,
+    presence_frame,
+)
 from roomcast.core.models import Message, RoomId, User, UserId
 
 
@@ -33,6 +40,17 @@ def test_a_deleted_message_travels_without_its_text_and_its_deletion_without_a_s
     assert (frame.kind, frame.room, frame.seq) == (Kind.DELETED, 3, 0)
     assert frame.data() == {"room": 3, "seq": 42, "id": "id1", "by": {"id": 1, "name": "mod"}}
     assert Frame.decode(deleted_frame(gone, None).encode()).data()["by"] is None
+
+
+def test_an_edited_message_travels_with_when_it_was_edited_and_its_news_without_a_seq():
+    msg = Message(RoomId(3), 42, "ep", "id1", User(UserId(9), "bo"), "typo", 1700)
+    fixed = msg.revised("no typo", 1800)
+    assert (fixed.text, fixed.edited, fixed.ts, fixed.seq) == ("no typo", 1800, 1700, 42)
+    assert Message.from_wire(orjson.loads(message_frame(fixed).body)) == fixed
+    frame = Frame.decode(edited_frame(fixed).encode())
+    assert (frame.kind, frame.room, frame.seq) == (Kind.EDITED, 3, 0)
+    assert frame.data() == fixed.to_wire() and frame.data()["edited"] == 1800
+    assert fixed.erased().edited is None and "edited" not in fixed.erased().to_wire()
 
 
 @pytest.mark.parametrize("raw", [b"", b"no header", b"Z 1 2\n{}", b"M one 2\n{}"])

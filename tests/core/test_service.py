@@ -1143,3 +1143,108 @@ async def test_a_deletion_the_broker_could_not_publish_is_stored_and_told_when_t
     await service.delete(alice, "lobby", message.seq)
     assert [d["seq"] for d in _deletions(alice)] == [1]
     assert service.messages_deleted == 1
+
+
+# -- editing messages -------------------------------------------------------------------
+
+
+def _edits(session) -> list[dict]:
+    return [f.data() for f in session.conn.frames if f.kind is Kind.EDITED]
+
+
+async def test_a_sender_edits_its_message_and_every_member_on_every_node_gets_it_as_it_is_now():
+    _, (a, alice, _), (b, bob, _) = await two_in_lobby("alice", "bob")
+    first = await a.send(alice, "lobby", "helo")
+    await a.send(alice, "lobby", "world")
+    edited = await a.edit(alice, "lobby", first.seq, "hello")
+    assert (edited.seq, edited.id, edited.user, edited.ts, edited.text) == (
+        first.seq,
+        first.id,
+        first.user,
+        first.ts,
+        "hello",
+    )
+    assert edited.edited is not None and edited.edited >= first.ts
+    assert _edits(alice) == _edits(bob) == [edited.to_wire()]
+    assert edited.to_wire()["edited"] == edited.edited
+    page = await b.history_page("lobby", None, 50)
+    assert [(m.text, m.edited is not None) for m in page] == [("hello", True), ("world", False)]
+    assert "edited" not in page[1].to_wire()
+    assert a.messages_edited == 1
+
+
+async def test_only_the_sender_edits_a_message_and_bad_edits_change_nothing():
+    auth = Authenticator("a secret of the application, 32+ characters")
+    cluster = Cluster(auth=auth)
+    service, _, rec = await cluster.node()
+
+    async def connect_as(subject, **claims):
+        conn = Conn(service.new_conn_id(), rec)
+        return await service.connect(conn, None, auth.mint(subject, ttl=60, **claims))
+
+    alice, bob = await connect_as("alice"), await connect_as("bob")
+    mod = await connect_as("mod", moderator=True)
+    await join(service, alice, "lobby")
+    message = await service.send(alice, "lobby", "mine")
+    for session, payload, code in (
+        (bob, ("lobby", message.seq, "not yours"), ErrorCode.FORBIDDEN),
+        (mod, ("lobby", message.seq, "nor yours"), ErrorCode.FORBIDDEN),
+        (alice, ("lobby", 2, "no such"), ErrorCode.NOT_FOUND),
+        (alice, ("lobby", message.seq, ""), ErrorCode.INVALID_TEXT),
+        (alice, ("lobby", message.seq, "x" * 4001), ErrorCode.INVALID_TEXT),
+        (alice, ("lobby", message.seq, "bell\a"), ErrorCode.INVALID_TEXT),
+        (alice, ("lobby", 0, "zero"), ErrorCode.BAD_REQUEST),
+        (alice, ("nowhere", 1, "no room"), ErrorCode.NOT_FOUND),
+    ):
+        with pytest.raises(ChatError) as refused:
+            await service.edit(session, *payload)
+        assert refused.value.code is code, payload
+    assert (await service.history_page("lobby", None, 1))[0] == message
+    assert _edits(alice) == []
+    # A deleted message cannot be edited back.
+    await service.delete(mod, "lobby", message.seq)
+    with pytest.raises(ChatError) as refused:
+        await service.edit(alice, "lobby", message.seq, "back")
+    assert refused.value.code is ErrorCode.NOT_FOUND
+    assert "deleted" in refused.value.message
+    assert (await service.history_page("lobby", None, 1))[0].deleted
+
+
+async def test_a_retry_of_an_edited_message_gets_it_as_edited_not_a_conflict(one):
+    service, rec = one
+    alice = await connect(service, rec, "alice")
+    await join(service, alice, "lobby")
+    sent = await service.send(alice, "lobby", "tpyo", "c-1")
+    edited = await service.edit(alice, "lobby", sent.seq, "typo")
+    assert await service.send(alice, "lobby", "tpyo", "c-1") == edited
+
+
+async def test_editing_without_a_connection_follows_the_token_or_trusts_an_open_server():
+    open_cluster = Cluster()
+    service, _, rec = await open_cluster.node()
+    alice = await connect(service, rec, "alice")
+    await join(service, alice, "lobby")
+    message = await service.send(alice, "lobby", "draft")
+    edited = await service.revise("lobby", message.seq, "final", identity=None, source="x")
+    assert (edited.text, [e["text"] for e in _edits(alice)]) == ("final", ["final"])
+
+    auth = Authenticator("a secret of the application, 32+ characters")
+    cluster = Cluster(auth=auth)
+    service, _, rec = await cluster.node()
+    conn = Conn(service.new_conn_id(), rec)
+    alice = await service.connect(conn, None, auth.mint("alice", ttl=60))
+    await join(service, alice, "lobby")
+    sent = await service.send(alice, "lobby", "one")
+
+    async def revise(subject, **claims):
+        identity = auth.verify(auth.mint(subject, ttl=60, **claims))
+        return await service.revise("lobby", sent.seq, "changed", identity=identity, source="s")
+
+    for subject, claims in (("bob", {}), ("mod", {"moderator": True})):
+        with pytest.raises(ChatError) as refused:
+            await revise(subject, **claims)
+        assert refused.value.code is ErrorCode.FORBIDDEN
+    with pytest.raises(ChatError) as refused:
+        await service.revise("lobby", sent.seq, "x", identity=None, source="s")
+    assert refused.value.code is ErrorCode.UNAUTHORIZED
+    assert (await revise("alice")).text == "changed"

@@ -14,7 +14,7 @@ import socketio
 WAIT = 10.0
 """The longest any test waits for an event to arrive."""
 
-EVENTS = ("welcome", "message", "presence", "typing", "deleted", "dm", "expired")
+EVENTS = ("welcome", "message", "presence", "typing", "edited", "deleted", "dm", "expired")
 
 
 class ChatClient:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from roomcast.core.events import deleted_frame, message_frame, typing_frame
+from roomcast.core.events import deleted_frame, edited_frame, message_frame, typing_frame
 from roomcast.core.models import ConnId, Message, RoomId, User, UserId
 from roomcast.transports.grpc.streams import Attachment, GrpcTransport, Stream
 
@@ -16,7 +16,7 @@ async def _never(user: UserId, room: RoomId) -> bool:
     return False
 
 
-async def test_a_chat_stream_gets_others_messages_and_nothing_of_deleted_ones() -> None:
+async def test_a_chat_stream_gets_others_messages_and_nothing_of_edits_and_deletions() -> None:
     transport = GrpcTransport(None, _never)  # type: ignore[arg-type]  # delivery only
     loop = asyncio.get_running_loop()
     attachment = Attachment(
@@ -31,6 +31,7 @@ async def test_a_chat_stream_gets_others_messages_and_nothing_of_deleted_ones() 
         message_frame(kept),
         message_frame(gone),  # deleted before this node had it
         deleted_frame(gone, ADA),
+        edited_frame(kept.revised("hello, edited", 9)),  # not taken back either
         typing_frame(RoomId(5), ADA),
         message_frame(own),
     ]

@@ -262,11 +262,22 @@ class MemoryHistory:
         message = log[index]
         if message.deleted:
             return message
-        erased = log[index] = message.erased()
-        chosen = self._chosen.get(room, {})
+        return self._replace(message, message.erased())
+
+    def _replace(self, message: Message, new: Message) -> Message:
+        """Put ``new`` in the place of a stored message (its room's log, its chosen id)."""
+        log = self._messages[message.room]
+        log[_following(log, message.seq - 1)] = new
+        chosen = self._chosen.get(message.room, {})
         if chosen.get(message.id) is message:
-            chosen[message.id] = erased
-        return erased
+            chosen[message.id] = new
+        return new
+
+    async def edit(self, room: RoomId, seq: int, text: str, when: int) -> Message | None:
+        found = await self.get(room, seq)
+        if found is None or found.deleted:
+            return None
+        return self._replace(found, found.revised(text, when))
 
     async def reset(self, room: RoomId) -> Room:
         old = self._rooms.get(room)

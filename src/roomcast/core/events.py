@@ -8,7 +8,7 @@ bytes once per message, not once per recipient::
     ^ ^  ^
     | |  seq (0 for frames that are not history messages)
     | room id (0 for frames that are not room frames)
-    kind: M message, P presence, T typing, X deleted, D direct message
+    kind: M message, P presence, T typing, E edited, X deleted, D direct message
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ class Kind(Enum):
     MESSAGE = ("M", "message")
     PRESENCE = ("P", "presence")
     TYPING = ("T", "typing")
+    EDITED = ("E", "edited")
     DELETED = ("X", "deleted")
     DM = ("D", "dm")
 
@@ -80,6 +81,12 @@ def presence_frame(room: RoomId, event: str, user: User) -> Frame:
 
 def typing_frame(room: RoomId, user: User) -> Frame:
     return Frame(Kind.TYPING, room, 0, dumps({"room": room, "user": user.to_wire()}))
+
+
+def edited_frame(message: Message) -> Frame:
+    """The news that a message was edited, for its room's members: the message as it is
+    now. Not a history message's frame (its seq is taken): the header's seq is 0."""
+    return Frame(Kind.EDITED, message.room, 0, dumps(message.to_wire()))
 
 
 def deleted_frame(message: Message, by: User | None) -> Frame:

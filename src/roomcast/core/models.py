@@ -67,7 +67,8 @@ class Message:
     """A sequenced message: ``seq`` is 1, 2, 3, ... per room with no gaps.
 
     A deleted message keeps its place (``seq``, ``id``, sender, ``ts``) and loses its
-    text: ``text`` is empty, which no message sent can be (see :attr:`deleted`).
+    text: ``text`` is empty, which no message sent can be (see :attr:`deleted`). An edited
+    one keeps its place too, with its sender's new text and when it was last edited.
     """
 
     room: RoomId
@@ -77,6 +78,8 @@ class Message:
     user: User
     text: str
     ts: int
+    edited: int | None = None
+    """When its sender last edited it (ms since the Unix epoch); None: never."""
 
     @classmethod
     def from_draft(cls, draft: Draft, seq: int, epoch: str) -> Message:
@@ -91,6 +94,10 @@ class Message:
         """The message as it is once deleted: the same place, no text."""
         return Message(self.room, self.seq, self.epoch, self.id, self.user, "", self.ts)
 
+    def revised(self, text: str, when: int) -> Message:
+        """The message as it is once its sender has edited it: the same place, this text."""
+        return Message(self.room, self.seq, self.epoch, self.id, self.user, text, self.ts, when)
+
     def to_wire(self) -> dict[str, Any]:
         wire = {
             "room": self.room,
@@ -103,6 +110,8 @@ class Message:
         }
         if not self.text:
             wire["deleted"] = True
+        elif self.edited is not None:
+            wire["edited"] = self.edited
         return wire
 
     @classmethod
@@ -116,6 +125,7 @@ class Message:
             User(UserId(user["id"]), user["name"]),
             data["text"],
             data["ts"],
+            data.get("edited"),
         )
 
 

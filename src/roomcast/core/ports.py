@@ -191,6 +191,14 @@ class History(Protocol):
         message."""
         ...
 
+    async def edit(self, room: RoomId, seq: int, text: str, when: int) -> Message | None:
+        """Replace the text of the room's message ``seq``, edited at ``when`` (ms since the
+        Unix epoch): it keeps its place, and says when it was edited. Returns the edited
+        message, or None if the room holds no such message or it was deleted (a deleted
+        message stays deleted). Its chosen id stays its own: a retry of the first send
+        answers with the edited message."""
+        ...
+
     async def reset(self, room: RoomId) -> Room:
         """Drop the room's messages and give it a new epoch; ``seq`` starts again at 1."""
         ...

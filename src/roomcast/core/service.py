@@ -32,6 +32,7 @@ from .events import (
     decode_envelope,
     deleted_frame,
     dm_frame,
+    edited_frame,
     message_frame,
     presence_frame,
     typing_frame,
@@ -451,9 +452,11 @@ async def _late_tries() -> AsyncIterator[None]:
 
 
 def _same_message(draft: Draft, message: Message) -> bool:
-    """Whether a stored message with the draft's id is the draft sent again (a deleted
-    message has no text left to compare: its sender's retry gets it as it is now)."""
-    return (message.deleted or message.text == draft.text) and message.user.name == draft.user.name
+    """Whether a stored message with the draft's id is the draft sent again (a deleted or
+    edited message has not its first text to compare: its sender's retry gets it as it
+    is now)."""
+    changed = message.deleted or message.edited is not None
+    return (changed or message.text == draft.text) and message.user.name == draft.user.name
 
 
 def _conflict(draft: Draft) -> ChatError:
@@ -551,6 +554,8 @@ class ChatService:
         self.messages_deleted = 0
         """Messages deleted through this node by their senders or moderators (see
         :meth:`delete`)."""
+        self.messages_edited = 0
+        """Edits of messages made through this node (see :meth:`edit`)."""
         self.run = secrets.token_hex(8)
         """This process's token among those that may share its node id (see :meth:`beacon`)."""
         self.shared_id: set[str] = set()
@@ -993,6 +998,77 @@ class ChatService:
                 "the message was deleted, but its room could not be told: delete it again",
             ) from exc
         return deleted
+
+    async def edit(self, session: Session, ref: RoomId | str, seq: object, text: object) -> Message:
+        """Replace the text of the session's own message ``seq`` of the room (no one else
+        may, moderators included): it keeps its place, and says when it was last edited;
+        every member of the room is told (an ``edited`` event with the message as it is
+        now). A deleted message cannot be edited. Membership is not required, but on a
+        server that checks tokens the token must let its user into the room. Counts as a
+        message against the connection's rate."""
+        number = validation.seq({"seq": seq})
+        body = validation.text({"text": text})
+        self._spend(session)
+        room = await self._entered(ref, session.identity)
+        return await self._edit(room, number, body, session.user.id)
+
+    async def revise(
+        self,
+        ref: RoomId | str,
+        seq: object,
+        text: object,
+        *,
+        identity: Identity | None,
+        source: str,
+    ) -> Message:
+        """Edit the room's message ``seq`` without a connection (the REST API): on a server
+        that checks tokens only the token's user's own message, as :meth:`edit`; an open
+        server trusts its callers as it does for :meth:`post`. ``source`` is the caller,
+        for the rate limit, as for :meth:`post`."""
+        number = validation.seq({"seq": seq})
+        body = validation.text({"text": text})
+        if identity is None and self.auth is not None:
+            raise ChatError(ErrorCode.UNAUTHORIZED, "a token is required")
+        if not self._posters.take(source):
+            raise ChatError(ErrorCode.RATE_LIMITED, "too many messages, slow down")
+        room = await self._entered(ref, identity)
+        if identity is None:
+            return await self._edit(room, number, body, None)
+        try:
+            owner = await self.history.user_id_for(identity.subject)
+        except UnavailableError as exc:
+            raise ChatError(ErrorCode.UNAVAILABLE, "the store is unavailable") from exc
+        return await self._edit(room, number, body, owner)
+
+    async def _edit(self, room: Room, seq: int, text: str, owner: UserId | None) -> Message:
+        """Edit message ``seq`` of the room if ``owner`` (None: anyone) sent it, and tell
+        the room."""
+        if not self.broker.healthy:
+            raise ChatError(ErrorCode.UNAVAILABLE, "the broker is unavailable, try again")
+        gone = ChatError(ErrorCode.NOT_FOUND, f"room {room.name!r} holds no message {seq}")
+        try:
+            message = await self.history.get(room.id, seq)
+            if message is None:
+                raise gone
+            if owner is not None and message.user.id != owner:
+                raise ChatError(ErrorCode.FORBIDDEN, "only the sender of a message may edit it")
+            edited = None
+            if not message.deleted:
+                edited = await self.history.edit(room.id, seq, text, self._now_ms())
+        except UnavailableError as exc:
+            raise ChatError(ErrorCode.UNAVAILABLE, "the message store is unavailable") from exc
+        if edited is None:  # deleted, before or meanwhile; or let go by retention meanwhile
+            raise ChatError(ErrorCode.NOT_FOUND, f"message {seq} of {room.name!r} was deleted")
+        self.messages_edited += 1
+        try:
+            await self.broker.publish(room.id, edited_frame(edited).encode())
+        except Exception as exc:
+            log.warning("publish of an edit to room %s failed", room.id, exc_info=True)
+            raise ChatError(
+                ErrorCode.UNAVAILABLE,
+                "the message was edited, but its room could not be told: edit it again",
+            ) from exc
+        return edited
 
     async def history_page(
         self, ref: RoomId | str, before: int | None, limit: int, identity: Identity | None = None

@@ -32,6 +32,7 @@ from .schema import (
     ERRORS,
     HealthReply,
     MembersReply,
+    MessageEdit,
     MessageIn,
     MessageReply,
     MessagesReply,
@@ -301,6 +302,34 @@ def create_http_app(node: Node) -> FastAPI:
             body.id,
             identity=identity,
             name=body.name,
+            source=source(request, identity),
+        )
+        return {"ok": True, "message": message.to_wire()}
+
+    @app.patch(
+        "/api/rooms/{room}/messages/{seq}",
+        summary="Edit a message of a room",
+        response_model=None,
+        responses={200: {"model": MessageReply}, **ERRORS},
+    )
+    async def edit_message(
+        request: Request,
+        body: MessageEdit,
+        room: str = ROOM,
+        seq: int = Path(gt=0, le=2**53, description="the message's seq"),
+        identity: Identity | None = caller,
+    ) -> dict[str, Any]:
+        """Replace a message's text: it keeps its place in the room's history (seq, id,
+        sender, time) and says when it was edited (``edited``); every member of the room
+        gets an ``edited`` event with the message as it is now. On a server that checks
+        tokens only the message's sender may (the token's user); an open server trusts its
+        callers. A deleted message cannot be edited (404). The answer is the edited
+        message. Rate: as for sending."""
+        message = await service.revise(
+            _room_ref(room),
+            seq,
+            body.text,
+            identity=identity,
             source=source(request, identity),
         )
         return {"ok": True, "message": message.to_wire()}

@@ -48,6 +48,9 @@ class MessageOut(BaseModel):
     deleted: bool | None = Field(
         None, description="true on a deleted message (which keeps its place, without text)"
     )
+    edited: int | None = Field(
+        None, description="on an edited message: when its sender last edited it (ms)"
+    )
 
 
 class RoomsReply(BaseModel):
@@ -85,6 +88,16 @@ class MessageIn(BaseModel):
         "required); on a server that checks tokens the token's name is the sender's and this "
         "is not read",
         json_schema_extra={"minLength": 1, "maxLength": 32},
+    )
+
+
+class MessageEdit(BaseModel):
+    """A message's new text (what the ``edit`` event carries, less ``room`` and ``seq``)."""
+
+    text: str = Field(
+        description="1-4000 characters, not only white space, no control characters but "
+        "tab and line breaks",
+        json_schema_extra={"minLength": 1, "maxLength": 4000, "pattern": r"\S"},
     )
 
 

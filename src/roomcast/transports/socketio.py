@@ -156,8 +156,8 @@ MAX_IN_FLIGHT = 64
 _RESERVED_EVENTS = frozenset(("connect", "connect_error", "disconnect"))
 
 _REQUESTS = frozenset(("join", "leave", "history", "rooms", "members", "refresh"))
-"""Events counted against the connection's request rate (``send``, ``typing``, ``delete``
-and ``dm`` count against its message rate, in the service)."""
+"""Events counted against the connection's request rate (``send``, ``typing``, ``edit``,
+``delete`` and ``dm`` count against its message rate, in the service)."""
 
 _KEPT_ENVIRON = frozenset(("REQUEST_METHOD", "PATH_INFO", "QUERY_STRING", "CONTENT_TYPE"))
 """What an upgraded session keeps of its long-poll's WSGI environ, besides the headers."""
@@ -378,6 +378,7 @@ class SocketIOTransport:
             "rooms": self._rooms,
             "members": self._members,
             "typing": self._typing,
+            "edit": self._edit,
             "delete": self._delete,
             "dm": self._dm,
             "refresh": self._refresh,
@@ -960,6 +961,12 @@ class SocketIOTransport:
         sid = session.conn.sid  # type: ignore[attr-defined]
         self._watch_expiry(sid, session)
         return _ok(expires=identity.expires, left=[room.to_wire() for room in left])
+
+    async def _edit(self, session: Session, data: dict[str, Any]) -> Reply:
+        ref = validation.room_ref(data)
+        seq = validation.seq(data)
+        message = await self.service.edit(session, ref, seq, validation.text(data))
+        return _ok(message=message.to_wire())
 
     async def _delete(self, session: Session, data: dict[str, Any]) -> Reply:
         ref = validation.room_ref(data)

@@ -538,8 +538,28 @@ class Database:
                 if self.schema is not None:
                     conn.execute(CreateSchema(self.schema, if_not_exists=True))
             metadata.create_all(conn)
+            self._add_new_columns(conn, metadata)
 
         await self.run(create, write=True)
+
+    def _add_new_columns(self, conn: sa.Connection, metadata: sa.MetaData) -> None:
+        """Add the columns a later roomcast gave its tables to tables an earlier one made,
+        empty: a store is used on by the upgraded nodes with all it holds. Such a column
+        is always one that may be empty (nullable, no key)."""
+        inspector = sa.inspect(conn)
+        for table in metadata.sorted_tables:
+            present = {c["name"] for c in inspector.get_columns(table.name, schema=self.schema)}
+            for column in table.columns:
+                if column.name in present:
+                    continue
+                if not column.nullable or column.primary_key:  # pragma: no cover - a bug
+                    raise RuntimeError(f"{table.name}.{column.name} cannot be added to data")
+                name = conn.dialect.identifier_preparer.quote(column.name)
+                kind = column.type.compile(dialect=conn.dialect)
+                conn.execute(
+                    sa.text(f"ALTER TABLE {self.qualified(table.name)} ADD COLUMN {name} {kind}")
+                )
+                log.info("added the column %s.%s to the store", table.name, column.name)
 
     async def close(self) -> None:
         """Close every pooled connection."""

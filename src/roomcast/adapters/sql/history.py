@@ -60,6 +60,7 @@ messages = sa.Table(
     sa.Column("text", sa.Text, nullable=False),
     sa.Column("ts", sa.BigInteger, nullable=False),
     sa.Column("epoch", sa.Text, nullable=False),
+    sa.Column("edited_ms", sa.BigInteger),
 )
 
 message_ids = sa.Table(
@@ -101,7 +102,7 @@ _BUMP = sa.update(rooms).where(rooms.c.id == sa.bindparam("room")).values(seq=sa
 _ROOM_BY_NAME = "SELECT id, name, epoch FROM {rooms} WHERE name = $1"
 _ROOM_BY_ID = "SELECT id, name, epoch FROM {rooms} WHERE id = $1"
 _LATEST = "SELECT seq FROM {rooms} WHERE id = $1"
-_PAGE = "SELECT room_id, seq, epoch, id, user_id, user_name, text, ts FROM {messages} "
+_PAGE = "SELECT room_id, seq, epoch, id, user_id, user_name, text, ts, edited_ms FROM {messages} "
 _AFTER = _PAGE + "WHERE room_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
 # A message by id among the room's newest (see SqlHistory.find): the primary key's range.
 _FIND = _PAGE + (
@@ -116,8 +117,8 @@ _SQLITE_READ = "SELECT id, seq, epoch FROM rooms WHERE id IN ({})"
 _SQLITE_BUMP = "UPDATE rooms SET seq = ? WHERE id = ?"
 # The stored messages of ids senders chose (see message_ids), on SQLite per room.
 _SQLITE_KNOWN = (
-    "SELECT m.room_id, m.seq, m.epoch, m.id, m.user_id, m.user_name, m.text, m.ts "
-    "FROM message_ids k JOIN messages m ON m.room_id = k.room_id AND m.seq = k.seq "
+    "SELECT m.room_id, m.seq, m.epoch, m.id, m.user_id, m.user_name, m.text, m.ts, "
+    "m.edited_ms FROM message_ids k JOIN messages m ON m.room_id = k.room_id AND m.seq = k.seq "
     "WHERE k.room_id = ? AND k.id IN ({})"
 )
 _SQLITE_NAME = "INSERT INTO message_ids (room_id, id, seq) VALUES (?, ?, ?)"
@@ -156,7 +157,7 @@ RETURNING room_id, seq, epoch
 )
 # The same on PostgreSQL, for the whole batch in one round trip.
 _PG_KNOWN = """
-SELECT m.room_id, m.seq, m.epoch, m.id, m.user_id, m.user_name, m.text, m.ts
+SELECT m.room_id, m.seq, m.epoch, m.id, m.user_id, m.user_name, m.text, m.ts, m.edited_ms
 FROM {message_ids} k JOIN {messages} m ON m.room_id = k.room_id AND m.seq = k.seq
 WHERE (k.room_id, k.id) IN (SELECT * FROM unnest($1::int[], $2::text[]))
 """
@@ -195,6 +196,7 @@ _PAGE_COLUMNS = (
     messages.c.user_name,
     messages.c.text,
     messages.c.ts,
+    messages.c.edited_ms,
 )
 
 
@@ -476,7 +478,7 @@ class SqlHistory:
         erase = (
             sa.update(messages)
             .where(messages.c.room_id == room, messages.c.seq == seq)
-            .values(text="")
+            .values(text="", edited_ms=None)
             .returning(*_PAGE_COLUMNS)
         )
 
@@ -484,6 +486,22 @@ class SqlHistory:
             return conn.execute(erase).first()
 
         row = await self._db.run(delete, write=True)
+        return None if row is None else _message_of(row)
+
+    async def edit(self, room: RoomId, seq: int, text: str, when: int) -> Message | None:
+        """Replace the text of the room's message ``seq`` unless it was deleted (see
+        :meth:`roomcast.core.ports.History.edit`), in one statement; None if none such."""
+        revise = (
+            sa.update(messages)
+            .where(messages.c.room_id == room, messages.c.seq == seq, messages.c.text != "")
+            .values(text=text, edited_ms=when)
+            .returning(*_PAGE_COLUMNS)
+        )
+
+        def edit(conn: sa.Connection) -> Any:
+            return conn.execute(revise).first()
+
+        row = await self._db.run(edit, write=True)
         return None if row is None else _message_of(row)
 
     async def reset(self, room: RoomId) -> Room:
@@ -708,7 +726,7 @@ def _room(row: RowMapping) -> Room:
 
 def _message_of(row: Sequence[Any]) -> Message:
     """A message from a row of ``_PAGE``'s columns, in their order."""
-    room, seq, epoch, message_id, user_id, user_name, text, ts = row
+    room, seq, epoch, message_id, user_id, user_name, text, ts, edited = row
     return Message(
         RoomId(room),
         int(seq),
@@ -717,6 +735,7 @@ def _message_of(row: Sequence[Any]) -> Message:
         User(UserId(int(user_id)), user_name),
         text,
         int(ts),
+        None if edited is None else int(edited),
     )
 
 

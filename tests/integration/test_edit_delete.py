@@ -1,6 +1,6 @@
-"""Deleting messages on real servers: a sender takes back its own message, a moderator
-removes anyone's, every member on every node is told, and history keeps the message's
-place without its text."""
+"""Editing and deleting messages on real servers: a sender corrects or takes back its own
+message, a moderator removes anyone's, every member on every node is told, and history
+keeps the message's place with its new text, or without its text."""
 
 from __future__ import annotations
 
@@ -153,6 +153,121 @@ async def test_an_open_server_lets_a_connection_delete_its_own_messages_only(tmp
             await ada.wait_for(lambda: len(ada.of("deleted")) == 2)
             assert ada.of("deleted")[1]["by"] is None
             assert deleted_count(server.url) == 2
+        finally:
+            await ada.close()
+            await bob.close()
+
+
+def edited_count(url: str) -> float:
+    return sum(v for k, v in scrape(url).items() if k.startswith("roomcast_messages_edited_total"))
+
+
+@pytest.mark.service
+async def test_edits_reach_every_member_on_every_node_and_history_has_the_new_text(tmp_path):
+    async with engine_url("nats", tmp_path) as broker, postgres_schema() as store:
+        with cluster(broker, store, tmp_path, "--auth-secret", SECRET) as c:
+            one, two = c.start(2)
+            ada = await ChatClient(one.url, "x", token=tokens.mint("ada", ttl=600)).connect()
+            bob = await ChatClient(two.url, "x", token=tokens.mint("bob", ttl=600)).connect()
+            try:
+                joined = await ada.ok("join", {"room": "edits"})
+                room = joined["room"]["id"]
+                await bob.ok("join", {"room": "edits"})
+                first = (await ada.ok("send", {"room": "edits", "text": "helo"}))["message"]
+                await ada.ok("send", {"room": "edits", "text": "world"})
+                await bob.wait_messages(room, 2)
+
+                refused = await bob.call("edit", {"room": room, "seq": 1, "text": "hijacked"})
+                assert refused["ok"] is False and refused["error"]["code"] == "forbidden"
+                reply = await ada.ok("edit", {"room": "edits", "seq": 1, "text": "hello"})
+                edited = reply["message"]
+                assert (edited["seq"], edited["id"], edited["ts"], edited["text"]) == (
+                    1,
+                    first["id"],
+                    first["ts"],
+                    "hello",
+                )
+                assert edited["edited"] >= first["ts"]
+                for client in (ada, bob):
+                    await client.wait_for(lambda c=client: c.of("edited"))
+                    assert client.of("edited") == [edited]
+
+                # Over REST, with the sender's token; another user's is refused.
+                async with httpx.AsyncClient(base_url=two.url) as http:
+                    path = f"/api/rooms/{room}/messages/1"
+                    as_bob = {"Authorization": f"Bearer {bob.token}"}
+                    as_ada = {"Authorization": f"Bearer {ada.token}"}
+                    theirs = await http.patch(path, json={"text": "mine now"}, headers=as_bob)
+                    assert (theirs.status_code, theirs.json()["error"]["code"]) == (
+                        403,
+                        "forbidden",
+                    )
+                    empty = await http.patch(path, json={"text": " "}, headers=as_ada)
+                    assert (empty.status_code, empty.json()["error"]["code"]) == (
+                        400,
+                        "invalid_text",
+                    )
+                    again = await http.patch(path, json={"text": "hello!"}, headers=as_ada)
+                    assert again.status_code == 200, again.text
+                    MessageReply.model_validate_json(again.content, strict=True)
+                for client in (ada, bob):
+                    await client.wait_for(lambda c=client: len(c.of("edited")) == 2)
+                    assert client.of("edited")[1]["text"] == "hello!"
+
+                for client in (ada, bob):
+                    page = (await client.ok("history", {"room": "edits"}))["messages"]
+                    assert [(m["text"], "edited" in m) for m in page] == [
+                        ("hello!", True),
+                        ("world", False),
+                    ]
+                back = await ChatClient(one.url, "x", token=tokens.mint("cy", ttl=600)).connect()
+                try:
+                    since = {"epoch": joined["epoch"], "seq": 0}
+                    recovered = await back.ok("join", {"room": "edits", "since": since})
+                    assert [m["text"] for m in recovered["missed"]] == ["hello!", "world"]
+                finally:
+                    await back.close()
+                assert edited_count(one.url) + edited_count(two.url) == 2
+            finally:
+                await ada.close()
+                await bob.close()
+
+
+@pytest.mark.parametrize("transports", [["websocket"], ["polling"]])
+async def test_an_open_server_lets_a_connection_edit_its_own_messages_only(tmp_path, transports):
+    with run_server("--rate-limit", "0", log_dir=tmp_path) as server:
+        ada = await ChatClient(server.url, "ada", transports=transports).connect()
+        bob = await ChatClient(server.url, "bob", transports=transports).connect()
+        try:
+            room = (await ada.ok("join", {"room": "open"}))["room"]["id"]
+            await bob.ok("join", {"room": "open"})
+            mine = (await ada.ok("send", {"room": "open", "text": "mine"}))["message"]
+            for payload, code in (
+                ({"room": room, "seq": mine["seq"], "text": "bob's now"}, "forbidden"),
+                ({"room": room, "seq": 7, "text": "x"}, "not_found"),
+                ({"room": room, "seq": mine["seq"]}, "bad_request"),
+                ({"room": room, "seq": mine["seq"], "text": "\u0007"}, "invalid_text"),
+                ({"room": room, "text": "x"}, "bad_request"),
+            ):
+                answer = await bob.call("edit", payload)
+                assert answer["ok"] is False and answer["error"]["code"] == code, (payload, answer)
+            await ada.ok("edit", {"room": room, "seq": mine["seq"], "text": "mine, edited"})
+            await bob.wait_for(lambda: bob.of("edited"))
+            assert bob.of("edited")[0]["text"] == "mine, edited"
+            async with httpx.AsyncClient(base_url=server.url) as http:
+                path = f"/api/rooms/open/messages/{mine['seq']}"
+                answer = await http.patch(path, json={"text": "by the backend"})
+                assert answer.status_code == 200 and answer.json()["message"]["edited"]
+                for body in ({}, {"text": 5}, {"text": ""}):
+                    bad = await http.patch(path, json=body)
+                    assert bad.status_code == 400, (body, bad.text)
+                await http.delete(path)
+                gone = await http.patch(path, json={"text": "back"})
+                assert (gone.status_code, gone.json()["error"]["code"]) == (404, "not_found")
+            await ada.wait_for(lambda: len(ada.of("edited")) == 2 and ada.of("deleted"))
+            assert [m["text"] for m in (await ada.ok("history", {"room": room}))["messages"]] == [
+                ""
+            ]
         finally:
             await ada.close()
             await bob.close()
