@@ -255,3 +255,17 @@ async def test_a_session_lost_and_its_login_again_refused_ends_the_client(door: 
     assert any("logging in again" in line for line in screen.lines), screen.lines
     logins = [auth for rpc, auth in door.calls if rpc == "Agent.TryLogin"]
     assert logins == ["Bearer t0ken", "Bearer t0ken"]  # tried again once, not forever
+
+
+async def test_delete_is_not_in_the_grpc_protocol(door: Door) -> None:
+    backend = client(door, Screen(), "t0ken")
+    await backend.start()
+    try:
+        with pytest.raises(CommandFailed) as refused:
+            await backend.delete(1)
+    finally:
+        await backend.close()
+    assert (refused.value.code, refused.value.message) == (
+        "unsupported",
+        "the gRPC protocol cannot delete messages",
+    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from roomcast.chat import view
 
 
@@ -18,3 +20,19 @@ def test_a_big_room_shows_some_names_and_how_many_more():
         f"* you are in [crowd], 5000 members: {', '.join(shown)} and {5000 - view.NAMES_SHOWN} more"
     )
     assert len(line) < 1000  # one readable line, not 50 KB of names
+
+
+def test_a_message_line_starts_with_its_number_and_a_deleted_one_has_no_text():
+    assert view.message("den", "bob", "hi", seq=12) == "12 [den] bob: hi"
+    assert view.message("den", "bob", "", seq=12, deleted=True) == "12 [den] bob: (message deleted)"
+    ts = 1_700_000_000_000
+    local = time.strftime("%H:%M", time.localtime(ts / 1000))
+    assert view.message("den", "bob", "two\nlines", ts, seq=3) == (
+        f"3 {local} [den] bob: two\n{' ' * len(f'3 {local} [den] bob: ')}lines"
+    )
+    # Over gRPC messages have no number.
+    assert view.message("channel 3", "user 7", "hi") == "[channel 3] user 7: hi"
+
+
+def test_a_deletion_of_a_message_whose_sender_is_unknown_is_said_by_number():
+    assert view.deleted("den", 12) == "* message 12 of [den] was deleted"

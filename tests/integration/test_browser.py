@@ -20,6 +20,7 @@ import pytest
 from playwright.async_api import (
     Browser,
     Dialog,
+    Locator,
     Page,
     Route,
     WebSocketRoute,
@@ -553,6 +554,169 @@ async def test_a_page_the_server_does_not_let_in_says_so_and_stops(
     await expect(page.locator("#text")).to_be_disabled()
     assert len(chat.sockets) == 1, chat.sockets
     assert chat.errors == [], chat.errors
+
+
+def message_row(chat: Chat, text: str) -> Locator:
+    """The row of the message whose text is ``text``."""
+    return chat.page.locator("#messages .message").filter(
+        has=chat.page.locator(".text", has_text=re.compile(f"^{re.escape(text)}$"))
+    )
+
+
+async def test_a_sender_deletes_a_message_and_every_page_shows_it_deleted(
+    browser: Browser, chat_server: Server
+) -> None:
+    url = chat_server.url
+    alice = await open_chat(browser, url, "alice")
+    bob = await open_chat(browser, url, "bob")
+    await join(alice, "lobby")
+    await join(bob, "lobby")
+    await say(alice, "oops, wrong room")
+    await say(bob, "hi alice")
+    for chat in (alice, bob):
+        await expect(chat.page.locator("#messages .message .text")).to_have_text(
+            ["oops, wrong room", "hi alice"]
+        )
+
+    # A control on one's own messages only, out of sight until the pointer is over them.
+    control = message_row(alice, "oops, wrong room").get_by_role("button", name="Delete message")
+    await expect(message_row(alice, "hi alice").get_by_role("button")).to_have_count(0)
+    await expect(message_row(bob, "oops, wrong room").get_by_role("button")).to_have_count(0)
+    await expect(control).to_have_css("opacity", "0")
+    await message_row(alice, "oops, wrong room").hover()
+    await expect(control).to_have_css("opacity", "1")
+    await control.click()
+
+    # On both pages: in its place, with its sender, without its text and without the control.
+    for chat in (alice, bob):
+        rows = chat.page.locator("#messages .message")
+        await expect(rows.locator(".text")).to_have_text(["message deleted", "hi alice"])
+        await expect(rows.locator(".author")).to_have_text(["alice", "bob"])
+        await expect(rows.first).to_have_class(re.compile(r"\bdeleted\b"))
+        await expect(rows.first.get_by_role("button")).to_have_count(0)
+        await expect(chat.page.locator("#messages")).not_to_contain_text("oops")
+    assert await seqs(alice) == await seqs(bob) == [1, 2]
+
+    # The control is reached with the keyboard too: from the message log, Tab, Enter.
+    await say(alice, "second thought")
+    await expect(bob.page.locator("#messages .message .text").last).to_have_text("second thought")
+    second = message_row(alice, "second thought").get_by_role("button", name="Delete message")
+    await alice.page.locator("#messages").focus()
+    await alice.page.keyboard.press("Tab")
+    await expect(second).to_be_focused()
+    await expect(second).to_have_css("opacity", "1")
+    await alice.page.keyboard.press("Enter")
+    expected = ["message deleted", "hi alice", "message deleted"]
+    for chat in (alice, bob):
+        await expect(chat.page.locator("#messages .message .text")).to_have_text(expected)
+    await expect(alice.page.locator("#text")).to_be_focused()  # the keyboard stays in the chat
+
+    # A page that comes afterwards reads them deleted in the room's history.
+    carol = await open_chat(browser, url, "carol")
+    await join(carol, "lobby")
+    rows = carol.page.locator("#messages .message")
+    await expect(rows.locator(".text")).to_have_text(expected)
+    await expect(rows.locator(".author")).to_have_text(["alice", "bob", "alice"])
+    await expect(carol.page.locator("#messages .message.deleted")).to_have_count(2)
+    await expect(carol.page.locator("#messages")).not_to_contain_text("oops")
+    await expect(carol.page.locator("#messages")).not_to_contain_text("second thought")
+    await expect(carol.page.locator("#messages .message button")).to_have_count(0)
+
+    for chat in (alice, bob, carol):
+        assert chat.dialogs == [], chat.dialogs
+        assert chat.errors == [], chat.errors
+
+
+async def test_a_delete_the_server_refuses_is_said_and_the_message_stays(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """The room keeps only its newest message: the older one, still on alice's page, is
+    no longer stored, and deleting it is answered not_found."""
+    args = ("--history-max-messages", "1", "--history-trim-interval", "0.2")
+    with run_server(*args, store_url=f"sqlite:///{tmp_path}/t.db", log_dir=tmp_path) as server:
+        alice = await open_chat(browser, server.url, "alice")
+        await join(alice, "lobby")
+        await say(alice, "first")
+        await say(alice, "second")
+        await expect(alice.page.locator("#messages .message .text")).to_have_text(
+            ["first", "second"]
+        )
+        reader = await ChatClient(server.url, "reader").connect()
+        try:
+            for _ in range(100):  # the retention pass runs every 0.2 s
+                history = (await reader.ok("history", {"room": "lobby"}))["messages"]
+                if [m["text"] for m in history] == ["second"]:
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                pytest.fail(f"the first message was never trimmed: {history}")
+        finally:
+            await reader.close()
+
+        row = message_row(alice, "first")
+        await row.hover()
+        control = row.get_by_role("button", name="Delete message")
+        await control.click()
+        notice = alice.page.locator("#notice")
+        await expect(notice).to_be_visible()
+        await expect(notice).to_have_text(
+            "Could not delete the message: room 'lobby' holds no message 1 (any more)"
+        )
+        await expect(alice.page.locator("#messages .message .text")).to_have_text(
+            ["first", "second"]
+        )
+        await expect(control).to_be_enabled()  # to try again
+        assert alice.dialogs == [], alice.dialogs
+        assert alice.errors == [], alice.errors
+
+
+async def test_a_deletion_told_before_its_message_shows_the_message_deleted(
+    browser: Browser, chat_server: Server
+) -> None:
+    """Two nodes can tell a page of a deletion before the message itself: bob's page gets
+    alice's deleted event first (the test holds her message back), then the message."""
+    held: list[str] = []
+    passed: list[str] = []
+    told = asyncio.Event()
+
+    async def route_websocket(ws: WebSocketRoute) -> None:
+        server = ws.connect_to_server()
+
+        def to_page(message: str | bytes) -> None:
+            if isinstance(message, str) and message.startswith('42["message"'):
+                if "soon gone" in message and not passed:
+                    held.append(message)
+                    told.set()
+                    return
+            ws.send(message)
+            if isinstance(message, str) and message.startswith('42["deleted"'):
+                passed.append(message)
+                for late in held:
+                    ws.send(late)
+
+        server.on_message(to_page)
+
+    async def intercept(page: Page) -> None:
+        await page.route_web_socket(SOCKETIO_URL, route_websocket)
+
+    bob = await open_chat(browser, chat_server.url, "bob", before_load=intercept)
+    await join(bob, "lobby")
+    alice = await ChatClient(chat_server.url, "alice").connect()
+    try:
+        await alice.ok("join", {"room": "lobby"})
+        await alice.ok("send", {"room": "lobby", "text": "before"})
+        sent = (await alice.ok("send", {"room": "lobby", "text": "soon gone"}))["message"]
+        await asyncio.wait_for(told.wait(), TIMEOUT_MS / 1000)
+        await alice.ok("delete", {"room": "lobby", "seq": sent["seq"]})
+        rows = bob.page.locator("#messages .message")
+        await expect(rows.locator(".text")).to_have_text(["before", "message deleted"])
+        await expect(rows.locator(".author")).to_have_text(["alice", "alice"])
+        await expect(bob.page.locator("#messages")).not_to_contain_text("soon gone")
+        assert len(held) == 1 and len(passed) == 1, (held, passed)
+    finally:
+        await alice.close()
+    assert bob.dialogs == [], bob.dialogs
+    assert bob.errors == [], bob.errors
 
 
 async def test_room_counts_follow_joins_and_leaves_without_asking_the_server(

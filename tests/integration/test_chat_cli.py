@@ -220,6 +220,44 @@ def test_history_rooms_and_a_new_name(server: Server, terminals: list[Terminal])
     assert bob.exits() == 0
 
 
+def test_a_sender_deletes_a_message_and_everyone_sees_it_deleted(
+    server: Server, terminals: list[Terminal]
+) -> None:
+    room = room_name("oops")
+    alice = chat(terminals, "alice", "--url", server.url, "--room", room)
+    bob = chat(terminals, "bob", "--url", server.url, "--room", room)
+    alice.sees(f"* bob joined [{room}]")
+
+    alice.type("the password is hunter2")
+    bob.sees(f"1 [{room}] alice: the password is hunter2")  # a line starts with its number
+    bob.type("saw nothing")
+    alice.sees(f"2 [{room}] bob: saw nothing")
+
+    bob.type("/delete 1")  # not his
+    bob.sees("! forbidden: only the sender of a message")
+    alice.type("/delete 1")
+    for terminal in (alice, bob):
+        terminal.sees(f"1 [{room}] alice: (message deleted)")
+    alice.type("/delete x")
+    alice.sees("usage: /delete N, N the number a message line starts with")
+    alice.type("/delete 99")
+    alice.sees(f"! not_found: room '{room}' holds no message 99")
+
+    # A client that comes afterwards reads it deleted in the history.
+    carol = Terminal("carol", "--url", server.url, "--room", room)
+    terminals.append(carol)
+    carol.sees(f"you are in [{room}], 3 members: alice, bob, carol; 2 earlier messages")
+    carol.ready()
+    carol.type("/history")
+    carol.sees_re(rf"1 \d\d:\d\d \[{room}\] alice: \(message deleted\)")
+    carol.sees_re(rf"2 \d\d:\d\d \[{room}\] bob: saw nothing")
+    assert "hunter2" not in carol.text()
+
+    for terminal in (alice, bob, carol):
+        terminal.type("/quit")
+        assert terminal.exits() == 0
+
+
 @pytest.mark.parametrize("how", ["stop", "kill"])
 def test_reconnect_recovers_what_was_missed_once(
     how: str, terminals: list[Terminal], tmp_path: Path
@@ -543,6 +581,7 @@ def test_a_reconnect_the_server_refuses_ends_the_client(
         ("/JOIN lobby", Command(Verb.JOIN, "lobby")),
         ("/make", Command(Verb.MAKE, "")),
         ("/history 5", Command(Verb.HISTORY, "5")),
+        ("/delete 12", Command(Verb.DELETE, "12")),
         ("/help", Command(Verb.HELP)),
         ("/exit", Command(Verb.QUIT)),
     ],
@@ -551,7 +590,22 @@ def test_typed_lines_become_commands(line: str, command: Command | None) -> None
     assert parse(line) == command
 
 
-@pytest.mark.parametrize("line", ["/all", "/join", "/name", "/leave now", "/history 0", "/nope"])
+@pytest.mark.parametrize(
+    "line",
+    [
+        "/all",
+        "/join",
+        "/name",
+        "/leave now",
+        "/history 0",
+        "/nope",
+        "/delete",
+        "/delete 0",
+        "/delete -1",
+        "/delete x",
+        "/delete \u00b2",
+    ],
+)
 def test_bad_commands_say_how_to_write_them(line: str) -> None:
     with pytest.raises(UsageError):
         parse(line)

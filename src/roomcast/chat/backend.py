@@ -91,5 +91,9 @@ class Backend(Protocol):
     async def history(self, count: int) -> None:
         """Show up to ``count`` messages older than the oldest shown in the current room."""
 
+    async def delete(self, seq: int) -> None:
+        """Delete message ``seq`` of the current room: one's own, or any on a moderator's
+        token."""
+
     async def rename(self, name: str) -> None:
         """Reconnect under nickname ``name``, staying in the same rooms."""

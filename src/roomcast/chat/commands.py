@@ -26,6 +26,7 @@ class Verb(StrEnum):
     LEAVE = "leave"
     USER = "user"
     HISTORY = "history"
+    DELETE = "delete"
     ROOMS = "rooms"
     NAME = "name"
     QUIT = "quit"
@@ -34,7 +35,7 @@ class Verb(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Command:
-    """A parsed line: the verb and its argument (text, room, name or count)."""
+    """A parsed line: the verb and its argument (text, room, name, count or seq)."""
 
     verb: Verb
     arg: str = ""
@@ -43,6 +44,11 @@ class Command:
     def count(self) -> int:
         """The argument of ``/history`` as a number of messages."""
         return int(self.arg) if self.arg else HISTORY_DEFAULT
+
+    @property
+    def seq(self) -> int:
+        """The argument of ``/delete``: a message's number in the current room."""
+        return int(self.arg)
 
 
 class UsageError(RoomcastError):
@@ -61,6 +67,7 @@ _SHAPES: dict[Verb, tuple[str, str]] = {
     Verb.LEAVE: ("none", "/leave"),
     Verb.USER: ("none", "/user"),
     Verb.HISTORY: ("optional", "/history [N]"),
+    Verb.DELETE: ("required", "/delete N"),
     Verb.ROOMS: ("none", "/rooms"),
     Verb.NAME: ("required", "/name NEW"),
     Verb.QUIT: ("none", "/quit"),
@@ -77,6 +84,7 @@ commands:
   /leave          leave the current room, back to the lobby
   /user           members of the current room
   /history [N]    N older messages of the current room (default 20, at most 100)
+  /delete N       delete message N of the current room (the number its line starts with)
   /rooms          every room, with its member count
   /name NEW       reconnect under the nickname NEW
   /quit           leave (also Ctrl-D or Ctrl-C)
@@ -110,4 +118,6 @@ def parse(line: str) -> Command | None:
     if verb is Verb.HISTORY and arg:
         if not arg.isdigit() or not 1 <= int(arg) <= HISTORY_MAX:
             raise UsageError(f"usage: {usage} with N from 1 to {HISTORY_MAX}")
+    if verb is Verb.DELETE and not (arg.isascii() and arg.isdigit() and int(arg) >= 1):
+        raise UsageError(f"usage: {usage}, N the number a message line starts with")
     return Command(verb, arg)

@@ -284,6 +284,9 @@ class GrpcBackend:
     async def history(self, count: int) -> None:
         raise CommandFailed("unsupported", "the gRPC protocol keeps no history")
 
+    async def delete(self, seq: int) -> None:
+        raise CommandFailed("unsupported", "the gRPC protocol cannot delete messages")
+
     async def rename(self, name: str) -> None:
         raise CommandFailed("unsupported", "the gRPC protocol has no nicknames")
 

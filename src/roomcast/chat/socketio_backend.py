@@ -10,6 +10,11 @@ with ``since = {epoch, seq}`` and the missed messages in the reply are shown, so
 lost. Join replies are handled inside the ack callback, before any frame that follows them
 on the wire is dispatched.
 
+A message line starts with its seq, the number ``/delete`` takes. A line on the terminal
+cannot be changed: when a message shown is deleted, its line is shown again, as deleted.
+A room also remembers the seqs it was told were deleted, since a ``deleted`` event can
+come before its message (two nodes): that message is then shown deleted.
+
 python-socketio reconnects by itself after a transport error; when the server ends the
 session (a node shutting down) the client reconnects by itself too, with backoff.
 
@@ -25,7 +30,7 @@ import contextlib
 import random
 import secrets
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -41,6 +46,8 @@ RECONNECT_DELAY = 0.5
 RECONNECT_DELAY_MAX = 5.0
 ROOMS_SHOWN = 200
 """Most rooms ``/rooms`` and ``/list`` show (a terminal has no use for ten thousand)."""
+KEPT = 1000
+"""Most senders and deleted seqs a room remembers (the newest)."""
 
 
 @dataclass(slots=True)
@@ -54,16 +61,40 @@ class Joined:
     """The newest seq shown (or current at the join)."""
     oldest: int
     """``/history`` shows messages before this seq."""
+    senders: dict[int, str] = field(default_factory=dict)
+    """The sender of each message shown, by seq: to show its line again once deleted."""
+    deleted: set[int] = field(default_factory=set)
+    """The seqs deleted: shown so, or to be shown so when their message comes."""
 
     def accept(self, epoch: str, seq: int) -> bool:
         """Whether the message at (epoch, seq) is new here; if so it counts as shown."""
         if epoch != self.epoch:
             # The room's history was reset: its seqs start over.
             self.epoch, self.seq, self.oldest = epoch, seq, seq
+            self.senders.clear()
+            self.deleted.clear()
             return True
         if seq <= self.seq:
             return False
         self.seq = seq
+        return True
+
+    def shown(self, seq: int, sender: str, deleted: bool) -> bool:
+        """Note message ``seq`` of ``sender`` as shown; whether to show it deleted."""
+        self.senders[seq] = sender
+        if len(self.senders) > KEPT:
+            del self.senders[min(self.senders)]
+        if deleted:
+            self.mark(seq)
+        return seq in self.deleted
+
+    def mark(self, seq: int) -> bool:
+        """Note message ``seq`` as deleted; False if it was already."""
+        if seq in self.deleted:
+            return False
+        self.deleted.add(seq)
+        if len(self.deleted) > KEPT:
+            self.deleted.discard(min(self.deleted))
         return True
 
 
@@ -124,6 +155,7 @@ class SocketIOBackend:
         on("disconnect", self._on_disconnect)
         on("welcome", self._on_welcome)
         on("message", self._on_message)
+        on("deleted", self._on_deleted)
         on("presence", self._on_presence)
         on("expired", self._on_expired)
 
@@ -266,9 +298,14 @@ class SocketIOBackend:
             return
         current.oldest = min(int(m["seq"]) for m in messages)
         lines = [view.notice(f"older messages of [{view.clean(current.name)}]:")]
-        for m in messages:
-            lines.append(view.message(current.name, m["user"]["name"], m["text"], m["ts"]))
+        lines += [self._line(current, m, m["ts"]) for m in messages]
         self._screen.show("\n".join(lines))
+
+    async def delete(self, seq: int) -> None:
+        current = self._current_room()
+        reply = await self._call("delete", {"room": current.id, "seq": seq})
+        # Shown once, by this answer or by the room's deleted event, whichever comes first.
+        self._deleted(current, seq, str(reply["message"]["user"]["name"]))
 
     async def rename(self, name: str) -> None:
         if self._token is not None:
@@ -412,6 +449,7 @@ class SocketIOBackend:
                 self._screen.show(view.notice(f"the history of [{fresh.name}] was reset"))
             if since.epoch == epoch and since.id == fresh.id:
                 fresh.oldest = since.oldest
+                fresh.senders, fresh.deleted = since.senders, since.deleted
         self._joined[fresh.id] = fresh
         return fresh
 
@@ -518,7 +556,35 @@ class SocketIOBackend:
 
     def _show_message(self, joined: Joined, message: Reply) -> None:
         if joined.accept(str(message["epoch"]), int(message["seq"])):
-            self._screen.show(view.message(joined.name, message["user"]["name"], message["text"]))
+            self._screen.show(self._line(joined, message))
+
+    @staticmethod
+    def _line(joined: Joined, message: Reply, ts: int | None = None) -> str:
+        seq, sender = int(message["seq"]), str(message["user"]["name"])
+        deleted = joined.shown(seq, sender, message.get("deleted") is True)
+        return view.message(joined.name, sender, message["text"], ts, seq=seq, deleted=deleted)
+
+    def _on_deleted(self, data: Any) -> None:
+        joined = self._joined.get(data.get("room", 0)) if isinstance(data, dict) else None
+        seq = data.get("seq") if isinstance(data, dict) else None
+        if joined is not None and isinstance(seq, int):
+            self._deleted(joined, seq)
+
+    def _deleted(self, joined: Joined, seq: int, sender: str | None = None) -> None:
+        """Message ``seq`` of the room was deleted: its line again, as deleted, if it was
+        shown; if it has not come yet, it will be shown deleted when it does."""
+        if seq > joined.seq:
+            joined.mark(seq)
+            return
+        sender = joined.senders.get(seq, sender)
+        if sender is None and seq < joined.oldest:
+            return  # from before what this client showed
+        if not joined.mark(seq):
+            return
+        if sender is None:
+            self._screen.show(view.deleted(joined.name, seq))
+        else:
+            self._screen.show(view.message(joined.name, sender, "", seq=seq, deleted=True))
 
     def _on_presence(self, data: Any) -> None:
         if not isinstance(data, dict):

@@ -41,17 +41,40 @@ def clean(text: str, *, keep_newlines: bool = False) -> str:
     return "".join(out)
 
 
-def message(room: str, user: str, text: str, ts: int | None = None) -> str:
+DELETED = "(message deleted)"
+"""What a deleted message shows instead of its text."""
+
+
+def message(
+    room: str,
+    user: str,
+    text: str,
+    ts: int | None = None,
+    *,
+    seq: int | None = None,
+    deleted: bool = False,
+) -> str:
     """``[room] user: text``; later lines of a multi-line text are indented under it.
 
-    ``ts`` (milliseconds) prefixes the local time, for messages from history.
+    ``ts`` (milliseconds) prefixes the local time, for messages from history; ``seq``
+    prefixes the message's number in its room (what ``/delete`` takes). A ``deleted``
+    message shows :data:`DELETED` instead of its text.
     """
     head = f"[{clean(room)}] {clean(user)}: "
     if ts is not None:
         head = time.strftime("%H:%M ", time.localtime(ts / 1000)) + head
+    if seq is not None:
+        head = f"{seq} {head}"
+    if deleted:
+        return head + DELETED
     lines = clean(text.replace("\r\n", "\n").replace("\r", "\n"), keep_newlines=True).split("\n")
     pad = " " * len(head)
     return head + ("\n" + pad).join(lines)
+
+
+def deleted(room: str, seq: int) -> str:
+    """``* message 12 of [room] was deleted``: for one whose sender is not known here."""
+    return f"* message {seq} of [{clean(room)}] was deleted"
 
 
 def presence(room: str, user: str, event: str) -> str:

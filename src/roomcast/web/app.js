@@ -8,7 +8,10 @@
  *  - messages of a room are kept sorted by seq and de-duplicated by seq, whatever the
  *    order in which history, recovery (missed) and live events arrive;
  *  - after a reconnect every joined room is re-joined with since = {epoch, seq}; the
- *    missed messages are merged, or the room is reloaded when recovery is refused.
+ *    missed messages are merged, or the room is reloaded when recovery is refused;
+ *  - a deleted message keeps its place, sender and time, without its text; a room
+ *    remembers the seqs it was told were deleted, as a `deleted` event can come before
+ *    the message it deletes (two nodes).
  *
  * On a server that checks tokens the page is opened as /#token=TOKEN (the application
  * that signed the token links to it): it connects with auth {token} instead of asking
@@ -188,6 +191,7 @@
       loaded: false, // initial history loaded for the current epoch
       messages: [], // sorted by seq
       bySeq: new Map(),
+      deleted: new Set(), // seqs deleted, shown so whenever their message comes
       nodes: new Map(), // seq -> rendered element
       members: new Map(), // user id -> {id, name}
       typing: new Map(), // user id -> {name, timer}
@@ -379,6 +383,7 @@
     });
 
     s.on("message", onMessage);
+    s.on("deleted", onDeleted);
     s.on("presence", onPresence);
     s.on("typing", onTyping);
   }
@@ -397,6 +402,7 @@
     for (const [kind, data] of list) {
       if (kind === "message") onMessage(data);
       else if (kind === "presence") onPresence(data);
+      else if (kind === "deleted") onDeleted(data);
     }
   }
 
@@ -493,6 +499,7 @@
   function resetRoom(room) {
     room.messages = [];
     room.bySeq = new Map();
+    room.deleted = new Set(); // the seqs of the old epoch
     room.nodes = new Map();
     room.holesTried = new Set();
     room.seq = 0;
@@ -665,9 +672,15 @@
   /** Merge messages into a room: de-duplicated by seq, kept sorted by seq. */
   function addMessages(room, msgs, { live }) {
     const added = [];
-    for (const m of msgs) {
-      if (!m || typeof m.seq !== "number" || room.bySeq.has(m.seq)) continue;
-      if (room.epoch !== null && m.epoch !== undefined && m.epoch !== room.epoch) continue;
+    for (const incoming of msgs) {
+      if (!incoming || typeof incoming.seq !== "number") continue;
+      if (room.epoch !== null && incoming.epoch !== undefined && incoming.epoch !== room.epoch) continue;
+      if (room.bySeq.has(incoming.seq)) {
+        // Held already: a read made since it was deleted (history, missed) says so.
+        if (incoming.deleted === true) markDeleted(room, incoming.seq);
+        continue;
+      }
+      const m = room.deleted.has(incoming.seq) ? tombstone(incoming) : incoming;
       room.bySeq.set(m.seq, m);
       const list = room.messages;
       if (list.length === 0 || list[list.length - 1].seq < m.seq) list.push(m);
@@ -679,7 +692,7 @@
     if (room.id === activeId) {
       insertRendered(room, added, live);
     } else if (live) {
-      room.unread += added.filter((m) => !isMine(m)).length;
+      room.unread += added.filter((m) => !isMine(m) && m.deleted !== true).length;
       renderJoined();
     }
     return added;
@@ -710,6 +723,50 @@
   }
 
   const isMine = (m) => Boolean(m.user && myIds.has(m.user.id));
+
+  /** Only this connection's user may delete (an earlier connection was another user). */
+  const canDelete = (m) => Boolean(me && m.user && m.user.id === me.id && m.deleted !== true);
+
+  const tombstone = (m) => ({ ...m, text: "", deleted: true });
+
+  function onDeleted(ev) {
+    if (!ev || typeof ev.seq !== "number") return;
+    const room = rooms.get(ev.room);
+    if (!room) {
+      queuePending(ev.room, "deleted", ev);
+      return;
+    }
+    markDeleted(room, ev.seq);
+  }
+
+  /** Show the room's message seq as deleted: now if it is held, else when it comes. */
+  function markDeleted(room, seq) {
+    room.deleted.add(seq);
+    const m = room.bySeq.get(seq);
+    if (!m || m.deleted === true) return;
+    const gone = tombstone(m);
+    room.bySeq.set(seq, gone);
+    room.messages[lowerBound(room.messages, seq)] = gone;
+    const node = room.nodes.get(seq);
+    if (node) showDeleted(node);
+  }
+
+  async function deleteMessage(seq, button) {
+    const room = activeRoom();
+    if (!room) return;
+    const hadFocus = document.activeElement === button;
+    button.disabled = true;
+    try {
+      await request("delete", { room: room.id, seq });
+      // The room's deleted event says so too; the answer is enough if it comes first.
+      if (rooms.get(room.id) === room) markDeleted(room, seq);
+    } catch (err) {
+      showNotice(`Could not delete the message: ${err.message}`);
+      button.disabled = false;
+    }
+    // The control went with the text: keep the keyboard in the chat.
+    if (hadFocus && !button.isConnected) ui.text.focus();
+  }
 
   /**
    * Messages are sent one at a time, each after the previous one was acknowledged, so the
@@ -994,7 +1051,27 @@
     appendText(text, String(m.text ?? ""));
 
     row.append(author, time, text);
+    if (m.deleted === true) showDeleted(row);
+    else if (canDelete(m)) row.append(deleteButton(m.seq));
     return row;
+  }
+
+  function deleteButton(seq) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "delete";
+    button.title = "Delete message";
+    button.setAttribute("aria-label", "Delete message");
+    button.textContent = "Delete";
+    button.addEventListener("click", () => deleteMessage(seq, button));
+    return button;
+  }
+
+  /** A message row as a deleted one: in place, sender and time kept, the text gone. */
+  function showDeleted(row) {
+    row.classList.add("deleted");
+    row.querySelector(".text").replaceChildren("message deleted");
+    row.querySelector(".delete")?.remove();
   }
 
   const GROUP_MS = 5 * 60 * 1000;
