@@ -271,3 +271,31 @@ async def test_an_open_server_lets_a_connection_edit_its_own_messages_only(tmp_p
         finally:
             await ada.close()
             await bob.close()
+
+
+async def test_a_moderator_is_told_so_and_deletes_over_its_connection(tmp_path):
+    with run_server("--auth-secret", SECRET, log_dir=tmp_path) as server:
+        ada = await ChatClient(server.url, "x", token=tokens.mint("ada", ttl=600)).connect()
+        mod_token = tokens.mint("mod", ttl=600, name="Mod", moderator=True)
+        mod = await ChatClient(server.url, "x", token=mod_token).connect()
+        try:
+            assert "moderator" not in ada.of("welcome")[0]
+            assert mod.of("welcome")[0]["moderator"] is True
+            room = (await ada.ok("join", {"room": "watched"}))["room"]["id"]
+            spam = (await ada.ok("send", {"room": room, "text": "spam"}))["message"]
+            refused = await mod.call("edit", {"room": room, "seq": spam["seq"], "text": "x"})
+            assert refused["error"]["code"] == "forbidden"  # moderators delete, not edit
+            await mod.ok("delete", {"room": room, "seq": spam["seq"]})
+            await ada.wait_for(lambda: ada.of("deleted"))
+            assert ada.of("deleted")[0]["by"] == mod.user
+            # A newer token without the claim takes the moderator's rights away.
+            renewed = await mod.ok("refresh", {"token": tokens.mint("mod", ttl=900)})
+            assert "moderator" not in renewed
+            again = (await ada.ok("send", {"room": room, "text": "spam again"}))["message"]
+            refused = await mod.call("delete", {"room": room, "seq": again["seq"]})
+            assert refused["error"]["code"] == "forbidden"
+            regained = await mod.ok("refresh", {"token": mod_token})
+            assert regained["moderator"] is True
+        finally:
+            await ada.close()
+            await mod.close()

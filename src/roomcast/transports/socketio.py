@@ -294,10 +294,14 @@ EXPIRY_CHECK = 1.0
 
 def _welcome(session: Session) -> dict[str, Any]:
     """The welcome event: the user, and on a server that checks tokens when the
-    connection's token expires (``refresh`` before then to keep the connection)."""
+    connection's token expires (``refresh`` before then to keep the connection) and
+    whether the user is a moderator (only when it is)."""
     if session.identity is None:
         return {"user": session.user.to_wire()}
-    return {"user": session.user.to_wire(), "expires": session.identity.expires}
+    welcome = {"user": session.user.to_wire(), "expires": session.identity.expires}
+    if session.identity.moderator:
+        welcome["moderator"] = True
+    return welcome
 
 
 def _credentials(auth: Any) -> tuple[Any, Any]:
@@ -960,7 +964,10 @@ class SocketIOTransport:
         identity, left = await self.service.refresh(session, data.get("token"))
         sid = session.conn.sid  # type: ignore[attr-defined]
         self._watch_expiry(sid, session)
-        return _ok(expires=identity.expires, left=[room.to_wire() for room in left])
+        reply = _ok(expires=identity.expires, left=[room.to_wire() for room in left])
+        if identity.moderator:
+            reply["moderator"] = True
+        return reply
 
     async def _edit(self, session: Session, data: dict[str, Any]) -> Reply:
         ref = validation.room_ref(data)
