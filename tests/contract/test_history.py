@@ -439,7 +439,7 @@ async def test_get_reads_one_message_by_seq(history: History) -> None:
 
 async def test_a_deleted_message_keeps_its_place_and_loses_its_text(history: History) -> None:
     room, sent = await _room_with(history, 3)
-    deleted = await history.delete(room.id, 2)
+    deleted = await history.delete(room.id, 2, TS + 50)
     assert deleted is not None and deleted.deleted
     assert (deleted.seq, deleted.id, deleted.user, deleted.ts, deleted.epoch) == (
         2,
@@ -448,22 +448,22 @@ async def test_a_deleted_message_keeps_its_place_and_loses_its_text(history: His
         sent[1].ts,
         sent[1].epoch,
     )
-    assert deleted.text == ""
+    assert (deleted.text, deleted.edited) == ("", TS + 50)
     assert await history.after(room.id, 0, 10) == [sent[0], deleted, sent[2]]
     assert await history.before(room.id, None, 10) == [sent[0], deleted, sent[2]]
     assert await history.get(room.id, 2) == deleted
-    assert await history.delete(room.id, 2) == deleted  # again: nothing changes
+    assert await history.delete(room.id, 2, TS + 90) == deleted  # again: nothing changes
     assert await history.latest(room.id) == 3
     assert seqs(await history.append([draft(room)])) == [4]  # the order goes on
 
 
 async def test_deleting_what_the_room_does_not_hold_is_none(history: History) -> None:
     room, sent = await _room_with(history, 2)
-    assert await history.delete(room.id, 3) is None
-    assert await history.delete(room.id, 0) is None
-    assert await history.delete(RoomId(999), 1) is None
+    assert await history.delete(room.id, 3, TS + 50) is None
+    assert await history.delete(room.id, 0, TS + 50) is None
+    assert await history.delete(RoomId(999), 1, TS + 50) is None
     await history.trim(room.id, keep=1)
-    assert await history.delete(room.id, 1) is None  # retention took it
+    assert await history.delete(room.id, 1, TS + 50) is None  # retention took it
     assert await history.after(room.id, 0, 10) == [sent[1]]
 
 
@@ -472,7 +472,7 @@ async def test_a_deleted_messages_chosen_id_answers_with_the_deleted_message(
 ) -> None:
     room, _ = await _room_with(history, 0)
     first = await history.append([chosen(room, "c-1", "oops")])
-    deleted = await history.delete(room.id, first[0].seq)
+    deleted = await history.delete(room.id, first[0].seq, TS + 50)
     assert deleted is not None
     assert await history.append([chosen(room, "c-1", "oops")]) == [deleted]
     assert await history.find(room.id, "c-1") == deleted
@@ -500,11 +500,34 @@ async def test_an_edited_message_keeps_its_place_with_its_new_text(history: Hist
     # Nothing to edit: no such message, or a deleted one (it stays deleted).
     assert await history.edit(room.id, 4, "x", TS) is None
     assert await history.edit(RoomId(999), 1, "x", TS) is None
-    deleted = await history.delete(room.id, 2)
-    assert deleted is not None and deleted.edited is None
+    deleted = await history.delete(room.id, 2, TS + 50)
+    assert deleted is not None and deleted.edited == TS + 50
+    assert "edited" not in deleted.to_wire()
     assert await history.edit(room.id, 2, "back", TS) is None
     assert await history.get(room.id, 2) == deleted
     assert await history.latest(room.id) == 3
+
+
+async def test_changed_lists_what_was_edited_or_deleted_since_a_time(history: History) -> None:
+    room, _ = await _room_with(history, 6)
+    assert await history.changed(room.id, 6, 0, 10) == []
+    await history.edit(room.id, 2, "#2 edited", TS + 10)
+    await history.delete(room.id, 4, TS + 20)
+    await history.edit(room.id, 5, "#5 edited", TS + 30)
+    await history.edit(room.id, 2, "#2 again", TS + 40)
+    assert [(m.seq, m.text) for m in await history.changed(room.id, 6, 0, 10)] == [
+        (2, "#2 again"),
+        (4, ""),
+        (5, "#5 edited"),
+    ]
+    assert seqs(await history.changed(room.id, 6, TS + 20, 10)) == [2, 4, 5]
+    assert seqs(await history.changed(room.id, 6, TS + 21, 10)) == [2, 5]
+    assert seqs(await history.changed(room.id, 4, TS + 20, 10)) == [2, 4]  # up to a seq
+    assert seqs(await history.changed(room.id, 6, 0, 2)) == [2, 4]  # a limit
+    assert await history.changed(room.id, 6, TS + 41, 10) == []
+    assert await history.changed(RoomId(999), 6, 0, 10) == []
+    await history.trim(room.id, keep=2)
+    assert seqs(await history.changed(room.id, 6, 0, 10)) == [5]  # retention took 2 and 4
 
 
 async def test_an_edited_messages_chosen_id_answers_with_the_edited_message(
@@ -602,7 +625,7 @@ async def test_everything_survives_a_reopen(durable_store: Store) -> None:
     reset = await before.reset(games.id)
     users = [await before.next_user_id() for _ in range(3)]
     alice = await before.user_id_for("alice")
-    gone = await before.delete(lobby.id, sent[2].seq)
+    gone = await before.delete(lobby.id, sent[2].seq, TS + 50)
     fixed = await before.edit(lobby.id, sent[0].seq, "one, edited", TS + 1)
     await durable_store.close(before)
 
@@ -632,6 +655,29 @@ _EARLIER_SCHEMA = [
     "INSERT INTO messages VALUES (1, 2, 'b', 7, 'ana', 'and this', 2000, 'e0')",
 ]
 """A store an earlier roomcast made (its messages had no ``edited_ms``), with messages."""
+
+
+async def _index_names(kind: str, url: str) -> set[str]:
+    """The indexes of the messages table of the store at ``url``."""
+    if kind == "sqlite":
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as db:
+            query = "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'messages'"
+            return {row[0] for row in db.execute(query)}
+    import asyncpg
+
+    from tests import services
+
+    conn = await asyncpg.connect(services.POSTGRES_URL)
+    try:
+        rows = await conn.fetch(
+            "SELECT indexname FROM pg_indexes WHERE schemaname = $1 AND tablename = 'messages'",
+            url.split("schema=")[1],
+        )
+    finally:
+        await conn.close()
+    return {row[0] for row in rows}
 
 
 @pytest.mark.parametrize("kind", DURABLE)
@@ -675,10 +721,12 @@ async def test_a_store_an_earlier_roomcast_made_is_used_on_with_what_it_holds(
             assert seqs(await history.append([draft(RoomId(1))])) == [3]
         finally:
             await history.close()
+        assert await _index_names(kind, url) >= {"messages_changed"}
         history = SqlHistory(url)
         await history.start()  # finds it there
         try:
             assert await history.get(RoomId(1), 2) == edited
+            assert await history.changed(RoomId(1), 3, 0, 10) == [edited]
             assert [m.text for m in await history.after(RoomId(1), 0, 10)] == [
                 "from before",
                 "and this, edited",

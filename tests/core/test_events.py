@@ -31,10 +31,11 @@ def test_presence_frames_have_no_seq():
 
 def test_a_deleted_message_travels_without_its_text_and_its_deletion_without_a_seq():
     msg = Message(RoomId(3), 42, "ep", "id1", User(UserId(9), "bo"), "regretted", 1700)
-    gone = msg.erased()
-    assert gone.deleted and not msg.deleted
-    assert Message.from_wire(orjson.loads(message_frame(gone).body)) == gone
-    assert orjson.loads(message_frame(gone).body)["deleted"] is True
+    gone = msg.erased(1900)
+    assert gone.deleted and not msg.deleted and gone.edited == 1900
+    wire = orjson.loads(message_frame(gone).body)
+    assert (wire["text"], wire["deleted"], "edited" in wire) == ("", True, False)
+    assert Message.from_wire(wire) == Message(RoomId(3), 42, "ep", "id1", gone.user, "", 1700)
     assert "deleted" not in orjson.loads(message_frame(msg).body)
     frame = Frame.decode(deleted_frame(gone, User(UserId(1), "mod")).encode())
     assert (frame.kind, frame.room, frame.seq) == (Kind.DELETED, 3, 0)
@@ -50,7 +51,7 @@ def test_an_edited_message_travels_with_when_it_was_edited_and_its_news_without_
     frame = Frame.decode(edited_frame(fixed).encode())
     assert (frame.kind, frame.room, frame.seq) == (Kind.EDITED, 3, 0)
     assert frame.data() == fixed.to_wire() and frame.data()["edited"] == 1800
-    assert fixed.erased().edited is None and "edited" not in fixed.erased().to_wire()
+    assert "edited" not in fixed.erased(1900).to_wire()
 
 
 @pytest.mark.parametrize("raw", [b"", b"no header", b"Z 1 2\n{}", b"M one 2\n{}"])

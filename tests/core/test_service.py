@@ -1248,3 +1248,62 @@ async def test_editing_without_a_connection_follows_the_token_or_trusts_an_open_
         await service.revise("lobby", sent.seq, "x", identity=None, source="s")
     assert refused.value.code is ErrorCode.UNAUTHORIZED
     assert (await revise("alice")).text == "changed"
+
+
+async def test_a_client_recovering_gets_the_edits_and_deletions_it_missed_of_what_it_holds():
+    now = [1_000.0]
+    cluster = Cluster()
+    service, _, rec = await cluster.node(clock=lambda: now[0])
+    alice, bob = await connect(service, rec, "alice"), await connect(service, rec, "bob")
+    lobby = await join(service, alice, "lobby")
+    await join(service, bob, "lobby")
+    old = await service.send(alice, "lobby", "long ago")
+    await service.edit(alice, "lobby", old.seq, "long ago, edited while bob was there")
+    now[0] += 3600
+    sent = [await service.send(alice, "lobby", f"m{i}") for i in range(3)]
+    held = Position(lobby.room.epoch, sent[-1].seq)  # bob's last message
+    await service.disconnect(bob.conn.id)
+
+    now[0] += 5
+    await service.edit(alice, "lobby", sent[0].seq, "m0, edited")
+    await service.delete(alice, "lobby", sent[1].seq)
+    later = await service.send(alice, "lobby", "m3")
+    bob = await connect(service, rec, "bob")
+    back = await join(service, bob, "lobby", held)
+    assert back.recovered is True
+    assert back.missed == [later]
+    assert [(m.seq, m.text, m.deleted) for m in back.changed] == [
+        (sent[0].seq, "m0, edited", False),
+        (sent[1].seq, "", True),
+    ]  # not the edit of an hour before bob's last message: he had it
+    # From before the edits: they are in what it missed, as they are now.
+    earlier = await join(service, bob, "lobby", Position(lobby.room.epoch, old.seq))
+    assert [m.text for m in earlier.missed] == ["m0, edited", "", "m2", "m3"]
+    assert [m.seq for m in earlier.changed] == [old.seq]  # within the minute of skew
+    fresh = await join(service, bob, "lobby", Position(lobby.room.epoch, 0))
+    assert (len(fresh.missed), fresh.changed) == (5, [])
+
+
+async def test_after_a_broker_outage_a_nodes_members_get_the_edits_and_deletions_they_missed():
+    cluster = Cluster()
+    a, _, rec_a = await cluster.node()
+    b, broker_b, rec_b = await cluster.node(DeafBroker)
+    alice, bob = await connect(a, rec_a, "alice"), await connect(b, rec_b, "bob")
+    await join(a, alice, "lobby")
+    await join(b, bob, "lobby")
+    first = await a.send(alice, "lobby", "first")
+    second = await a.send(alice, "lobby", "second")
+    assert [m["text"] for m in bob.conn.messages()] == ["first", "second"]
+    broker_b.deaf = True
+    edited = await a.edit(alice, "lobby", first.seq, "first, edited")
+    await a.delete(alice, "lobby", second.seq)
+    third = await a.send(alice, "lobby", "third")
+    assert (bob.conn.messages()[2:], _edits(bob), _deletions(bob)) == ([], [], [])
+    broker_b.deaf = False
+    await b.resync()
+    assert [m["seq"] for m in bob.conn.messages()] == [1, 2, third.seq]
+    assert _edits(bob) == [edited.to_wire()]
+    assert _deletions(bob) == [
+        {"room": second.room, "seq": second.seq, "id": second.id, "by": None}
+    ]
+    assert b.hub.changes_resent == 2

@@ -39,6 +39,11 @@ async def test_deletions_reach_every_member_on_every_node_and_history_keeps_the_
                     client = ada if text.startswith("ada") else bob
                     sent.append((await client.ok("send", {"room": "mod", "text": text}))["message"])
                 await bob.wait_messages(room, 3)
+                # Cy has them all, and is away while they are deleted.
+                cy_token = tokens.mint("cy", ttl=600)
+                cy = await ChatClient(one.url, "x", token=cy_token).connect()
+                await cy.ok("join", {"room": "mod", "since": {"epoch": joined["epoch"], "seq": 0}})
+                await cy.close()
 
                 # Bob may not delete Ada's message; nothing changes.
                 refused = await bob.call("delete", {"room": room, "seq": sent[0]["seq"]})
@@ -99,14 +104,25 @@ async def test_deletions_reach_every_member_on_every_node_and_history_keeps_the_
                             "ada: hello",
                         ]
 
-                # A client coming back recovers the deleted messages as deleted.
+                # A client coming back recovers the deleted messages as deleted; one that
+                # had them is told which of those it holds were deleted meanwhile.
                 back = await ChatClient(one.url, "x", token=tokens.mint("bob", ttl=600)).connect()
+                cy = await ChatClient(two.url, "x", token=cy_token).connect()
                 try:
                     since = {"epoch": joined["epoch"], "seq": 0}
                     again = await back.ok("join", {"room": "mod", "since": since})
                     assert [m["text"] for m in again["missed"]] == ["", "", "ada: hello"]
+                    assert again["changed"] == []
+                    since = {"epoch": joined["epoch"], "seq": 3}
+                    returned = await cy.ok("join", {"room": "mod", "since": since})
+                    assert (returned["recovered"], returned["missed"]) == (True, [])
+                    assert [(m["seq"], m["text"], m["deleted"]) for m in returned["changed"]] == [
+                        (1, "", True),
+                        (2, "", True),
+                    ]
                 finally:
                     await back.close()
+                    await cy.close()
                 assert deleted_count(one.url) + deleted_count(two.url) == 2
             finally:
                 await ada.close()

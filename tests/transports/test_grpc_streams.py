@@ -25,7 +25,7 @@ async def test_a_chat_stream_gets_others_messages_and_nothing_of_edits_and_delet
     chats: Stream = Stream()
     attachment.chats.add(chats)
     kept = Message(RoomId(5), 1, "e", "m1", ADA, "hello", 1)
-    gone = Message(RoomId(5), 2, "e", "m2", ADA, "regretted", 2).erased()
+    gone = Message(RoomId(5), 2, "e", "m2", ADA, "regretted", 2).erased(5)
     own = Message(RoomId(5), 3, "e", "m3", BOB, "mine", 3)
     frames = [
         message_frame(kept),

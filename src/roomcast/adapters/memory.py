@@ -254,7 +254,7 @@ class MemoryHistory:
         index = _following(log, seq - 1)
         return log[index] if index < len(log) and log[index].seq == seq else None
 
-    async def delete(self, room: RoomId, seq: int) -> Message | None:
+    async def delete(self, room: RoomId, seq: int, when: int) -> Message | None:
         log = self._messages.get(room, [])
         index = _following(log, seq - 1)
         if index >= len(log) or log[index].seq != seq:
@@ -262,7 +262,13 @@ class MemoryHistory:
         message = log[index]
         if message.deleted:
             return message
-        return self._replace(message, message.erased())
+        return self._replace(message, message.erased(when))
+
+    async def changed(self, room: RoomId, upto: int, since_ms: int, limit: int) -> list[Message]:
+        log = self._messages.get(room, [])
+        held = log[: _following(log, upto)]
+        found = [m for m in held if m.edited is not None and m.edited >= since_ms]
+        return found[: max(limit, 0)]
 
     def _replace(self, message: Message, new: Message) -> Message:
         """Put ``new`` in the place of a stored message (its room's log, its chosen id)."""

@@ -29,9 +29,9 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .events import Frame, Kind, message_frame, presence_frame
+from .events import Frame, Kind, deleted_frame, edited_frame, message_frame, presence_frame
 from .models import ConnId, RoomId, User, UserId
-from .ports import Broker, History
+from .ports import CHANGE_SKEW, CHANGES_MAX, Broker, History
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,8 @@ class Hub:
         self.deliveries = 0
         self.duplicates_dropped = 0
         self.gaps_filled = 0
+        self.changes_resent = 0
+        """Edits and deletions delivered again from history after a broker outage."""
 
     def local_rooms(self) -> list[RoomId]:
         """Rooms this node is subscribed to."""
@@ -361,16 +363,36 @@ class Hub:
             self._schedule_gap_fill(room_id, room)
 
     async def resync(self) -> None:
-        """After a broker outage: deliver, from history, every message a local room missed."""
+        """After a broker outage: deliver, from history, every message a local room missed,
+        and the edits and deletions of the messages it had (as ``edited`` and ``deleted``
+        frames; who deleted is not known then)."""
         for room_id, room in list(self._rooms.items()):
             if room.next_seq is None:
                 continue
+            had = room.next_seq - 1
             try:
+                last = await self._history.get(room_id, had) if had > 0 else None
                 latest = await self._history.latest(room_id)
             except Exception:
                 log.warning("resync of room %s failed", room_id, exc_info=True)
                 continue
             await self._fill_gap(room_id, room, upto=latest)
+            if last is not None:
+                # Its members had every change made before this node had its last message.
+                await self._resend_changes(room_id, room, had, last.ts - CHANGE_SKEW)
+
+    async def _resend_changes(
+        self, room_id: RoomId, room: _LocalRoom, upto: int, since_ms: int
+    ) -> None:
+        try:
+            changed = await self._history.changed(room_id, upto, since_ms, CHANGES_MAX)
+        except Exception:
+            log.warning("reading the changes of room %s failed", room_id, exc_info=True)
+            return
+        if changed and self._rooms.get(room_id) is room:
+            self.changes_resent += len(changed)
+            frames = [deleted_frame(m, None) if m.deleted else edited_frame(m) for m in changed]
+            await self._fan_out(room, frames)
 
     # -- who is in the room, as this node's members were told -------------------------
 

@@ -69,6 +69,7 @@ class Message:
     A deleted message keeps its place (``seq``, ``id``, sender, ``ts``) and loses its
     text: ``text`` is empty, which no message sent can be (see :attr:`deleted`). An edited
     one keeps its place too, with its sender's new text and when it was last edited.
+    ``edited`` is when either last happened: what a client recovering after it asks for.
     """
 
     room: RoomId
@@ -79,7 +80,8 @@ class Message:
     text: str
     ts: int
     edited: int | None = None
-    """When its sender last edited it (ms since the Unix epoch); None: never."""
+    """When it was last edited or deleted (ms since the Unix epoch); None: never. The wire
+    shows it as ``edited`` on an edited message, not on a deleted one."""
 
     @classmethod
     def from_draft(cls, draft: Draft, seq: int, epoch: str) -> Message:
@@ -90,9 +92,9 @@ class Message:
         """Whether the message was deleted (its text is gone)."""
         return not self.text
 
-    def erased(self) -> Message:
-        """The message as it is once deleted: the same place, no text."""
-        return Message(self.room, self.seq, self.epoch, self.id, self.user, "", self.ts)
+    def erased(self, when: int) -> Message:
+        """The message as it is once deleted at ``when``: the same place, no text."""
+        return Message(self.room, self.seq, self.epoch, self.id, self.user, "", self.ts, when)
 
     def revised(self, text: str, when: int) -> Message:
         """The message as it is once its sender has edited it: the same place, this text."""
@@ -125,7 +127,7 @@ class Message:
             User(UserId(user["id"]), user["name"]),
             data["text"],
             data["ts"],
-            data.get("edited"),
+            data.get("edited"),  # a deleted message's is not on the wire
         )
 
 

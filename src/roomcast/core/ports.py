@@ -36,6 +36,14 @@ TRIM_BATCH = 500
 """Messages one :meth:`History.trim` deletes at most: one short transaction, so a room's
 appends never wait long behind the deletion of its old history."""
 
+CHANGE_SKEW = 60_000
+"""Milliseconds by which a look for the edits and deletions someone missed reaches back
+before the last message it had (see :meth:`History.changed`): the clocks of two nodes,
+which stamp messages and changes, may be that far apart."""
+
+CHANGES_MAX = 1000
+"""The most changed messages such a look reads; past it, a client reloads history."""
+
 FIND_WINDOW = 100_000
 """How far back :meth:`History.find` looks: a batch whose append failed is among a room's
 newest messages, unless this many more were stored since."""
@@ -182,13 +190,20 @@ class History(Protocol):
         deleted by retention)."""
         ...
 
-    async def delete(self, room: RoomId, seq: int) -> Message | None:
-        """Delete the room's message ``seq``: it keeps its place (``seq``, ``id``, sender,
-        ``ts``) and its text is gone for good (see
-        :attr:`~roomcast.core.models.Message.deleted`). Returns the deleted message, or
-        None if the room holds no such message. Deleting a deleted message changes
+    async def delete(self, room: RoomId, seq: int, when: int) -> Message | None:
+        """Delete the room's message ``seq`` at ``when`` (ms since the Unix epoch): it
+        keeps its place (``seq``, ``id``, sender, ``ts``) and its text is gone for good
+        (see :attr:`~roomcast.core.models.Message.deleted`). Returns the deleted message,
+        or None if the room holds no such message. Deleting a deleted message changes
         nothing. Its chosen id stays taken: a retry of it answers with the deleted
         message."""
+        ...
+
+    async def changed(self, room: RoomId, upto: int, since_ms: int, limit: int) -> list[Message]:
+        """Up to ``limit`` of the room's messages with ``seq`` at most ``upto`` that were
+        edited or deleted at ``since_ms`` or later, ascending by seq: what a client that
+        holds the room's messages up to ``upto`` and was away since then has not seen
+        change. Read on an index of the changed messages only, whatever the room holds."""
         ...
 
     async def edit(self, room: RoomId, seq: int, text: str, when: int) -> Message | None:

@@ -51,7 +51,15 @@ from .models import (
     User,
     UserId,
 )
-from .ports import TRIM_BATCH, TRIM_ROOMS_PAGE, Broker, History, Presence
+from .ports import (
+    CHANGE_SKEW,
+    CHANGES_MAX,
+    TRIM_BATCH,
+    TRIM_ROOMS_PAGE,
+    Broker,
+    History,
+    Presence,
+)
 from .ratelimit import Buckets, TokenBucket
 from .timing import Durations
 
@@ -80,7 +88,9 @@ CALLERS_MAX = 10_000
 API) whose rates a node keeps, of each kind (the least recently seen are forgotten first)."""
 
 RECOVERY_LIMIT = 1000
-"""The most missed messages a join with ``since`` returns; beyond it the client reloads."""
+"""The most missed messages a join with ``since`` returns; beyond it (or past
+:data:`~roomcast.core.ports.CHANGES_MAX` changed ones) the client reloads."""
+
 
 DM_TIMEOUT = 5.0
 """How long a direct message waits for the nodes of its recipient to confirm delivery."""
@@ -129,6 +139,9 @@ class JoinResult:
     missed: list[Message]
     count: int | None = None
     """Instead of ``members``: how many the room has across the cluster (as ``rooms``)."""
+    changed: list[Message] = field(default_factory=list)
+    """With ``missed``: the messages up to ``since`` edited or deleted since the client
+    had them (see :meth:`ChatService._recover`), as they are now."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -739,8 +752,9 @@ class ChatService:
             seq = await self.history.latest(room.id)
             recovered: bool | None = None
             missed: list[Message] = []
+            changed: list[Message] = []
             if since is not None:
-                recovered, missed = await self._recover(room, since, seq)
+                recovered, missed, changed = await self._recover(room, since, seq)
             listed: list[User] | None = None
             count: int | None = None
             if members:
@@ -765,7 +779,7 @@ class ChatService:
             await self._publish_presence(room.id, "leave", session.user)
             raise ChatError(ErrorCode.BAD_REQUEST, "not connected")
         session.rooms.add(room.id)
-        return JoinResult(room, seq, listed, recovered, missed, count)
+        return JoinResult(room, seq, listed, recovered, missed, count, changed)
 
     def activate(self, session: Session, join: JoinResult) -> list[Frame]:
         """Make a joined connection a live member of the room.
@@ -778,16 +792,37 @@ class ChatService:
             return []
         return self.hub.activate(join.room.id, session.conn, after=join.seq)
 
-    async def _recover(self, room: Room, since: Position, seq: int) -> tuple[bool, list[Message]]:
+    async def _recover(
+        self, room: Room, since: Position, seq: int
+    ) -> tuple[bool, list[Message], list[Message]]:
+        """Whether the client at ``since`` recovers, what it missed after it, and which of
+        the messages it holds were edited or deleted while it was away.
+
+        When it was away is not known, but it had every change made before it got its
+        message ``since.seq`` (live, or as the messages and changes of a recovery), so
+        changes from that message's ``ts`` on (less :data:`CHANGE_SKEW`, two nodes' clocks
+        apart) are enough; the client applies one it had seen again, unchanged."""
         if since.epoch != room.epoch or since.seq > seq:
-            return False, []
+            return False, [], []
         if seq - since.seq > RECOVERY_LIMIT:
-            return False, []
-        missed = await self.history.after(room.id, since.seq, seq - since.seq)
+            return False, [], []
+        if since.seq == 0:
+            missed = await self.history.after(room.id, 0, seq)
+            last = None
+        else:  # the client's last message too, for its ts
+            read = await self.history.after(room.id, since.seq - 1, seq - since.seq + 1)
+            last = read[0] if read and read[0].seq == since.seq else None
+            missed = read[1:] if last is not None else read
         # Recovered only if the store returned exactly the gapless range.
         if len(missed) != seq - since.seq:
-            return False, []
-        return True, missed
+            return False, [], []
+        if last is None:  # nothing held, or retention took all the client holds
+            return True, missed, []
+        since_ms = last.ts - CHANGE_SKEW
+        changed = await self.history.changed(room.id, since.seq, since_ms, CHANGES_MAX + 1)
+        if len(changed) > CHANGES_MAX:
+            return False, [], []
+        return True, missed, changed
 
     async def leave(self, session: Session, ref: RoomId | str) -> Room:
         room = await self.resolve(ref)
@@ -980,7 +1015,10 @@ class ChatService:
                     ErrorCode.FORBIDDEN,
                     "only the sender of a message, or a moderator, may delete it",
                 )
-            deleted = None if message is None else await self.history.delete(room.id, seq)
+            if message is None:
+                deleted = None
+            else:
+                deleted = await self.history.delete(room.id, seq, self._now_ms())
         except UnavailableError as exc:
             raise ChatError(ErrorCode.UNAVAILABLE, "the message store is unavailable") from exc
         if message is None or deleted is None:

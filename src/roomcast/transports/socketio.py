@@ -912,6 +912,7 @@ class SocketIOTransport:
         if result.recovered is not None:
             reply["recovered"] = result.recovered
             reply["missed"] = _messages(result.missed)
+            reply["changed"] = _messages(result.changed)
         return reply
 
     async def _activate(self, session: Session, result: JoinResult) -> None:

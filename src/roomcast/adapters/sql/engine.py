@@ -543,9 +543,9 @@ class Database:
         await self.run(create, write=True)
 
     def _add_new_columns(self, conn: sa.Connection, metadata: sa.MetaData) -> None:
-        """Add the columns a later roomcast gave its tables to tables an earlier one made,
-        empty: a store is used on by the upgraded nodes with all it holds. Such a column
-        is always one that may be empty (nullable, no key)."""
+        """Add the columns and indexes a later roomcast gave its tables to tables an
+        earlier one made, the columns empty: a store is used on by the upgraded nodes with
+        all it holds. Such a column is always one that may be empty (nullable, no key)."""
         inspector = sa.inspect(conn)
         for table in metadata.sorted_tables:
             present = {c["name"] for c in inspector.get_columns(table.name, schema=self.schema)}
@@ -560,6 +560,8 @@ class Database:
                     sa.text(f"ALTER TABLE {self.qualified(table.name)} ADD COLUMN {name} {kind}")
                 )
                 log.info("added the column %s.%s to the store", table.name, column.name)
+            for index in table.indexes:
+                index.create(conn, checkfirst=True)  # made with the table, or added now
 
     async def close(self) -> None:
         """Close every pooled connection."""

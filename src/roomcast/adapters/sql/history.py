@@ -61,7 +61,16 @@ messages = sa.Table(
     sa.Column("ts", sa.BigInteger, nullable=False),
     sa.Column("epoch", sa.Text, nullable=False),
     sa.Column("edited_ms", sa.BigInteger),
+    sa.Index(
+        "messages_changed",
+        "room_id",
+        "edited_ms",
+        sqlite_where=sa.text("edited_ms IS NOT NULL"),
+        postgresql_where=sa.text("edited_ms IS NOT NULL"),
+    ),
 )
+"""``edited_ms``: when the message was last edited or deleted (None: never); the partial
+index holds only such messages, so appends do not pay for it."""
 
 message_ids = sa.Table(
     "message_ids",
@@ -109,6 +118,7 @@ _FIND = _PAGE + (
     "WHERE room_id = $1 AND id = $2 AND seq > (SELECT seq FROM {rooms} WHERE id = $3) - $4"
 )
 _GET = _PAGE + "WHERE room_id = $1 AND seq = $2"
+_CHANGED = _PAGE + "WHERE room_id = $1 AND edited_ms >= $2 AND seq <= $3 ORDER BY seq LIMIT $4"
 _BEFORE = _PAGE + "WHERE room_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3"
 _NEWEST = _PAGE + "WHERE room_id = $1 ORDER BY seq DESC LIMIT $2"
 
@@ -225,6 +235,7 @@ class SqlHistory:
         self._find_sql = sql(_FIND, **tables)
         self._before_sql = sql(_BEFORE, **tables)
         self._get_sql = sql(_GET, **tables)
+        self._changed_sql = sql(_CHANGED, **tables)
         self._newest_sql = sql(_NEWEST, **tables)
 
     async def start(self) -> None:
@@ -472,13 +483,17 @@ class SqlHistory:
         rows = await self._db.fetch(self._get_sql, room, seq)
         return _message_of(rows[0]) if rows else None
 
-    async def delete(self, room: RoomId, seq: int) -> Message | None:
+    async def delete(self, room: RoomId, seq: int, when: int) -> Message | None:
         """Delete the room's message ``seq`` (its text goes; see
         :meth:`roomcast.core.ports.History.delete`) in one statement; None if none such."""
         erase = (
             sa.update(messages)
             .where(messages.c.room_id == room, messages.c.seq == seq)
-            .values(text="", edited_ms=None)
+            # Deleted before: when stays the first deletion's.
+            .values(
+                text="",
+                edited_ms=sa.case((messages.c.text == "", messages.c.edited_ms), else_=when),
+            )
             .returning(*_PAGE_COLUMNS)
         )
 
@@ -487,6 +502,14 @@ class SqlHistory:
 
         row = await self._db.run(delete, write=True)
         return None if row is None else _message_of(row)
+
+    async def changed(self, room: RoomId, upto: int, since_ms: int, limit: int) -> list[Message]:
+        """The room's messages up to ``upto`` changed since ``since_ms`` (see
+        :meth:`roomcast.core.ports.History.changed`), on the ``messages_changed`` index."""
+        if limit <= 0:
+            return []
+        rows = await self._db.fetch(self._changed_sql, room, since_ms, upto, limit)
+        return [_message_of(row) for row in rows]
 
     async def edit(self, room: RoomId, seq: int, text: str, when: int) -> Message | None:
         """Replace the text of the room's message ``seq`` unless it was deleted (see
