@@ -974,6 +974,16 @@ async def test_a_post_on_a_server_that_checks_tokens_needs_one():
 # -- deleting messages ------------------------------------------------------------------
 
 
+def _token_connector(service, recorder, auth):
+    """Connects to ``service`` with a token of ``auth`` for a subject, with claims."""
+
+    async def connect_as(subject, **claims):
+        conn = Conn(service.new_conn_id(), recorder)
+        return await service.connect(conn, None, auth.mint(subject, ttl=60, **claims))
+
+    return connect_as
+
+
 def _deletions(session) -> list[dict]:
     return [f.data() for f in session.conn.frames if f.kind is Kind.DELETED]
 
@@ -1061,10 +1071,7 @@ async def test_moderators_delete_any_message_of_the_rooms_their_token_names():
     cluster = Cluster(auth=auth)
     service, _, rec = await cluster.node()
 
-    async def connect_as(subject, **claims):
-        conn = Conn(service.new_conn_id(), rec)
-        return await service.connect(conn, None, auth.mint(subject, ttl=60, **claims))
-
+    connect_as = _token_connector(service, rec, auth)
     alice = await connect_as("alice")
     bob = await connect_as("bob")
     mod = await connect_as("mod", moderator=True)
@@ -1178,10 +1185,7 @@ async def test_only_the_sender_edits_a_message_and_bad_edits_change_nothing():
     cluster = Cluster(auth=auth)
     service, _, rec = await cluster.node()
 
-    async def connect_as(subject, **claims):
-        conn = Conn(service.new_conn_id(), rec)
-        return await service.connect(conn, None, auth.mint(subject, ttl=60, **claims))
-
+    connect_as = _token_connector(service, rec, auth)
     alice, bob = await connect_as("alice"), await connect_as("bob")
     mod = await connect_as("mod", moderator=True)
     await join(service, alice, "lobby")

@@ -4,6 +4,11 @@ keeps the message's place with its new text, or without its text."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
 import httpx
 import pytest
 
@@ -13,10 +18,29 @@ from tests.contract.engines import engine_url
 
 from .clients import ChatClient, scrape
 from .cluster import cluster, postgres_schema
-from .servers import run_server
+from .servers import Server, run_server
 
 SECRET = "the application's secret for deleting, 32+ characters"
 tokens = Authenticator(SECRET)
+
+
+@contextlib.asynccontextmanager
+async def open_pair(
+    tmp_path: Path, transports: list[str]
+) -> AsyncIterator[tuple[Server, ChatClient, ChatClient, int, dict[str, Any]]]:
+    """An open server, Ada and Bob connected on ``transports`` and in the room "open",
+    and Ada's message "mine" there: (server, ada, bob, room id, the message)."""
+    with run_server("--rate-limit", "0", log_dir=tmp_path) as server:
+        ada = await ChatClient(server.url, "ada", transports=transports).connect()
+        bob = await ChatClient(server.url, "bob", transports=transports).connect()
+        try:
+            room = (await ada.ok("join", {"room": "open"}))["room"]["id"]
+            await bob.ok("join", {"room": "open"})
+            mine = (await ada.ok("send", {"room": "open", "text": "mine"}))["message"]
+            yield server, ada, bob, room, mine
+        finally:
+            await ada.close()
+            await bob.close()
 
 
 def deleted_count(url: str) -> float:
@@ -132,46 +156,37 @@ async def test_deletions_reach_every_member_on_every_node_and_history_keeps_the_
 @pytest.mark.parametrize("transports", [["websocket"], ["polling"]])
 async def test_an_open_server_lets_a_connection_delete_its_own_messages_only(tmp_path, transports):
     """On roomcast's own WebSocket path and on python-engineio's long-polling one."""
-    with run_server("--rate-limit", "0", log_dir=tmp_path) as server:
-        ada = await ChatClient(server.url, "ada", transports=transports).connect()
-        bob = await ChatClient(server.url, "bob", transports=transports).connect()
-        try:
-            room = (await ada.ok("join", {"room": "open"}))["room"]["id"]
-            await bob.ok("join", {"room": "open"})
-            mine = (await ada.ok("send", {"room": "open", "text": "mine"}))["message"]
-            for payload, code in (
-                ({"room": room, "seq": mine["seq"]}, "forbidden"),
-                ({"room": room, "seq": 7}, "not_found"),
-                ({"room": room, "seq": "1"}, "bad_request"),
-                ({"room": room}, "bad_request"),
-                ({"room": "nowhere", "seq": 1}, "not_found"),
-            ):
-                answer = await bob.call("delete", payload)
-                assert answer["ok"] is False and answer["error"]["code"] == code, (payload, answer)
-            assert [m["text"] for m in (await bob.ok("history", {"room": room}))["messages"]] == [
-                "mine"
-            ]
-            await ada.ok("delete", {"room": room, "seq": mine["seq"]})
-            await bob.wait_for(lambda: bob.of("deleted"))
-            assert bob.of("deleted")[0]["by"] == ada.user
-            # The REST API of an open server trusts its callers, as for sending.
-            other = (await bob.ok("send", {"room": room, "text": "bob's"}))["message"]
-            async with httpx.AsyncClient(base_url=server.url) as http:
-                answer = await http.delete(f"/api/rooms/open/messages/{other['seq']}")
-                assert answer.status_code == 200 and answer.json()["message"]["deleted"]
-                MessageReply.model_validate_json(answer.content, strict=True)
-                spec = (await http.get("/openapi.json")).json()
-                documented = spec["paths"]["/api/rooms/{room}/messages/{seq}"]["delete"]
-                assert set(documented["responses"]) == {"200", "4XX", "503"}
-                for path in ("/api/rooms/open/messages/0", "/api/rooms/open/messages/x"):
-                    bad = await http.delete(path)
-                    assert (bad.status_code, bad.json()["error"]["code"]) == (400, "bad_request")
-            await ada.wait_for(lambda: len(ada.of("deleted")) == 2)
-            assert ada.of("deleted")[1]["by"] is None
-            assert deleted_count(server.url) == 2
-        finally:
-            await ada.close()
-            await bob.close()
+    async with open_pair(tmp_path, transports) as (server, ada, bob, room, mine):
+        for payload, code in (
+            ({"room": room, "seq": mine["seq"]}, "forbidden"),
+            ({"room": room, "seq": 7}, "not_found"),
+            ({"room": room, "seq": "1"}, "bad_request"),
+            ({"room": room}, "bad_request"),
+            ({"room": "nowhere", "seq": 1}, "not_found"),
+        ):
+            answer = await bob.call("delete", payload)
+            assert answer["ok"] is False and answer["error"]["code"] == code, (payload, answer)
+        assert [m["text"] for m in (await bob.ok("history", {"room": room}))["messages"]] == [
+            "mine"
+        ]
+        await ada.ok("delete", {"room": room, "seq": mine["seq"]})
+        await bob.wait_for(lambda: bob.of("deleted"))
+        assert bob.of("deleted")[0]["by"] == ada.user
+        # The REST API of an open server trusts its callers, as for sending.
+        other = (await bob.ok("send", {"room": room, "text": "bob's"}))["message"]
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            answer = await http.delete(f"/api/rooms/open/messages/{other['seq']}")
+            assert answer.status_code == 200 and answer.json()["message"]["deleted"]
+            MessageReply.model_validate_json(answer.content, strict=True)
+            spec = (await http.get("/openapi.json")).json()
+            documented = spec["paths"]["/api/rooms/{room}/messages/{seq}"]["delete"]
+            assert set(documented["responses"]) == {"200", "4XX", "503"}
+            for path in ("/api/rooms/open/messages/0", "/api/rooms/open/messages/x"):
+                bad = await http.delete(path)
+                assert (bad.status_code, bad.json()["error"]["code"]) == (400, "bad_request")
+        await ada.wait_for(lambda: len(ada.of("deleted")) == 2)
+        assert ada.of("deleted")[1]["by"] is None
+        assert deleted_count(server.url) == 2
 
 
 def edited_count(url: str) -> float:
@@ -251,42 +266,31 @@ async def test_edits_reach_every_member_on_every_node_and_history_has_the_new_te
 
 @pytest.mark.parametrize("transports", [["websocket"], ["polling"]])
 async def test_an_open_server_lets_a_connection_edit_its_own_messages_only(tmp_path, transports):
-    with run_server("--rate-limit", "0", log_dir=tmp_path) as server:
-        ada = await ChatClient(server.url, "ada", transports=transports).connect()
-        bob = await ChatClient(server.url, "bob", transports=transports).connect()
-        try:
-            room = (await ada.ok("join", {"room": "open"}))["room"]["id"]
-            await bob.ok("join", {"room": "open"})
-            mine = (await ada.ok("send", {"room": "open", "text": "mine"}))["message"]
-            for payload, code in (
-                ({"room": room, "seq": mine["seq"], "text": "bob's now"}, "forbidden"),
-                ({"room": room, "seq": 7, "text": "x"}, "not_found"),
-                ({"room": room, "seq": mine["seq"]}, "bad_request"),
-                ({"room": room, "seq": mine["seq"], "text": "\u0007"}, "invalid_text"),
-                ({"room": room, "text": "x"}, "bad_request"),
-            ):
-                answer = await bob.call("edit", payload)
-                assert answer["ok"] is False and answer["error"]["code"] == code, (payload, answer)
-            await ada.ok("edit", {"room": room, "seq": mine["seq"], "text": "mine, edited"})
-            await bob.wait_for(lambda: bob.of("edited"))
-            assert bob.of("edited")[0]["text"] == "mine, edited"
-            async with httpx.AsyncClient(base_url=server.url) as http:
-                path = f"/api/rooms/open/messages/{mine['seq']}"
-                answer = await http.patch(path, json={"text": "by the backend"})
-                assert answer.status_code == 200 and answer.json()["message"]["edited"]
-                for body in ({}, {"text": 5}, {"text": ""}):
-                    bad = await http.patch(path, json=body)
-                    assert bad.status_code == 400, (body, bad.text)
-                await http.delete(path)
-                gone = await http.patch(path, json={"text": "back"})
-                assert (gone.status_code, gone.json()["error"]["code"]) == (404, "not_found")
-            await ada.wait_for(lambda: len(ada.of("edited")) == 2 and ada.of("deleted"))
-            assert [m["text"] for m in (await ada.ok("history", {"room": room}))["messages"]] == [
-                ""
-            ]
-        finally:
-            await ada.close()
-            await bob.close()
+    async with open_pair(tmp_path, transports) as (server, ada, bob, room, mine):
+        for payload, code in (
+            ({"room": room, "seq": mine["seq"], "text": "bob's now"}, "forbidden"),
+            ({"room": room, "seq": 7, "text": "x"}, "not_found"),
+            ({"room": room, "seq": mine["seq"]}, "bad_request"),
+            ({"room": room, "seq": mine["seq"], "text": "\u0007"}, "invalid_text"),
+            ({"room": room, "text": "x"}, "bad_request"),
+        ):
+            answer = await bob.call("edit", payload)
+            assert answer["ok"] is False and answer["error"]["code"] == code, (payload, answer)
+        await ada.ok("edit", {"room": room, "seq": mine["seq"], "text": "mine, edited"})
+        await bob.wait_for(lambda: bob.of("edited"))
+        assert bob.of("edited")[0]["text"] == "mine, edited"
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            path = f"/api/rooms/open/messages/{mine['seq']}"
+            answer = await http.patch(path, json={"text": "by the backend"})
+            assert answer.status_code == 200 and answer.json()["message"]["edited"]
+            for body in ({}, {"text": 5}, {"text": ""}):
+                bad = await http.patch(path, json=body)
+                assert bad.status_code == 400, (body, bad.text)
+            await http.delete(path)
+            gone = await http.patch(path, json={"text": "back"})
+            assert (gone.status_code, gone.json()["error"]["code"]) == (404, "not_found")
+        await ada.wait_for(lambda: len(ada.of("edited")) == 2 and ada.of("deleted"))
+        assert [m["text"] for m in (await ada.ok("history", {"room": room}))["messages"]] == [""]
 
 
 async def test_a_moderator_is_told_so_and_deletes_over_its_connection(tmp_path):

@@ -990,18 +990,29 @@ class ChatService:
         trusts its callers as it does for :meth:`post`, and deletes any message. ``source``
         is the caller, for the rate limit, as for :meth:`post`."""
         number = validation.seq({"seq": seq})
+        room, user = await self._changer(ref, identity, source)
+        if identity is None or user is None:
+            return await self._delete(room, number, None, None)
+        return await self._delete(room, number, user, None if identity.moderator else user.id)
+
+    async def _changer(
+        self, ref: RoomId | str, identity: Identity | None, source: str
+    ) -> tuple[Room, User | None]:
+        """The room of a REST request that changes a message, and who asks: the token's
+        user, or None on an open server (which trusts its callers). ``unauthorized``
+        without a token where one is needed, ``rate_limited`` past the caller's rate (the
+        senders' rate, see :meth:`post`), ``forbidden`` outside the token's rooms."""
         if identity is None and self.auth is not None:
             raise ChatError(ErrorCode.UNAUTHORIZED, "a token is required")
         if not self._posters.take(source):
             raise ChatError(ErrorCode.RATE_LIMITED, "too many messages, slow down")
         room = await self._entered(ref, identity)
         if identity is None:
-            return await self._delete(room, number, None, None)
+            return room, None
         try:
-            user = User(await self.history.user_id_for(identity.subject), identity.name)
+            return room, User(await self.history.user_id_for(identity.subject), identity.name)
         except UnavailableError as exc:
             raise ChatError(ErrorCode.UNAVAILABLE, "the store is unavailable") from exc
-        return await self._delete(room, number, user, None if identity.moderator else user.id)
 
     async def _delete(self, room: Room, seq: int, by: User | None, owner: UserId | None) -> Message:
         """Delete message ``seq`` of the room if ``owner`` (None: anyone's) sent it, and
@@ -1027,15 +1038,20 @@ class ChatService:
             )
         if not message.deleted:
             self.messages_deleted += 1
+        await self._tell(room, deleted_frame(deleted, by), "deleted", "delete")
+        return deleted
+
+    async def _tell(self, room: Room, frame: Frame, done: str, again: str) -> None:
+        """Publish the news of a change made to a message of the room; ``unavailable``
+        (saying the change was made, and to make it ``again``) if the broker fails."""
         try:
-            await self.broker.publish(room.id, deleted_frame(deleted, by).encode())
+            await self.broker.publish(room.id, frame.encode())
         except Exception as exc:
-            log.warning("publish of a deletion to room %s failed", room.id, exc_info=True)
+            log.warning("publish to room %s of a message %s failed", room.id, done, exc_info=True)
             raise ChatError(
                 ErrorCode.UNAVAILABLE,
-                "the message was deleted, but its room could not be told: delete it again",
+                f"the message was {done}, but its room could not be told: {again} it again",
             ) from exc
-        return deleted
 
     async def edit(self, session: Session, ref: RoomId | str, seq: object, text: object) -> Message:
         """Replace the text of the session's own message ``seq`` of the room (no one else
@@ -1065,18 +1081,8 @@ class ChatService:
         for the rate limit, as for :meth:`post`."""
         number = validation.seq({"seq": seq})
         body = validation.text({"text": text})
-        if identity is None and self.auth is not None:
-            raise ChatError(ErrorCode.UNAUTHORIZED, "a token is required")
-        if not self._posters.take(source):
-            raise ChatError(ErrorCode.RATE_LIMITED, "too many messages, slow down")
-        room = await self._entered(ref, identity)
-        if identity is None:
-            return await self._edit(room, number, body, None)
-        try:
-            owner = await self.history.user_id_for(identity.subject)
-        except UnavailableError as exc:
-            raise ChatError(ErrorCode.UNAVAILABLE, "the store is unavailable") from exc
-        return await self._edit(room, number, body, owner)
+        room, user = await self._changer(ref, identity, source)
+        return await self._edit(room, number, body, None if user is None else user.id)
 
     async def _edit(self, room: Room, seq: int, text: str, owner: UserId | None) -> Message:
         """Edit message ``seq`` of the room if ``owner`` (None: anyone) sent it, and tell
@@ -1098,14 +1104,7 @@ class ChatService:
         if edited is None:  # deleted, before or meanwhile; or let go by retention meanwhile
             raise ChatError(ErrorCode.NOT_FOUND, f"message {seq} of {room.name!r} was deleted")
         self.messages_edited += 1
-        try:
-            await self.broker.publish(room.id, edited_frame(edited).encode())
-        except Exception as exc:
-            log.warning("publish of an edit to room %s failed", room.id, exc_info=True)
-            raise ChatError(
-                ErrorCode.UNAVAILABLE,
-                "the message was edited, but its room could not be told: edit it again",
-            ) from exc
+        await self._tell(room, edited_frame(edited), "edited", "edit")
         return edited
 
     async def history_page(
