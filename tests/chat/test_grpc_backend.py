@@ -257,15 +257,21 @@ async def test_a_session_lost_and_its_login_again_refused_ends_the_client(door: 
     assert logins == ["Bearer t0ken", "Bearer t0ken"]  # tried again once, not forever
 
 
-async def test_delete_is_not_in_the_grpc_protocol(door: Door) -> None:
+async def test_delete_and_edit_are_not_in_the_grpc_protocol(door: Door) -> None:
     backend = client(door, Screen(), "t0ken")
     await backend.start()
     try:
         with pytest.raises(CommandFailed) as refused:
             await backend.delete(1)
+        with pytest.raises(CommandFailed) as not_edited:
+            await backend.edit(1, "fixed")
     finally:
         await backend.close()
     assert (refused.value.code, refused.value.message) == (
         "unsupported",
         "the gRPC protocol cannot delete messages",
+    )
+    assert (not_edited.value.code, not_edited.value.message) == (
+        "unsupported",
+        "the gRPC protocol cannot edit messages",
     )

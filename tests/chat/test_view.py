@@ -34,5 +34,18 @@ def test_a_message_line_starts_with_its_number_and_a_deleted_one_has_no_text():
     assert view.message("channel 3", "user 7", "hi") == "[channel 3] user 7: hi"
 
 
+def test_an_edited_message_says_so_after_its_text():
+    line = view.message("den", "bob", "hi all", seq=12, edited=True)
+    assert line == "12 [den] bob: hi all (edited)"
+    # After the last line of a text of several.
+    assert view.message("den", "bob", "two\nlines", seq=3, edited=True) == (
+        f"3 [den] bob: two\n{' ' * len('3 [den] bob: ')}lines (edited)"
+    )
+    # A deleted message has no text to have edited.
+    assert view.message("den", "bob", "", seq=12, deleted=True, edited=True) == (
+        "12 [den] bob: (message deleted)"
+    )
+
+
 def test_a_deletion_of_a_message_whose_sender_is_unknown_is_said_by_number():
     assert view.deleted("den", 12) == "* message 12 of [den] was deleted"

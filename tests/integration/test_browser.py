@@ -7,6 +7,7 @@ Without it the tests are skipped, except on CI (CI=true), where that is a failur
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import time
@@ -15,7 +16,9 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from playwright.async_api import (
     Browser,
@@ -597,11 +600,16 @@ async def test_a_sender_deletes_a_message_and_every_page_shows_it_deleted(
         await expect(chat.page.locator("#messages")).not_to_contain_text("oops")
     assert await seqs(alice) == await seqs(bob) == [1, 2]
 
-    # The control is reached with the keyboard too: from the message log, Tab, Enter.
+    # The control is reached with the keyboard too: from the message log, Tab (past the
+    # message's Edit control), Enter.
     await say(alice, "second thought")
     await expect(bob.page.locator("#messages .message .text").last).to_have_text("second thought")
     second = message_row(alice, "second thought").get_by_role("button", name="Delete message")
     await alice.page.locator("#messages").focus()
+    await alice.page.keyboard.press("Tab")
+    await expect(
+        message_row(alice, "second thought").get_by_role("button", name="Edit message")
+    ).to_be_focused()
     await alice.page.keyboard.press("Tab")
     await expect(second).to_be_focused()
     await expect(second).to_have_css("opacity", "1")
@@ -717,6 +725,328 @@ async def test_a_deletion_told_before_its_message_shows_the_message_deleted(
         await alice.close()
     assert bob.dialogs == [], bob.dialogs
     assert bob.errors == [], bob.errors
+
+
+def row_of(chat: Chat, seq: int) -> Locator:
+    """The row of the message numbered ``seq`` (whatever its text is now)."""
+    return chat.page.locator(f'#messages .message[data-seq="{seq}"]')
+
+
+def texts_of(chat: Chat) -> Locator:
+    return chat.page.locator("#messages .message .text")
+
+
+async def edit_with_the_control(chat: Chat, seq: int, text: str) -> None:
+    """Point at message ``seq``, click its Edit control, type ``text`` and press Enter."""
+    row = row_of(chat, seq)
+    await row.hover()
+    await row.get_by_role("button", name="Edit message").click()
+    box = row.get_by_role("textbox", name="Edit message")
+    await box.fill(text)
+    await box.press("Enter")
+
+
+class EventTap:
+    """Routes a page's Socket.IO WebSocket through the test: records the frames the page
+    sends, keeps from the page the frames ``hold`` matches until ``release``, and sends
+    the page frames of the test's own (``tell``)."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.passed: list[str] = []
+        self.held: list[str] = []
+        self.hold: Callable[[str], bool] = lambda frame: False
+        self._page: WebSocketRoute | None = None
+
+    async def install(self, page: Page) -> None:
+        await page.route_web_socket(SOCKETIO_URL, self._route)
+
+    async def _route(self, ws: WebSocketRoute) -> None:
+        server = ws.connect_to_server()
+        self._page = ws
+
+        def to_server(frame: str | bytes) -> None:
+            if isinstance(frame, str):
+                self.sent.append(frame)
+            server.send(frame)
+
+        def to_page(frame: str | bytes) -> None:
+            if isinstance(frame, str) and self.hold(frame):
+                self.held.append(frame)
+                return
+            if isinstance(frame, str):
+                self.passed.append(frame)
+            ws.send(frame)
+
+        ws.on_message(to_server)
+        server.on_message(to_page)
+
+    def emitted(self, event: str) -> list[dict[str, Any]]:
+        """The payloads of the ``event`` requests the page sent, in order."""
+        frames = [f for f in self.sent if re.match(rf'42\d*\["{event}",', f)]
+        return [json.loads(f[f.index("[") :])[1] for f in frames]
+
+    def answers(self, frame: str, event: str) -> bool:
+        """Whether ``frame`` is the server's answer to one of the page's ``event`` requests."""
+        asked = (re.match(rf'42(\d+)\["{event}",', f) for f in self.sent)
+        return any(frame.startswith(f"43{m.group(1)}[") for m in asked if m)
+
+    async def until(self, condition: Callable[[], bool], why: str) -> None:
+        """Wait (bounded) until ``condition`` holds of the frames seen."""
+        deadline = time.monotonic() + TIMEOUT_MS / 1000
+        while not condition():
+            if time.monotonic() > deadline:
+                pytest.fail(f"{why}; held {self.held}, passed {self.passed[-5:]}")
+            await asyncio.sleep(0.02)
+
+    def release(self, which: Callable[[str], bool] = lambda frame: True) -> None:
+        """Let the held frames ``which`` matches through, in the order they came, and
+        hold no more of those."""
+        assert self._page is not None
+        holding = self.hold
+        self.hold = lambda frame: holding(frame) and not which(frame)
+        through = [frame for frame in self.held if which(frame)]
+        self.held = [frame for frame in self.held if not which(frame)]
+        for frame in through:
+            self._page.send(frame)
+
+    def tell(self, event: str, data: dict[str, Any]) -> None:
+        """Send the page a server event of the test's making."""
+        assert self._page is not None
+        self._page.send("42" + json.dumps([event, data]))
+
+
+async def test_a_sender_edits_a_message_and_every_page_shows_the_new_text(
+    browser: Browser, chat_server: Server
+) -> None:
+    url = chat_server.url
+    tap = EventTap()
+    alice = await open_chat(browser, url, "alice", before_load=tap.install)
+    bob = await open_chat(browser, url, "bob")
+    await join(alice, "lobby")
+    await join(bob, "lobby")
+    await say(alice, "meet at 5pn")
+    await say(bob, "ok")
+    for chat in (alice, bob):
+        await expect(texts_of(chat)).to_have_text(["meet at 5pn", "ok"])
+
+    # On one's own messages only, next to Delete, out of sight until the pointer is over it.
+    row = row_of(alice, 1)
+    control = row.get_by_role("button", name="Edit message")
+    await expect(row.get_by_role("button")).to_have_text(["Edit", "Delete"])
+    await expect(row_of(alice, 2).get_by_role("button")).to_have_count(0)
+    await expect(row_of(bob, 1).get_by_role("button")).to_have_count(0)
+    await expect(control).to_have_css("opacity", "0")
+    await row.hover()
+    await expect(control).to_have_css("opacity", "1")
+
+    # The text turns into a box holding it; Escape puts the text back, asking nothing.
+    await control.click()
+    box = row.get_by_role("textbox", name="Edit message")
+    await expect(box).to_be_focused()
+    await expect(box).to_have_value("meet at 5pn")
+    await expect(row.locator(".text")).to_be_hidden()
+    await box.fill("meet never")
+    await box.press("Escape")
+    await expect(box).to_have_count(0)
+    await expect(row.locator(".text")).to_be_visible()
+    await expect(texts_of(alice)).to_have_text(["meet at 5pn", "ok"])
+    await expect(alice.page.locator("#messages .edited")).to_have_count(0)
+    await expect(alice.page.locator("#text")).to_be_focused()
+
+    # Enter saves: on both pages, the new text in its place, marked edited.
+    await edit_with_the_control(alice, 1, "meet at 5pm")
+    for chat in (alice, bob):
+        await expect(texts_of(chat)).to_have_text(["meet at 5pm", "ok"])
+        mark = row_of(chat, 1).locator(".edited")
+        await expect(mark).to_have_text("(edited)")
+        await expect(mark).to_be_visible()
+        await expect(mark).to_have_attribute("title", re.compile(r"^Edited \S"))
+        await expect(row_of(chat, 2).locator(".edited")).to_have_count(0)
+        await expect(row_of(chat, 1).locator(".author")).to_have_text("alice")
+    await expect(row.get_by_role("textbox")).to_have_count(0)
+    await expect(alice.page.locator("#text")).to_be_focused()  # the keyboard stays in the chat
+    await expect(row_of(bob, 1).get_by_role("button")).to_have_count(0)
+    assert await seqs(alice) == await seqs(bob) == [1, 2]
+
+    # With the keyboard: from the message log, Tab to the control, Enter, type, Enter.
+    await alice.page.locator("#messages").focus()
+    await alice.page.keyboard.press("Tab")
+    await expect(control).to_be_focused()
+    await expect(control).to_have_css("opacity", "1")
+    await alice.page.keyboard.press("Enter")
+    await expect(box).to_be_focused()
+    await alice.page.keyboard.type(", room 2")  # after the text it holds
+    await alice.page.keyboard.press("Enter")
+    for chat in (alice, bob):
+        await expect(texts_of(chat)).to_have_text(["meet at 5pm, room 2", "ok"])
+    await expect(row_of(bob, 1).locator(".edited")).to_have_count(1)
+
+    # A page that comes afterwards reads it edited in the room's history.
+    carol = await open_chat(browser, url, "carol")
+    await join(carol, "lobby")
+    await expect(texts_of(carol)).to_have_text(["meet at 5pm, room 2", "ok"])
+    await expect(row_of(carol, 1).locator(".edited")).to_have_text("(edited)")
+    await expect(row_of(carol, 2).locator(".edited")).to_have_count(0)
+    await expect(carol.page.locator("#messages button")).to_have_count(0)
+    await expect(carol.page.locator("#messages")).not_to_contain_text("5pn")
+
+    # Escape asked nothing of the server: two edits were sent, the two saved.
+    sent = [(e["seq"], e["text"]) for e in tap.emitted("edit")]
+    assert sent == [(1, "meet at 5pm"), (1, "meet at 5pm, room 2")], sent
+    for chat in (alice, bob, carol):
+        assert chat.dialogs == [], chat.dialogs
+        assert chat.errors == [], chat.errors
+
+
+async def test_an_edit_the_server_refuses_is_said_and_the_text_stays(
+    browser: Browser, chat_server: Server
+) -> None:
+    """alice's message is deleted through the REST API while she edits it; the deletion
+    reaches her page late (the test holds it back, as a slow node would), so she saves
+    an edit of a deleted message."""
+    tap = EventTap()
+    alice = await open_chat(browser, chat_server.url, "alice", before_load=tap.install)
+    await join(alice, "lobby")
+    await say(alice, "original")
+    await expect(texts_of(alice)).to_have_text(["original"])
+
+    tap.hold = lambda frame: frame.startswith('42["deleted"')
+    async with httpx.AsyncClient(base_url=chat_server.url, timeout=TIMEOUT_MS / 1000) as http:
+        answer = await http.delete("/api/rooms/lobby/messages/1")
+    assert answer.status_code == 200, answer.text
+    await tap.until(lambda: len(tap.held) == 1, "the page was not told of the deletion")
+
+    row = row_of(alice, 1)
+    await row.hover()
+    control = row.get_by_role("button", name="Edit message")
+    await control.click()
+    box = row.get_by_role("textbox", name="Edit message")
+    await box.fill("changed")
+    # The answer is held too: meanwhile the control is disabled, the box not editable.
+    tap.hold = lambda frame: frame.startswith('42["deleted"') or tap.answers(frame, "edit")
+    await box.press("Enter")
+    await tap.until(lambda: any(tap.answers(f, "edit") for f in tap.held), "no answer came")
+    await expect(control).to_be_disabled()
+    await expect(box).not_to_be_editable()
+    tap.release(lambda frame: tap.answers(frame, "edit"))
+
+    notice = alice.page.locator("#notice")
+    await expect(notice).to_be_visible()
+    refusal = "Could not edit the message: message 1 of 'lobby' was deleted"
+    await expect(notice).to_have_text(refusal)
+    await expect(texts_of(alice)).to_have_text(["original"])
+    await expect(row.get_by_role("textbox")).to_have_count(0)
+    await expect(row.locator(".edited")).to_have_count(0)
+    await expect(control).to_be_enabled()
+
+    # The deletion comes: the message shows deleted, without its controls.
+    tap.release()
+    await expect(texts_of(alice)).to_have_text(["message deleted"])
+    await expect(row.get_by_role("button")).to_have_count(0)
+    assert [e["text"] for e in tap.emitted("edit")] == ["changed"]
+    assert alice.dialogs == [], alice.dialogs
+    assert alice.errors == [], alice.errors
+
+
+async def test_edits_told_early_or_out_of_order_show_the_newest_text(
+    browser: Browser, chat_server: Server
+) -> None:
+    """Two nodes can tell a page of an edit before the message itself, and of two edits
+    in the other order: bob's page gets alice's edit before her message (the test holds
+    the message back), then an older edit (made up by the test) after the newer one, then
+    an edit of a message deleted since."""
+    tap = EventTap()
+    bob = await open_chat(browser, chat_server.url, "bob", before_load=tap.install)
+    await join(bob, "lobby")
+    alice = await ChatClient(chat_server.url, "alice").connect()
+    try:
+        await alice.ok("join", {"room": "lobby"})
+        before = (await alice.ok("send", {"room": "lobby", "text": "before"}))["message"]
+        await expect(texts_of(bob)).to_have_text(["before"])
+        tap.hold = lambda frame: frame.startswith('42["message"') and "draft" in frame
+        sent = (await alice.ok("send", {"room": "lobby", "text": "draft"}))["message"]
+        await tap.until(lambda: len(tap.held) == 1, "the message did not come")
+        edit = {"room": "lobby", "seq": sent["seq"], "text": "second draft"}
+        newer = (await alice.ok("edit", edit))["message"]
+        await tap.until(
+            lambda: any(f.startswith('42["edited"') for f in tap.passed), "no edit came"
+        )
+        tap.release()
+        await expect(texts_of(bob)).to_have_text(["before", "second draft"])
+        await expect(row_of(bob, sent["seq"]).locator(".edited")).to_have_text("(edited)")
+
+        # An earlier edit told after the later one changes nothing.
+        tap.tell("edited", {**newer, "text": "first draft", "edited": newer["edited"] - 1})
+        # Nor does an edit of a message deleted since.
+        await alice.ok("delete", {"room": "lobby", "seq": before["seq"]})
+        await expect(texts_of(bob)).to_have_text(["message deleted", "second draft"])
+        tap.tell("edited", {**before, "text": "back", "edited": newer["edited"] + 1})
+        await alice.ok("send", {"room": "lobby", "text": "marker"})
+        await expect(texts_of(bob)).to_have_text(["message deleted", "second draft", "marker"])
+        await expect(bob.page.locator("#messages .edited")).to_have_count(1)
+        for gone in ("first draft", "back"):
+            await expect(bob.page.locator("#messages")).not_to_contain_text(gone)
+    finally:
+        await alice.close()
+    assert bob.dialogs == [], bob.dialogs
+    assert bob.errors == [], bob.errors
+
+
+async def test_a_page_back_after_a_lost_connection_shows_what_was_edited_meanwhile(
+    browser: Browser, chat_server: Server
+) -> None:
+    """bob's connection drops; alice edits one of the messages he has and deletes
+    another; bob's page, back, shows them as they are now (its join's ``changed``)."""
+    url = chat_server.url
+    outage = {"on": False}
+    sockets: list[tuple[WebSocketRoute, WebSocketRoute]] = []
+
+    async def route_websocket(ws: WebSocketRoute) -> None:
+        if outage["on"]:
+            await ws.close()
+            return
+        sockets.append((ws, ws.connect_to_server()))
+
+    async def block_polling(route: Route) -> None:
+        if outage["on"]:
+            await route.abort()
+        else:
+            await route.continue_()
+
+    async def intercept(page: Page) -> None:
+        await page.route_web_socket(SOCKETIO_URL, route_websocket)
+        await page.route(SOCKETIO_URL, block_polling)
+
+    alice = await open_chat(browser, url, "alice")
+    bob = await open_chat(browser, url, "bob", before_load=intercept)
+    await join(alice, "lobby")
+    await join(bob, "lobby")
+    for text in ("one", "two", "three"):
+        await say(alice, text)
+    await expect(texts_of(bob)).to_have_text(["one", "two", "three"])
+
+    outage["on"] = True
+    for page_side, server_side in sockets:
+        await server_side.close()
+        await page_side.close()
+    await expect(bob.page.locator("#status")).to_have_attribute("data-state", "reconnecting")
+
+    await edit_with_the_control(alice, 1, "one, edited")
+    await row_of(alice, 2).hover()
+    await row_of(alice, 2).get_by_role("button", name="Delete message").click()
+    await expect(texts_of(alice)).to_have_text(["one, edited", "message deleted", "three"])
+
+    outage["on"] = False
+    await expect(bob.page.locator("#status")).to_have_attribute(
+        "data-state", "connected", timeout=20_000
+    )
+    await expect(texts_of(bob)).to_have_text(["one, edited", "message deleted", "three"])
+    await expect(row_of(bob, 1).locator(".edited")).to_have_text("(edited)")
+    assert await seqs(bob) == [1, 2, 3]
+    for chat in (alice, bob):
+        assert chat.dialogs == [], chat.dialogs
+        assert chat.errors == [], chat.errors
 
 
 async def test_room_counts_follow_joins_and_leaves_without_asking_the_server(

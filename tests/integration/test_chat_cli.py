@@ -258,6 +258,58 @@ def test_a_sender_deletes_a_message_and_everyone_sees_it_deleted(
         assert terminal.exits() == 0
 
 
+def test_a_sender_edits_a_message_and_everyone_sees_the_new_text(
+    server: Server, terminals: list[Terminal]
+) -> None:
+    room = room_name("typo")
+    alice = chat(terminals, "alice", "--url", server.url, "--room", room)
+    bob = chat(terminals, "bob", "--url", server.url, "--room", room)
+    alice.sees(f"* bob joined [{room}]")
+
+    alice.type("meet at 5pn")
+    bob.sees(f"1 [{room}] alice: meet at 5pn")
+    bob.type("ok")
+    alice.sees(f"2 [{room}] bob: ok")
+
+    bob.type("/edit 1 meet never")  # not his
+    bob.sees("! forbidden: only the sender of a message may edit it")
+    alice.type("/edit 1 meet at 5pm")
+    for terminal in (alice, bob):
+        terminal.sees(f"1 [{room}] alice: meet at 5pm (edited)")
+    alice.type("/edit 1")
+    alice.sees("usage: /edit N TEXT, TEXT the message's new text")
+    alice.type("/edit x hi")
+    alice.sees("usage: /edit N TEXT, N the number a message line starts with")
+    alice.type("/edit 99 hi")
+    alice.sees(f"! not_found: room '{room}' holds no message 99")
+
+    # A client that comes afterwards reads it edited in the history, and is shown the
+    # next edit of what it read.
+    carol = Terminal("carol", "--url", server.url, "--room", room)
+    terminals.append(carol)
+    carol.sees(f"you are in [{room}], 3 members: alice, bob, carol; 2 earlier messages")
+    carol.ready()
+    carol.type("/history")
+    carol.sees_re(rf"1 \d\d:\d\d \[{room}\] alice: meet at 5pm \(edited\)")
+    carol.sees_re(rf"2 \d\d:\d\d \[{room}\] bob: ok")
+    assert "5pn" not in carol.text()
+    alice.type("/edit 1 meet at 6pm")
+    for terminal in (alice, bob, carol):
+        terminal.sees(f"1 [{room}] alice: meet at 6pm (edited)")
+    for terminal in (alice, bob):  # the answer and the room's event: shown once
+        assert terminal.text().count("alice: meet at 5pm (edited)") == 1, terminal.text()
+
+    # A deleted message cannot be edited.
+    alice.type("/delete 1")
+    carol.sees(f"1 [{room}] alice: (message deleted)")
+    alice.type("/edit 1 back again")
+    alice.sees(f"! not_found: message 1 of '{room}' was deleted")
+
+    for terminal in (alice, bob, carol):
+        terminal.type("/quit")
+        assert terminal.exits() == 0
+
+
 @pytest.mark.parametrize("how", ["stop", "kill"])
 def test_reconnect_recovers_what_was_missed_once(
     how: str, terminals: list[Terminal], tmp_path: Path
@@ -582,6 +634,7 @@ def test_a_reconnect_the_server_refuses_ends_the_client(
         ("/make", Command(Verb.MAKE, "")),
         ("/history 5", Command(Verb.HISTORY, "5")),
         ("/delete 12", Command(Verb.DELETE, "12")),
+        ("/edit 12 new text ", Command(Verb.EDIT, "12 new text ")),
         ("/help", Command(Verb.HELP)),
         ("/exit", Command(Verb.QUIT)),
     ],
@@ -604,6 +657,14 @@ def test_typed_lines_become_commands(line: str, command: Command | None) -> None
         "/delete -1",
         "/delete x",
         "/delete \u00b2",
+        "/delete 1 2",
+        "/edit",
+        "/edit 1",
+        "/edit 1   ",
+        "/edit 0 hi",
+        "/edit x hi",
+        "/edit \u00b2 hi",
+        "/edit hi 1",
     ],
 )
 def test_bad_commands_say_how_to_write_them(line: str) -> None:

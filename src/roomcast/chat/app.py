@@ -44,6 +44,7 @@ def _actions(backend: Backend) -> dict[Verb, Callable[[Command], Awaitable[None]
         Verb.LEAVE: lambda c: backend.leave(),
         Verb.USER: lambda c: backend.users(),
         Verb.HISTORY: lambda c: backend.history(c.count),
+        Verb.EDIT: lambda c: backend.edit(c.seq, c.text),
         Verb.DELETE: lambda c: backend.delete(c.seq),
         Verb.NAME: lambda c: backend.rename(c.arg),
     }

@@ -91,6 +91,9 @@ class Backend(Protocol):
     async def history(self, count: int) -> None:
         """Show up to ``count`` messages older than the oldest shown in the current room."""
 
+    async def edit(self, seq: int, text: str) -> None:
+        """Replace the text of one's own message ``seq`` of the current room with ``text``."""
+
     async def delete(self, seq: int) -> None:
         """Delete message ``seq`` of the current room: one's own, or any on a moderator's
         token."""

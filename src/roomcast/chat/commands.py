@@ -26,6 +26,7 @@ class Verb(StrEnum):
     LEAVE = "leave"
     USER = "user"
     HISTORY = "history"
+    EDIT = "edit"
     DELETE = "delete"
     ROOMS = "rooms"
     NAME = "name"
@@ -35,7 +36,8 @@ class Verb(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Command:
-    """A parsed line: the verb and its argument (text, room, name, count or seq)."""
+    """A parsed line: the verb and its argument (text, room, name, count, seq, or seq and
+    text)."""
 
     verb: Verb
     arg: str = ""
@@ -47,8 +49,13 @@ class Command:
 
     @property
     def seq(self) -> int:
-        """The argument of ``/delete``: a message's number in the current room."""
-        return int(self.arg)
+        """The number ``/edit`` and ``/delete`` take: a message's in the current room."""
+        return int(self.arg.partition(" ")[0])
+
+    @property
+    def text(self) -> str:
+        """The new text ``/edit`` takes, after the message's number."""
+        return self.arg.partition(" ")[2].lstrip(" ")
 
 
 class UsageError(RoomcastError):
@@ -67,6 +74,7 @@ _SHAPES: dict[Verb, tuple[str, str]] = {
     Verb.LEAVE: ("none", "/leave"),
     Verb.USER: ("none", "/user"),
     Verb.HISTORY: ("optional", "/history [N]"),
+    Verb.EDIT: ("required", "/edit N TEXT"),
     Verb.DELETE: ("required", "/delete N"),
     Verb.ROOMS: ("none", "/rooms"),
     Verb.NAME: ("required", "/name NEW"),
@@ -84,6 +92,7 @@ commands:
   /leave          leave the current room, back to the lobby
   /user           members of the current room
   /history [N]    N older messages of the current room (default 20, at most 100)
+  /edit N TEXT    replace the text of your message N of the current room with TEXT
   /delete N       delete message N of the current room (the number its line starts with)
   /rooms          every room, with its member count
   /name NEW       reconnect under the nickname NEW
@@ -113,11 +122,20 @@ def parse(line: str) -> Command | None:
         raise UsageError(f"usage: {usage}")
     if need == "none" and arg:
         raise UsageError(f"usage: {usage}")
-    if verb is Verb.ALL:
+    if verb in (Verb.ALL, Verb.EDIT):
         arg = rest.lstrip(" ")  # said as typed: trailing spaces are part of the text
     if verb is Verb.HISTORY and arg:
         if not arg.isdigit() or not 1 <= int(arg) <= HISTORY_MAX:
             raise UsageError(f"usage: {usage} with N from 1 to {HISTORY_MAX}")
-    if verb is Verb.DELETE and not (arg.isascii() and arg.isdigit() and int(arg) >= 1):
-        raise UsageError(f"usage: {usage}, N the number a message line starts with")
+    if verb in (Verb.EDIT, Verb.DELETE):
+        number, _, text = arg.partition(" ")
+        if not _is_seq(number if verb is Verb.EDIT else arg):
+            raise UsageError(f"usage: {usage}, N the number a message line starts with")
+        if verb is Verb.EDIT and not text.strip():
+            raise UsageError(f"usage: {usage}, TEXT the message's new text")
     return Command(verb, arg)
+
+
+def _is_seq(word: str) -> bool:
+    """Whether ``word`` is a message's number: 1, 2, 3... in ASCII digits."""
+    return word.isascii() and word.isdigit() and int(word) >= 1

@@ -284,6 +284,9 @@ class GrpcBackend:
     async def history(self, count: int) -> None:
         raise CommandFailed("unsupported", "the gRPC protocol keeps no history")
 
+    async def edit(self, seq: int, text: str) -> None:
+        raise CommandFailed("unsupported", "the gRPC protocol cannot edit messages")
+
     async def delete(self, seq: int) -> None:
         raise CommandFailed("unsupported", "the gRPC protocol cannot delete messages")
 

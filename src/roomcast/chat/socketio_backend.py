@@ -10,10 +10,15 @@ with ``since = {epoch, seq}`` and the missed messages in the reply are shown, so
 lost. Join replies are handled inside the ack callback, before any frame that follows them
 on the wire is dispatched.
 
-A message line starts with its seq, the number ``/delete`` takes. A line on the terminal
-cannot be changed: when a message shown is deleted, its line is shown again, as deleted.
-A room also remembers the seqs it was told were deleted, since a ``deleted`` event can
-come before its message (two nodes): that message is then shown deleted.
+A message line starts with its seq, the number ``/edit`` and ``/delete`` take. A line on
+the terminal cannot be changed: when a message shown is deleted, its line is shown again,
+as deleted; when it is edited, its line is shown again with the new text, once per edit
+(of a message's edits, the one with the highest ``edited`` wins: an older or repeated one
+shows nothing, and none brings back a deleted message). A room also remembers the seqs it
+was told were deleted and the newest edit of each, since a ``deleted`` or ``edited`` event
+can come before its message (two nodes): that message is then shown deleted, or edited. A
+recovering join's ``changed`` (what was edited or deleted while the client was away) is
+shown as those events are.
 
 python-socketio reconnects by itself after a transport error; when the server ends the
 session (a node shutting down) the client reconnects by itself too, with backoff.
@@ -47,7 +52,7 @@ RECONNECT_DELAY_MAX = 5.0
 ROOMS_SHOWN = 200
 """Most rooms ``/rooms`` and ``/list`` show (a terminal has no use for ten thousand)."""
 KEPT = 1000
-"""Most senders and deleted seqs a room remembers (the newest)."""
+"""Most senders, deleted seqs and edits a room remembers (the newest)."""
 
 
 @dataclass(slots=True)
@@ -65,6 +70,9 @@ class Joined:
     """The sender of each message shown, by seq: to show its line again once deleted."""
     deleted: set[int] = field(default_factory=set)
     """The seqs deleted: shown so, or to be shown so when their message comes."""
+    edits: dict[int, tuple[int, str]] = field(default_factory=dict)
+    """The newest edit known of a message, by seq: when (ms) and its text; shown so, or to
+    be shown so when its message comes."""
 
     def accept(self, epoch: str, seq: int) -> bool:
         """Whether the message at (epoch, seq) is new here; if so it counts as shown."""
@@ -73,6 +81,7 @@ class Joined:
             self.epoch, self.seq, self.oldest = epoch, seq, seq
             self.senders.clear()
             self.deleted.clear()
+            self.edits.clear()
             return True
         if seq <= self.seq:
             return False
@@ -87,6 +96,17 @@ class Joined:
         if deleted:
             self.mark(seq)
         return seq in self.deleted
+
+    def revise(self, seq: int, edited: int, text: str) -> bool:
+        """Note that message ``seq`` was edited at ``edited`` (ms) to ``text``; False if
+        that is known already (this edit or a later one) or the message was deleted."""
+        known = self.edits.get(seq)
+        if seq in self.deleted or (known is not None and known[0] >= edited):
+            return False
+        self.edits[seq] = (edited, text)
+        if len(self.edits) > KEPT:
+            del self.edits[min(self.edits)]
+        return True
 
     def mark(self, seq: int) -> bool:
         """Note message ``seq`` as deleted; False if it was already."""
@@ -155,6 +175,7 @@ class SocketIOBackend:
         on("disconnect", self._on_disconnect)
         on("welcome", self._on_welcome)
         on("message", self._on_message)
+        on("edited", self._on_edited)
         on("deleted", self._on_deleted)
         on("presence", self._on_presence)
         on("expired", self._on_expired)
@@ -301,6 +322,12 @@ class SocketIOBackend:
         lines += [self._line(current, m, m["ts"]) for m in messages]
         self._screen.show("\n".join(lines))
 
+    async def edit(self, seq: int, text: str) -> None:
+        current = self._current_room()
+        reply = await self._call("edit", {"room": current.id, "seq": seq, "text": text})
+        # Shown once, by this answer or by the room's edited event, whichever comes first.
+        self._edited(current, reply["message"], asked=True)
+
     async def delete(self, seq: int) -> None:
         current = self._current_room()
         reply = await self._call("delete", {"room": current.id, "seq": seq})
@@ -435,6 +462,8 @@ class SocketIOBackend:
         if since is not None and since.id == fresh.id and reply.get("recovered") is True:
             since.name = fresh.name
             self._joined[since.id] = since
+            for message in reply.get("changed", []):
+                self._changed(since, message)
             for message in reply.get("missed", []):
                 self._show_message(since, message)
             return since
@@ -450,6 +479,7 @@ class SocketIOBackend:
             if since.epoch == epoch and since.id == fresh.id:
                 fresh.oldest = since.oldest
                 fresh.senders, fresh.deleted = since.senders, since.deleted
+                fresh.edits = since.edits
         self._joined[fresh.id] = fresh
         return fresh
 
@@ -562,7 +592,45 @@ class SocketIOBackend:
     def _line(joined: Joined, message: Reply, ts: int | None = None) -> str:
         seq, sender = int(message["seq"]), str(message["user"]["name"])
         deleted = joined.shown(seq, sender, message.get("deleted") is True)
-        return view.message(joined.name, sender, message["text"], ts, seq=seq, deleted=deleted)
+        stamp = message.get("edited")
+        if not deleted and isinstance(stamp, int):
+            joined.revise(seq, stamp, str(message["text"]))
+        # An edit told before the message, or one later than the message read, wins.
+        edit = None if deleted else joined.edits.get(seq)
+        text = str(message["text"]) if edit is None else edit[1]
+        return view.message(
+            joined.name, sender, text, ts, seq=seq, deleted=deleted, edited=edit is not None
+        )
+
+    def _on_edited(self, data: Any) -> None:
+        joined = self._joined.get(data.get("room", 0)) if isinstance(data, dict) else None
+        if joined is None or data.get("epoch") != joined.epoch:
+            return  # of another epoch of the room's history: not of the messages shown
+        if isinstance(data.get("seq"), int) and isinstance(data.get("edited"), int):
+            self._edited(joined, data)
+
+    def _edited(self, joined: Joined, message: Reply, *, asked: bool = False) -> None:
+        """Message ``seq`` of the room was edited: its line again, with the new text, if it
+        was shown and this is its newest edit; if it has not come yet, it will be shown
+        edited when it does. ``asked``: the answer to this client's ``/edit``, shown even
+        for a message it did not show."""
+        seq = int(message["seq"])
+        if not asked and seq < joined.oldest and seq not in joined.senders:
+            return  # from before what this client showed
+        if not joined.revise(seq, int(message["edited"]), str(message["text"])):
+            return
+        if seq > joined.seq:
+            return
+        sender, text = str(message["user"]["name"]), str(message["text"])
+        self._screen.show(view.message(joined.name, sender, text, seq=seq, edited=True))
+
+    def _changed(self, joined: Joined, message: Reply) -> None:
+        """A message of the room as it is now, edited or deleted while the client was away
+        (or seen so already: shown again only if it is news)."""
+        if message.get("deleted") is True:
+            self._deleted(joined, int(message["seq"]))
+        elif isinstance(message.get("edited"), int):
+            self._edited(joined, message)
 
     def _on_deleted(self, data: Any) -> None:
         joined = self._joined.get(data.get("room", 0)) if isinstance(data, dict) else None

@@ -43,6 +43,8 @@ def clean(text: str, *, keep_newlines: bool = False) -> str:
 
 DELETED = "(message deleted)"
 """What a deleted message shows instead of its text."""
+EDITED = " (edited)"
+"""What follows the text of an edited message."""
 
 
 def message(
@@ -53,12 +55,14 @@ def message(
     *,
     seq: int | None = None,
     deleted: bool = False,
+    edited: bool = False,
 ) -> str:
     """``[room] user: text``; later lines of a multi-line text are indented under it.
 
     ``ts`` (milliseconds) prefixes the local time, for messages from history; ``seq``
-    prefixes the message's number in its room (what ``/delete`` takes). A ``deleted``
-    message shows :data:`DELETED` instead of its text.
+    prefixes the message's number in its room (what ``/edit`` and ``/delete`` take). A
+    ``deleted`` message shows :data:`DELETED` instead of its text; an ``edited`` one has
+    :data:`EDITED` after it.
     """
     head = f"[{clean(room)}] {clean(user)}: "
     if ts is not None:
@@ -69,7 +73,7 @@ def message(
         return head + DELETED
     lines = clean(text.replace("\r\n", "\n").replace("\r", "\n"), keep_newlines=True).split("\n")
     pad = " " * len(head)
-    return head + ("\n" + pad).join(lines)
+    return head + ("\n" + pad).join(lines) + (EDITED if edited else "")
 
 
 def deleted(room: str, seq: int) -> str:

@@ -11,7 +11,10 @@
  *    missed messages are merged, or the room is reloaded when recovery is refused;
  *  - a deleted message keeps its place, sender and time, without its text; a room
  *    remembers the seqs it was told were deleted, as a `deleted` event can come before
- *    the message it deletes (two nodes).
+ *    the message it deletes (two nodes);
+ *  - an edited message shows its newest text: of the versions of a seq the page is told
+ *    of (history, recovery, `edited` events, in any order, possibly before the message)
+ *    the one with the highest `edited` wins, and no edit brings back a deleted message.
  *
  * On a server that checks tokens the page is opened as /#token=TOKEN (the application
  * that signed the token links to it): it connects with auth {token} instead of asking
@@ -192,6 +195,7 @@
       messages: [], // sorted by seq
       bySeq: new Map(),
       deleted: new Set(), // seqs deleted, shown so whenever their message comes
+      edits: new Map(), // seq -> the newest edit of a message not held (yet)
       nodes: new Map(), // seq -> rendered element
       members: new Map(), // user id -> {id, name}
       typing: new Map(), // user id -> {name, timer}
@@ -384,6 +388,7 @@
 
     s.on("message", onMessage);
     s.on("deleted", onDeleted);
+    s.on("edited", onEdited);
     s.on("presence", onPresence);
     s.on("typing", onTyping);
   }
@@ -403,6 +408,7 @@
       if (kind === "message") onMessage(data);
       else if (kind === "presence") onPresence(data);
       else if (kind === "deleted") onDeleted(data);
+      else if (kind === "edited") onEdited(data);
     }
   }
 
@@ -500,6 +506,7 @@
     room.messages = [];
     room.bySeq = new Map();
     room.deleted = new Set(); // the seqs of the old epoch
+    room.edits = new Map();
     room.nodes = new Map();
     room.holesTried = new Set();
     room.seq = 0;
@@ -549,6 +556,8 @@
     applyMembers(room, res.members);
     const latest = Number(res.seq) || 0;
     if (canRecover && res.recovered === true && res.epoch === room.epoch) {
+      // What changed among the messages held while away: each in place of the one held.
+      for (const m of Array.isArray(res.changed) ? res.changed : []) updateHeld(room, m);
       addMessages(room, res.missed || [], { live: true });
       drainPending(room);
       checkGaps(room, latest);
@@ -676,11 +685,14 @@
       if (!incoming || typeof incoming.seq !== "number") continue;
       if (room.epoch !== null && incoming.epoch !== undefined && incoming.epoch !== room.epoch) continue;
       if (room.bySeq.has(incoming.seq)) {
-        // Held already: a read made since it was deleted (history, missed) says so.
-        if (incoming.deleted === true) markDeleted(room, incoming.seq);
+        // Held already: a read made since it was deleted or edited (history, missed) says so.
+        updateHeld(room, incoming);
         continue;
       }
-      const m = room.deleted.has(incoming.seq) ? tombstone(incoming) : incoming;
+      let m = incoming;
+      if (room.deleted.has(m.seq)) m = tombstone(incoming);
+      else m = newest(incoming, room.edits.get(m.seq)); // an edit told before its message
+      room.edits.delete(m.seq);
       room.bySeq.set(m.seq, m);
       const list = room.messages;
       if (list.length === 0 || list[list.length - 1].seq < m.seq) list.push(m);
@@ -727,7 +739,26 @@
   /** Only this connection's user may delete (an earlier connection was another user). */
   const canDelete = (m) => Boolean(me && m.user && m.user.id === me.id && m.deleted !== true);
 
+  /** Only the sender edits, as for deleting (a moderator may delete, never edit). */
+  const canEdit = (m) => Boolean(me && m.user && m.user.id === me.id && m.deleted !== true);
+
   const tombstone = (m) => ({ ...m, text: "", deleted: true });
+
+  const editedAt = (m) => (typeof m.edited === "number" ? m.edited : -1);
+
+  /** The message `m` with the text of `edit`, if that is a later edit of it (a deleted
+   *  message stays deleted). */
+  const newest = (m, edit) =>
+    edit && m.deleted !== true && editedAt(edit) > editedAt(m)
+      ? { ...m, text: String(edit.text ?? ""), edited: edit.edited }
+      : m;
+
+  /** A read or a recovery brought a held message as it is now: deleted, or edited later. */
+  function updateHeld(room, m) {
+    if (!m || typeof m.seq !== "number" || !room.bySeq.has(m.seq)) return;
+    if (m.deleted === true) markDeleted(room, m.seq);
+    else applyEdit(room, m);
+  }
 
   function onDeleted(ev) {
     if (!ev || typeof ev.seq !== "number") return;
@@ -751,6 +782,41 @@
     if (node) showDeleted(node);
   }
 
+  function onEdited(m) {
+    if (!m || typeof m.seq !== "number" || typeof m.edited !== "number") return;
+    const room = rooms.get(m.room);
+    if (!room) {
+      queuePending(m.room, "edited", m);
+      return;
+    }
+    if (room.epoch !== null && m.epoch !== undefined && m.epoch !== room.epoch) return;
+    applyEdit(room, m);
+  }
+
+  /**
+   * Show the room's message m.seq with the text of edit `m` if that is the newest known:
+   * now if the message is held, else when it comes. Edits can come in any order (two
+   * nodes), and before their message; none brings back a deleted message.
+   */
+  function applyEdit(room, m) {
+    if (typeof m.edited !== "number" || room.deleted.has(m.seq)) return;
+    const held = room.bySeq.get(m.seq);
+    if (!held) {
+      if (editedAt(m) > editedAt(room.edits.get(m.seq) || {})) {
+        room.edits.delete(m.seq); // re-inserted last: the oldest entry goes first
+        room.edits.set(m.seq, m);
+        if (room.edits.size > MAX_PENDING) room.edits.delete(room.edits.keys().next().value);
+      }
+      return;
+    }
+    const now = newest(held, m); // a deleted message stays as it is
+    if (now === held) return;
+    room.bySeq.set(m.seq, now);
+    room.messages[lowerBound(room.messages, m.seq)] = now;
+    const node = room.nodes.get(m.seq);
+    if (node) showText(node, now);
+  }
+
   async function deleteMessage(seq, button) {
     const room = activeRoom();
     if (!room) return;
@@ -766,6 +832,81 @@
     }
     // The control went with the text: keep the keyboard in the chat.
     if (hadFocus && !button.isConnected) ui.text.focus();
+  }
+
+  /** Inline editing: the message's text turns into a box holding it; Enter saves, Escape
+   *  cancels. The box is the row's, so a re-render (another room) drops it: cancelled. */
+  function startEdit(seq, row) {
+    const room = activeRoom();
+    const m = room && room.bySeq.get(seq);
+    if (!m || m.deleted === true) return;
+    let box = row.querySelector(".editor");
+    if (!box) {
+      box = document.createElement("textarea");
+      box.className = "editor";
+      box.rows = 1;
+      box.maxLength = MAX_TEXT;
+      box.setAttribute("aria-label", "Edit message");
+      box.value = String(m.text ?? "");
+      box.addEventListener("keydown", (event) => {
+        if (event.isComposing || event.keyCode === 229) return;
+        if (event.key === "Escape") {
+          event.stopPropagation(); // the drawers stay as they are
+          if (!box.readOnly) endEdit(row, true);
+        } else if (event.key === "Enter" && !event.shiftKey) {
+          event.preventDefault();
+          if (!box.readOnly) saveEdit(room, seq, row, box);
+        }
+      });
+      box.addEventListener("input", () => growBox(box));
+      row.classList.add("editing");
+      row.querySelector(".body").append(box);
+      growBox(box);
+    }
+    box.focus();
+    box.setSelectionRange(box.value.length, box.value.length);
+  }
+
+  function growBox(box) {
+    box.style.height = "auto";
+    box.style.height = `${Math.min(box.scrollHeight, 240)}px`;
+  }
+
+  /** The row shows its message's text again; the keyboard goes back to the composer. */
+  function endEdit(row, focus) {
+    row.querySelector(".editor")?.remove();
+    row.classList.remove("editing");
+    const control = row.querySelector(".edit");
+    if (control) control.disabled = false;
+    if (focus) ui.text.focus();
+  }
+
+  async function saveEdit(room, seq, row, box) {
+    const held = room.bySeq.get(seq);
+    const text = box.value.replace(/\s+$/, "");
+    if (!held || held.deleted === true || text === String(held.text ?? "")) {
+      endEdit(row, true); // nothing to change
+      return;
+    }
+    if (text.trim() === "") {
+      showNotice("A message cannot be empty: delete it instead.");
+      return;
+    }
+    if ([...text].length > MAX_TEXT) {
+      showNotice(`A message is at most ${MAX_TEXT} characters.`);
+      return;
+    }
+    const control = row.querySelector(".edit");
+    box.readOnly = true;
+    if (control) control.disabled = true;
+    try {
+      const res = await request("edit", { room: room.id, seq, text });
+      // The room's edited event says so too; the answer is enough if it comes first.
+      if (res.message && rooms.get(room.id) === room) applyEdit(room, res.message);
+    } catch (err) {
+      showNotice(`Could not edit the message: ${err.message}`);
+    }
+    endEdit(row, document.activeElement === box);
   }
 
   /**
@@ -1046,32 +1187,67 @@
       time.dateTime = new Date(Number(m.ts)).toISOString();
     }
 
+    // The text, and after it whether it was edited; an editor takes their place.
+    const body = document.createElement("div");
+    body.className = "body";
     const text = document.createElement("div");
     text.className = "text";
-    appendText(text, String(m.text ?? ""));
+    body.append(text);
 
-    row.append(author, time, text);
-    if (m.deleted === true) showDeleted(row);
-    else if (canDelete(m)) row.append(deleteButton(m.seq));
+    row.append(author, time, body);
+    if (m.deleted === true) {
+      showDeleted(row);
+      return row;
+    }
+    showText(row, m);
+    const actions = document.createElement("span");
+    actions.className = "actions";
+    if (canEdit(m)) {
+      actions.append(actionButton("edit", "Edit", () => startEdit(m.seq, row)));
+    }
+    if (canDelete(m)) {
+      actions.append(actionButton("delete", "Delete", (button) => deleteMessage(m.seq, button)));
+    }
+    if (actions.childElementCount > 0) row.append(actions);
     return row;
   }
 
-  function deleteButton(seq) {
+  /** A control on a message ("Edit message", "Delete message"): shown on hover and focus. */
+  function actionButton(kind, label, act) {
     const button = document.createElement("button");
     button.type = "button";
-    button.className = "delete";
-    button.title = "Delete message";
-    button.setAttribute("aria-label", "Delete message");
-    button.textContent = "Delete";
-    button.addEventListener("click", () => deleteMessage(seq, button));
+    button.className = `action ${kind}`;
+    button.title = `${label} message`;
+    button.setAttribute("aria-label", `${label} message`);
+    button.textContent = label;
+    button.addEventListener("click", () => act(button));
     return button;
+  }
+
+  /** A message row's text as it is now, with "(edited)" after it if it was edited. */
+  function showText(row, m) {
+    const text = row.querySelector(".text");
+    text.replaceChildren();
+    appendText(text, String(m.text ?? ""));
+    row.querySelector(".edited")?.remove();
+    if (typeof m.edited !== "number") return;
+    const mark = document.createElement("span");
+    mark.className = "edited";
+    mark.textContent = "(edited)";
+    const [, full] = formatTime(m.edited);
+    if (full) mark.title = `Edited ${full}`;
+    text.after(mark);
   }
 
   /** A message row as a deleted one: in place, sender and time kept, the text gone. */
   function showDeleted(row) {
+    const hadFocus = row.contains(document.activeElement);
     row.classList.add("deleted");
+    row.classList.remove("editing");
     row.querySelector(".text").replaceChildren("message deleted");
-    row.querySelector(".delete")?.remove();
+    for (const gone of row.querySelectorAll(".edited, .editor, .actions")) gone.remove();
+    // Its controls or its editor went with the text: keep the keyboard in the chat.
+    if (hadFocus) ui.text.focus();
   }
 
   const GROUP_MS = 5 * 60 * 1000;
