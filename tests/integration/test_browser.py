@@ -1049,6 +1049,67 @@ async def test_a_page_back_after_a_lost_connection_shows_what_was_edited_meanwhi
         assert chat.errors == [], chat.errors
 
 
+async def test_a_moderator_deletes_another_users_message_and_every_page_shows_it_deleted(
+    browser: Browser, auth_server: Server
+) -> None:
+    """A page whose welcome says moderator: true offers Delete (never Edit) on everyone's
+    messages, read from history or come live; a plain user's page only on its own."""
+    tokens = Authenticator(SECRET)
+    url = auth_server.url
+    ada = await open_with_token(browser, url, tokens.mint("u-ada", ttl=600, name="Ada"))
+    bob = await open_with_token(browser, url, tokens.mint("u-bob", ttl=600, name="Bob"))
+    await join(ada, "lobby")
+    await join(bob, "lobby")
+    await say(ada, "cheap watches here")
+    await say(bob, "hi all")
+    mod_token = tokens.mint("u-mo", ttl=600, name="Mo", moderator=True)
+    mo = await open_with_token(browser, url, mod_token)
+    await join(mo, "lobby")
+    await say(ada, "more cheap watches")  # live, after the moderator's history
+    for chat in (ada, bob, mo):
+        await expect(texts_of(chat)).to_have_text(
+            ["cheap watches here", "hi all", "more cheap watches"]
+        )
+
+    # The moderator: Delete on every message, Edit on none of others'.
+    for seq in (1, 2, 3):
+        await expect(row_of(mo, seq).get_by_role("button")).to_have_text(["Delete"])
+    # A plain user: controls on its own messages only.
+    for seq in (1, 3):
+        await expect(row_of(bob, seq).get_by_role("button")).to_have_count(0)
+        await expect(row_of(ada, seq).get_by_role("button")).to_have_text(["Edit", "Delete"])
+    await expect(row_of(bob, 2).get_by_role("button")).to_have_text(["Edit", "Delete"])
+    await expect(row_of(ada, 2).get_by_role("button")).to_have_count(0)
+
+    # The moderator's own message: Edit and Delete, as anyone's own.
+    await say(mo, "please stay on topic")
+    await expect(row_of(mo, 4).get_by_role("button")).to_have_text(["Edit", "Delete"])
+    for chat in (ada, bob):
+        await expect(row_of(chat, 4).locator(".text")).to_have_text("please stay on topic")
+        await expect(row_of(chat, 4).get_by_role("button")).to_have_count(0)
+
+    await row_of(mo, 1).hover()
+    await row_of(mo, 1).get_by_role("button", name="Delete message").click()
+    expected = ["message deleted", "hi all", "more cheap watches", "please stay on topic"]
+    for chat in (ada, bob, mo):
+        await expect(texts_of(chat)).to_have_text(expected)
+        await expect(row_of(chat, 1)).to_have_class(re.compile(r"\bdeleted\b"))
+        await expect(row_of(chat, 1).locator(".author")).to_have_text("Ada")
+        await expect(row_of(chat, 1).get_by_role("button")).to_have_count(0)
+        await expect(chat.page.locator("#messages")).not_to_contain_text("cheap watches here")
+    await expect(row_of(mo, 3).get_by_role("button")).to_have_text(["Delete"])
+
+    # A reload signs in again with the tab's token: its welcome says moderator again.
+    await mo.page.reload()
+    await expect(texts_of(mo)).to_have_text(expected)
+    await expect(row_of(mo, 1).get_by_role("button")).to_have_count(0)
+    for seq in (2, 3):
+        await expect(row_of(mo, seq).get_by_role("button")).to_have_text(["Delete"])
+    for chat in (ada, bob, mo):
+        assert chat.dialogs == [], chat.dialogs
+        assert chat.errors == [], chat.errors
+
+
 async def test_room_counts_follow_joins_and_leaves_without_asking_the_server(
     browser: Browser, chat_server: Server
 ) -> None:

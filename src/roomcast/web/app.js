@@ -18,7 +18,8 @@
  *
  * On a server that checks tokens the page is opened as /#token=TOKEN (the application
  * that signed the token links to it): it connects with auth {token} instead of asking
- * for a nickname, and the name shown is the one the server's welcome brings.
+ * for a nickname, and the name shown is the one the server's welcome brings. A welcome
+ * that says moderator: true (the token's claim) puts a delete control on every message.
  */
 (() => {
   "use strict";
@@ -163,6 +164,7 @@
   /** @type {import("socket.io-client").Socket | null} */
   let socket = null;
   let me = null; // {id, name} from the welcome event
+  let moderator = false; // the welcome said so: this connection may delete any message
   let currentName = ""; // the nickname the current connection was opened with
   const myIds = new Set(); // user ids of this page's connections (one per connection)
   let restored = false; // remembered rooms re-joined once per page load
@@ -299,6 +301,7 @@
       socket.disconnect();
     }
     me = null;
+    moderator = false; // until this connection's welcome says otherwise
     if (name !== currentName) myIds.clear();
     currentName = name;
     refusal = null;
@@ -372,8 +375,10 @@
     s.on("welcome", (data) => {
       const user = data && data.user;
       if (!user) return;
-      const changed = !me || me.id !== user.id;
+      // Each welcome (a reconnect's too) says again who this is and what it may do.
+      const changed = !me || me.id !== user.id || moderator !== (data.moderator === true);
       me = { id: user.id, name: String(user.name) };
+      moderator = data.moderator === true;
       myIds.add(user.id);
       if (token) {
         ui.whoami.textContent = me.name;
@@ -381,6 +386,7 @@
       }
       setStatus("connected", "connected");
       if (changed) {
+        // Re-rendered: which messages are mine, and which have controls, may have changed.
         renderMessages();
         renderMembers();
       }
@@ -736,8 +742,10 @@
 
   const isMine = (m) => Boolean(m.user && myIds.has(m.user.id));
 
-  /** Only this connection's user may delete (an earlier connection was another user). */
-  const canDelete = (m) => Boolean(me && m.user && m.user.id === me.id && m.deleted !== true);
+  /** This connection's user deletes its own messages (an earlier connection was another
+   *  user), a moderator anyone's. */
+  const canDelete = (m) =>
+    Boolean(me && m.deleted !== true && (moderator || (m.user && m.user.id === me.id)));
 
   /** Only the sender edits, as for deleting (a moderator may delete, never edit). */
   const canEdit = (m) => Boolean(me && m.user && m.user.id === me.id && m.deleted !== true);
@@ -1322,7 +1330,7 @@
       ui.jump.classList.add("hidden");
       return;
     }
-    room.nodes = new Map(); // re-render: ownership (mine) may have changed
+    room.nodes = new Map(); // re-render: ownership (mine) or moderation may have changed
     const nodes = room.messages.map((m) => nodeFor(room, m));
     pane.replaceChildren(edgeNode(), ...nodes);
     room.messages.forEach((_, index) => markContinued(room, index));
